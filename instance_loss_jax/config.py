@@ -1,0 +1,162 @@
+"""The configuration schema: every field, its SPEC.md default, and its checks.
+
+`configs/*.py` files start from `base_config()` and override what their dataset and stage need.
+`validate_config` runs before anything is built or compiled, so a typo or an inconsistent value
+fails with the field's name instead of a shape error deep inside XLA.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+STAGES = (1, 2)
+NEGATIVE_MODES = ("hardest", "random", "mined")
+POOLINGS = ("max", "mean")
+STRIDE_VARIANTS = ("v1", "v1.5")
+# How the frozen backbone's BatchNorm behaves in Stage I:
+#   running: normalise with the stored statistics, update nothing (our default);
+#   batch:   normalise with the batch's statistics, keep the stored ones (the original code);
+#   train:   normalise with batch statistics and update the stored ones (Stage II).
+BACKBONE_BN_MODES = ("running", "batch", "train")
+LR_GROUPS = ("backbone", "word_embedding", "text_cnn", "heads", "w_share")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field the code reads, with SPEC.md's Flickr30k Stage I values as defaults."""
+  c = ml_collections.ConfigDict()
+  c.stage = 1
+  c.seed = 0
+  c.batch_size = 32  # global, over all devices and hosts
+  c.num_classes = 29783  # training image/text groups (W_share's output width)
+  c.image_size = 224
+
+  c.model = ml_collections.ConfigDict()
+  c.model.image = ml_collections.ConfigDict()
+  c.model.image.depth = 50  # 50, 101, 152 (or 14 / 26 for tests and demos)
+  c.model.image.width = 64  # channels of the first stage; 64 gives the 2048-d ResNet output
+  c.model.image.stride_variant = "v1"  # v1: MSRA/Keras/MatConvNet; v1.5: torchvision
+  c.model.image.bn_epsilon = 1e-5
+  c.model.text = ml_collections.ConfigDict()
+  c.model.text.vocab_size = 20000  # the data pipeline sets this from the saved vocabulary
+  c.model.text.max_len = 32
+  c.model.text.word_dim = 300
+  # Original [3,4,6,1]; the paper's text says ResNet-50's [3,4,6,3].
+  c.model.text.blocks = (3, 4, 6, 1)
+  c.model.text.widths = (256, 512, 1024, 2048)  # output width of each stage
+  c.model.text.first_mids = (128, 512, 1024, 2048)  # bottleneck width of each stage's 1st block
+  c.model.text.strides = (1, 2, 2, 1)
+  c.model.text.bottleneck_ratio = 4  # later blocks: width -> width / ratio -> width
+  c.model.text.pooling = "max"
+  c.model.embed_dim = 2048
+  c.model.image_head_layers = 2  # original: fc-BN-ReLU twice on images, once on text
+  c.model.text_head_layers = 1
+  c.model.dropout = 0.75  # drop probability
+  c.model.w_share_init_scale = 0.1  # W_share = He init x 0.1, as in the original
+  c.model.bn_momentum = 0.9
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.lambdas = (0.0, 1.0, 1.0)  # (rank, visual instance, textual instance), eq. 9
+  c.loss.margin = 1.0
+  c.loss.negatives = "hardest"
+  c.loss.num_mined = 256  # candidate captions per step in "mined" mode
+
+  c.freeze_backbone = True  # Stage I
+  c.backbone_bn = "running"
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 0.1
+  c.optim.momentum = 0.9
+  c.optim.nesterov = True
+  c.optim.weight_decay = 1e-4
+  # Effective rate of a group = lr * multiplier (SPEC.md, from the original code).
+  c.optim.lr_mult = ml_collections.ConfigDict(dict(
+      backbone=0.02, word_embedding=0.001, text_cnn=0.1, heads=0.1, w_share=0.01))
+  # ((epochs, lr factor), ...): piecewise constant; the run's length is the sum of the epochs.
+  c.optim.schedule = ((240, 1.0),)
+  return c
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot work, named by its dotted path."""
+
+
+def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in cfg.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flatten(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def unknown_keys(cfg: ml_collections.ConfigDict,
+                 reference: ml_collections.ConfigDict | None = None) -> list[str]:
+  """Dotted paths in `cfg` that the schema does not have (typos, stale fields)."""
+  known = _flatten(reference if reference is not None else base_config())
+  known_prefixes = {p.rsplit(".", 1)[0] for p in known if "." in p}
+  return sorted(p for p in _flatten(cfg) if p not in known and p not in known_prefixes)
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError listing every problem found, or returns None."""
+  problems = []
+  extra = unknown_keys(cfg)
+  if extra:
+    problems.append(f"unknown config keys: {', '.join(extra)}")
+  flat = _flatten(cfg)
+  missing = sorted(set(_flatten(base_config())) - set(flat))
+  if missing:
+    problems.append(f"missing config keys: {', '.join(missing)}")
+  if problems:
+    raise ConfigError("; ".join(problems))
+
+  def check(ok, msg):
+    if not ok:
+      problems.append(msg)
+
+  m, t, loss, opt = cfg.model, cfg.model.text, cfg.loss, cfg.optim
+  check(cfg.stage in STAGES, f"stage={cfg.stage!r}: must be 1 or 2")
+  check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1")
+  check(cfg.num_classes >= 1, f"num_classes={cfg.num_classes}: must be >= 1")
+  check(m.image.stride_variant in STRIDE_VARIANTS,
+        f"model.image.stride_variant={m.image.stride_variant!r}: one of {STRIDE_VARIANTS}")
+  from instance_loss_jax.models.resnet import STAGE_SIZES  # pylint: disable=g-import-not-at-top
+  check(m.image.depth in STAGE_SIZES,
+        f"model.image.depth={m.image.depth}: one of {sorted(STAGE_SIZES)}")
+  lengths = {len(t.blocks), len(t.widths), len(t.first_mids), len(t.strides)}
+  check(len(lengths) == 1, "model.text.blocks, widths, first_mids and strides must have the "
+        f"same length (got {len(t.blocks)}, {len(t.widths)}, {len(t.first_mids)}, "
+        f"{len(t.strides)})")
+  check(t.pooling in POOLINGS, f"model.text.pooling={t.pooling!r}: one of {POOLINGS}")
+  check(t.max_len >= 1 and t.vocab_size >= 2,
+        f"model.text.max_len={t.max_len}, vocab_size={t.vocab_size}: need >= 1 and >= 2")
+  check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout}: a drop probability in [0, 1)")
+  check(m.image_head_layers >= 1 and m.text_head_layers >= 1,
+        "model.image_head_layers and text_head_layers must be >= 1")
+
+  lambdas = tuple(loss.lambdas)
+  if len(lambdas) != 3:
+    problems.append(f"loss.lambdas={lambdas}: need 3 weights (rank, visual, textual)")
+  else:
+    check(all(math.isfinite(x) and x >= 0 for x in lambdas) and any(x > 0 for x in lambdas),
+          f"loss.lambdas={lambdas}: finite, >= 0 and not all zero")
+  check(loss.negatives in NEGATIVE_MODES,
+        f"loss.negatives={loss.negatives!r}: one of {NEGATIVE_MODES}")
+  check(loss.margin > 0, f"loss.margin={loss.margin}: must be > 0")
+  check(cfg.backbone_bn in BACKBONE_BN_MODES,
+        f"backbone_bn={cfg.backbone_bn!r}: one of {BACKBONE_BN_MODES}")
+  check(not (cfg.freeze_backbone and cfg.backbone_bn == "train"),
+        "freeze_backbone=True with backbone_bn='train' would change the frozen backbone's "
+        "BN statistics; use 'running' or 'batch'")
+  check(cfg.freeze_backbone or cfg.backbone_bn == "train",
+        f"freeze_backbone=False needs backbone_bn='train' (got {cfg.backbone_bn!r})")
+  check(all(v >= 0 for v in opt.lr_mult.values()), "optim.lr_mult values must be >= 0")
+  check(len(opt.schedule) >= 1 and all(len(p) == 2 and p[0] > 0 for p in opt.schedule),
+        f"optim.schedule={opt.schedule}: ((epochs > 0, lr factor), ...)")
+  if problems:
+    raise ConfigError("invalid config: " + "; ".join(problems))

@@ -1,0 +1,133 @@
+"""Instance loss, the bidirectional ranking loss, and their weighted sum (paper eqs. 4-9).
+
+Public API:
+  instance_loss(logits, labels)
+  ranking_loss(img_emb, txt_emb, margin=1.0, negatives="hardest", rng=None, labels=None,
+               mined_txt_emb=None, mined_labels=None)
+  total_loss(outputs, labels, lambdas, margin=1.0, negatives="hardest", rng=None, ...)
+
+Ranking conventions. Row i of `img_emb` and `txt_emb` is a positive pair. A negative of anchor i
+is any item whose label differs from label i (labels default to the row index, so "any other
+row"). Each anchor's hinge is max(0, margin - D(pos) + D(neg)) on cosine similarity D; an anchor
+with no possible negative contributes 0. The loss is the mean over image anchors plus the mean
+over text anchors.
+
+Negative modes:
+  hardest: the most similar negative in the batch, both directions (VSE++ max violation).
+  random:  a uniformly random negative, both directions; needs `rng`.
+  mined:   the original's mining. Image anchors take the most similar caption of a candidate
+           pool (`mined_txt_emb`, labels `mined_labels`) whose features the caller computed in
+           inference mode; text anchors take a random other image of the batch (needs `rng`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from instance_loss_jax.models.dual_path import l2_normalize
+
+NEGATIVE_MODES = ("hardest", "random", "mined")
+
+
+def instance_loss(logits, labels):
+  """Mean softmax cross-entropy of W_share logits [N, C] against group ids [N]."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels).mean()
+
+
+def sample_negatives(rng, valid):
+  """For each row of the boolean [N, M] `valid`, a uniformly random column where it is True.
+
+  Returns (indices [N], has_negative [N]); rows with no True get index 0 and False.
+  """
+  scores = jnp.where(valid, jax.random.uniform(rng, valid.shape), -1.0)
+  return jnp.argmax(scores, axis=1), jnp.any(valid, axis=1)
+
+
+def _hardest(sim, valid):
+  return jnp.max(jnp.where(valid, sim, -jnp.inf), axis=1), jnp.any(valid, axis=1)
+
+
+def _random(rng, sim, valid):
+  idx, has = sample_negatives(rng, valid)
+  return jnp.take_along_axis(sim, idx[:, None], axis=1)[:, 0], has
+
+
+def _hinge_mean(margin, pos, neg, has_negative):
+  return jnp.mean(jnp.where(has_negative, jnp.maximum(0.0, margin - pos + neg), 0.0))
+
+
+def ranking_loss_against(img_emb, txt_emb, labels, pool_img, pool_txt, pool_labels,
+                         margin: float = 1.0, negatives: str = "hardest", rng=None,
+                         mined_txt_emb=None, mined_labels=None):
+  """`ranking_loss` with anchors (rows of img_emb/txt_emb) drawn against separate pools.
+
+  The train step uses it with the pools = every device's batch (all-gathered), so negatives come
+  from the global batch while each device keeps its own anchors.
+  """
+  if negatives not in NEGATIVE_MODES:
+    raise ValueError(f"negatives={negatives!r}: one of {NEGATIVE_MODES}")
+  if negatives in ("random", "mined") and rng is None:
+    raise ValueError(f"negatives={negatives!r} needs an rng")
+  if negatives == "mined" and mined_txt_emb is None:
+    raise ValueError("negatives='mined' needs mined_txt_emb (candidate caption features)")
+  img, txt = l2_normalize(img_emb), l2_normalize(txt_emb)
+  pos = jnp.sum(img * txt, axis=-1)
+  if negatives == "mined":
+    cand_txt = l2_normalize(mined_txt_emb)
+    cand_labels = (jnp.full(cand_txt.shape[:1], -1, labels.dtype) if mined_labels is None
+                   else mined_labels)
+  else:
+    cand_txt, cand_labels = l2_normalize(pool_txt), pool_labels
+  sim_i2t = img @ cand_txt.T
+  valid_i2t = labels[:, None] != cand_labels[None, :]
+  sim_t2i = txt @ l2_normalize(pool_img).T
+  valid_t2i = labels[:, None] != pool_labels[None, :]
+  if negatives == "hardest":
+    neg_i2t, neg_t2i = _hardest(sim_i2t, valid_i2t), _hardest(sim_t2i, valid_t2i)
+  elif negatives == "random":
+    rng_i2t, rng_t2i = jax.random.split(rng)
+    neg_i2t, neg_t2i = _random(rng_i2t, sim_i2t, valid_i2t), _random(rng_t2i, sim_t2i, valid_t2i)
+  else:  # mined
+    neg_i2t, neg_t2i = _hardest(sim_i2t, valid_i2t), _random(rng, sim_t2i, valid_t2i)
+  return _hinge_mean(margin, pos, *neg_i2t) + _hinge_mean(margin, pos, *neg_t2i)
+
+
+def ranking_loss(img_emb, txt_emb, margin: float = 1.0, negatives: str = "hardest", rng=None,
+                 labels=None, mined_txt_emb=None, mined_labels=None):
+  """The bidirectional hinge of eq. 4 on cosine similarity (inputs normalised inside).
+
+  img_emb, txt_emb: [N, D], row i a positive pair. labels: optional [N] group ids; rows with the
+  same id are not each other's negatives. See the module docstring for `negatives`.
+  """
+  if labels is None:
+    labels = jnp.arange(img_emb.shape[0])
+  return ranking_loss_against(img_emb, txt_emb, labels, img_emb, txt_emb, labels, margin,
+                              negatives, rng, mined_txt_emb, mined_labels)
+
+
+def total_loss(outputs: dict[str, Any], labels, lambdas: Sequence[float], margin: float = 1.0,
+               negatives: str = "hardest", rng=None, pool: dict[str, Any] | None = None,
+               mined_txt_emb=None, mined_labels=None):
+  """lambda1 * L_rank + lambda2 * L_visual + lambda3 * L_textual (eq. 9).
+
+  outputs: the model's dict (img_emb, txt_emb, img_logits, txt_logits). pool: optional dict
+  (img_emb, txt_emb, labels) to draw ranking negatives from; default: this batch. A zero lambda
+  skips its term's computation. Returns (total, dict of the three terms).
+  """
+  l_rank, l_vis, l_txt = (float(x) for x in lambdas)
+  zero = jnp.zeros((), jnp.float32)
+  rank = zero
+  if l_rank:
+    pool = pool or dict(img_emb=outputs["img_emb"], txt_emb=outputs["txt_emb"], labels=labels)
+    rank = ranking_loss_against(outputs["img_emb"], outputs["txt_emb"], labels,
+                                pool["img_emb"], pool["txt_emb"], pool["labels"], margin,
+                                negatives, rng, mined_txt_emb, mined_labels)
+  visual = instance_loss(outputs["img_logits"], labels) if l_vis else zero
+  textual = instance_loss(outputs["txt_logits"], labels) if l_txt else zero
+  total = l_rank * rank + l_vis * visual + l_txt * textual
+  return total, dict(rank=rank, visual=visual, textual=textual)

@@ -1,0 +1,105 @@
+"""The dual-path model: image ResNet + text CNN, unshared heads, one W_share for both.
+
+Top-level parameter names (backbone, image_head, text_encoder, text_head, w_share) are what the
+optimiser's learning-rate groups and Stage I's freezing key on.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from instance_loss_jax.models.resnet import ResNet
+from instance_loss_jax.models.text_cnn import TextCNN
+
+
+def l2_normalize(x, eps: float = 1e-12):
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+
+
+class Head(nn.Module):
+  """`num_layers` x (fc without bias, BN, ReLU). Returns the features before dropout."""
+  dim: int
+  num_layers: int
+  bn_momentum: float = 0.9
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for i in range(self.num_layers):
+      x = nn.Dense(self.dim, use_bias=False, name=f"fc{i + 1}")(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                       axis_name=self.axis_name if train else None, name=f"bn{i + 1}")(x)
+      x = nn.relu(x)
+    return x
+
+
+class DualPath(nn.Module):
+  """Both branches and W_share.
+
+  `__call__` returns a dict with, for each branch, the L2-normalised embedding used for ranking
+  and retrieval (`img_emb`, `txt_emb`) and the W_share logits (`img_logits`, `txt_logits`).
+  """
+  config: ml_collections.ConfigDict  # the `model` part of the run's config
+  num_classes: int
+  freeze_backbone: bool = False
+  backbone_batch_stats: bool = True  # in training: normalise the backbone with batch stats
+  axis_name: str | None = None
+
+  def setup(self):
+    m = self.config
+    self.backbone = ResNet(depth=m.image.depth, width=m.image.width,
+                           stride_variant=m.image.stride_variant, bn_epsilon=m.image.bn_epsilon,
+                           bn_momentum=m.bn_momentum, axis_name=self.axis_name)
+    t = m.text
+    self.text_encoder = TextCNN(
+        vocab_size=t.vocab_size, word_dim=t.word_dim, blocks=tuple(t.blocks),
+        widths=tuple(t.widths), first_mids=tuple(t.first_mids), strides=tuple(t.strides),
+        bottleneck_ratio=t.bottleneck_ratio, pooling=t.pooling, bn_momentum=m.bn_momentum,
+        axis_name=self.axis_name)
+    self.image_head = Head(m.embed_dim, m.image_head_layers, m.bn_momentum, self.axis_name)
+    self.text_head = Head(m.embed_dim, m.text_head_layers, m.bn_momentum, self.axis_name)
+    self.dropout = nn.Dropout(rate=m.dropout)
+    # He init x 0.1 (original): variance 2 / fan_in scaled by 0.1^2.
+    self.w_share = nn.Dense(
+        self.num_classes,
+        kernel_init=nn.initializers.variance_scaling(
+            2.0 * m.w_share_init_scale**2, "fan_in", "normal"))
+
+  def image_features(self, images, train: bool = False):
+    """Head output (before dropout) of the image branch."""
+    x = self.backbone(images, train=train and self.backbone_batch_stats)
+    if self.freeze_backbone:
+      # No gradient flows into a frozen backbone, so XLA skips its backward pass entirely.
+      x = jax.lax.stop_gradient(x)
+    return self.image_head(x, train=train)
+
+  def text_features(self, tokens, train: bool = False):
+    """Head output (before dropout) of the text branch."""
+    return self.text_head(self.text_encoder(tokens, train=train), train=train)
+
+  def embed_images(self, images, train: bool = False):
+    return l2_normalize(self.image_features(images, train))
+
+  def embed_texts(self, tokens, train: bool = False):
+    return l2_normalize(self.text_features(tokens, train))
+
+  def __call__(self, images, tokens, train: bool = False):
+    img = self.image_features(images, train)
+    txt = self.text_features(tokens, train)
+    return dict(
+        img_emb=l2_normalize(img),
+        txt_emb=l2_normalize(txt),
+        img_logits=self.w_share(self.dropout(img, deterministic=not train)),
+        txt_logits=self.w_share(self.dropout(txt, deterministic=not train)),
+    )
+
+
+def build_model(config: ml_collections.ConfigDict, axis_name: str | None = None) -> DualPath:
+  """The model a run's config describes (stage-dependent freezing included)."""
+  return DualPath(config=config.model, num_classes=config.num_classes,
+                  freeze_backbone=config.freeze_backbone,
+                  backbone_batch_stats=config.backbone_bn != "running",
+                  axis_name=axis_name)

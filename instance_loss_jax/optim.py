@@ -1,0 +1,75 @@
+"""SGD with per-group learning rates, weight decay and Stage I's frozen backbone.
+
+Groups (SPEC.md): backbone, word_embedding, text_cnn, heads, w_share. Each group's rate is
+`optim.lr * optim.lr_mult[group] * schedule(step)`.
+"""
+
+from __future__ import annotations
+
+import flax
+import jax
+import ml_collections
+import optax
+
+FROZEN = "frozen"
+
+
+def param_group(path: tuple[str, ...]) -> str:
+  """The learning-rate group of a parameter, from its path in the params tree."""
+  top = path[0]
+  if top == "backbone":
+    return "backbone"
+  if top == "text_encoder":
+    return "word_embedding" if path[1] == "word_embedding" else "text_cnn"
+  if top in ("image_head", "text_head"):
+    return "heads"
+  if top == "w_share":
+    return "w_share"
+  raise ValueError(f"parameter {'/'.join(path)} belongs to no learning-rate group")
+
+
+def param_labels(params, freeze_backbone: bool):
+  """A tree like `params` holding each leaf's group name (FROZEN for a frozen backbone)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  labels = {}
+  for path in flat:
+    group = param_group(path)
+    labels[path] = FROZEN if (freeze_backbone and group == "backbone") else group
+  return flax.traverse_util.unflatten_dict(labels)
+
+
+def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+  """The base learning rate per step from `optim.schedule` ((epochs, factor), ...)."""
+  phases = config.optim.schedule
+  boundaries, values, epochs = [], [], 0
+  for num_epochs, factor in phases:
+    values.append(config.optim.lr * factor)
+    epochs += num_epochs
+    boundaries.append(int(round(epochs * steps_per_epoch)))
+  return optax.join_schedules([optax.constant_schedule(v) for v in values], boundaries[:-1])
+
+
+def num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  return int(round(sum(p[0] for p in config.optim.schedule) * steps_per_epoch))
+
+
+def _decay_mask(params):
+  # Decay kernels and embedding tables only: not BN scales/offsets or biases.
+  return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                   params) -> optax.GradientTransformation:
+  """optax.multi_transform over the groups; a frozen backbone gets set_to_zero."""
+  schedule = lr_schedule(config, steps_per_epoch)
+  opt = config.optim
+
+  def group_tx(mult):
+    return optax.chain(
+        optax.add_decayed_weights(opt.weight_decay, mask=_decay_mask),
+        optax.sgd(lambda step: schedule(step) * mult, momentum=opt.momentum,
+                  nesterov=opt.nesterov))
+
+  transforms = {group: group_tx(mult) for group, mult in opt.lr_mult.items()}
+  transforms[FROZEN] = optax.set_to_zero()
+  return optax.multi_transform(transforms, param_labels(params, config.freeze_backbone))

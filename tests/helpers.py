@@ -1,0 +1,45 @@
+"""Small configs and batches shared by the tests."""
+import numpy as np
+
+from instance_loss_jax.config import base_config
+
+
+def tiny_config(**overrides):
+  """A model that trains in seconds on CPU: ResNet-14 of width 4, 32x32 images, length 8."""
+  c = base_config()
+  c.batch_size = 8
+  c.num_classes = 16
+  c.image_size = 32
+  c.model.image.depth = 14
+  c.model.image.width = 4
+  c.model.text.vocab_size = 40
+  c.model.text.max_len = 8
+  c.model.text.word_dim = 16
+  c.model.text.blocks = (1, 1, 1, 1)
+  c.model.text.widths = (16, 32, 64, 128)
+  c.model.text.first_mids = (8, 16, 32, 64)
+  c.model.embed_dim = 32
+  c.model.dropout = 0.0
+  c.optim.schedule = ((10, 1.0),)
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def random_batch(config, num_devices, seed=0, num_groups=None):
+  """A batch shaped [devices, per_device, ...] with distinct labels unless num_groups is set."""
+  rng = np.random.default_rng(seed)
+  n = config.batch_size
+  per = n // num_devices
+  s, length = config.image_size, config.model.text.max_len
+  labels = (rng.permutation(config.num_classes)[:n] if num_groups is None
+            else rng.integers(0, num_groups, n))
+  tokens = rng.integers(1, config.model.text.vocab_size, (n, length))
+  return dict(
+      images=rng.normal(size=(num_devices, per, s, s, 3)).astype(np.float32),
+      tokens=tokens.reshape(num_devices, per, length).astype(np.int32),
+      labels=labels.reshape(num_devices, per).astype(np.int32))

@@ -1,0 +1,49 @@
+"""Config validation: every problem named by its dotted path, before anything is built."""
+
+import pytest
+
+from helpers import tiny_config
+from instance_loss_jax.config import ConfigError, base_config, unknown_keys, validate_config
+from instance_loss_jax import train_step as ts
+
+
+def test_base_and_tiny_configs_are_valid():
+  validate_config(base_config())
+  validate_config(tiny_config())
+
+
+def test_unknown_keys_are_listed():
+  config = tiny_config()
+  config.optim.momentun = 0.9
+  config.model.text.depth = 3
+  assert unknown_keys(config) == ["model.text.depth", "optim.momentun"]
+  with pytest.raises(ConfigError, match="unknown config keys: model.text.depth, optim.momentun"):
+    validate_config(config)
+  with pytest.raises(ConfigError, match="optim.momentun"):
+    ts.create_train_state(config, None, 1)  # refused before any init
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("loss.lambdas", (1.0, 1.0), "need 3 weights"),
+    ("loss.lambdas", (0.0, 0.0, 0.0), "not all zero"),
+    ("loss.lambdas", (1.0, -1.0, 1.0), ">= 0"),
+    ("loss.lambdas", (float("nan"), 1.0, 1.0), "finite"),
+    ("loss.negatives", "semi-hard", "loss.negatives='semi-hard'"),
+    ("model.text.pooling", "sum", "model.text.pooling='sum'"),
+    ("model.image.depth", 34, "model.image.depth=34"),
+    ("model.image.stride_variant", "v2", "stride_variant='v2'"),
+    ("model.dropout", 1.0, "model.dropout=1.0"),
+    ("model.text.strides", (1, 2, 2), "same length"),
+    ("backbone_bn", "train", "freeze_backbone=True with backbone_bn='train'"),
+    ("stage", 3, "stage=3"),
+])
+def test_bad_values_are_named(field, value, message):
+  config = tiny_config(**{field: value})
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    validate_config(config)
+
+
+def test_unfrozen_backbone_needs_trained_statistics():
+  config = tiny_config(**{"freeze_backbone": False})
+  with pytest.raises(ConfigError, match="freeze_backbone=False needs backbone_bn='train'"):
+    validate_config(config)
