@@ -12,8 +12,10 @@ from typing import Any
 
 import ml_collections
 
+from instance_loss_jax.losses import NEGATIVE_MODES
+from instance_loss_jax.models.resnet import STAGE_SIZES
+
 STAGES = (1, 2)
-NEGATIVE_MODES = ("hardest", "random", "mined")
 POOLINGS = ("max", "mean")
 STRIDE_VARIANTS = ("v1", "v1.5")
 # How the frozen backbone's BatchNorm behaves in Stage I:
@@ -125,7 +127,6 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   check(cfg.num_classes >= 1, f"num_classes={cfg.num_classes}: must be >= 1")
   check(m.image.stride_variant in STRIDE_VARIANTS,
         f"model.image.stride_variant={m.image.stride_variant!r}: one of {STRIDE_VARIANTS}")
-  from instance_loss_jax.models.resnet import STAGE_SIZES  # pylint: disable=g-import-not-at-top
   check(m.image.depth in STAGE_SIZES,
         f"model.image.depth={m.image.depth}: one of {sorted(STAGE_SIZES)}")
   lengths = {len(t.blocks), len(t.widths), len(t.first_mids), len(t.strides)}

@@ -5,3 +5,12 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+# XLA's CPU compiles dominate this suite: many tests build the same tiny model, so identical
+# programs (the init above all) are compiled once per session and then read from this cache.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jax_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

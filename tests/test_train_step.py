@@ -10,8 +10,9 @@ from instance_loss_jax import train_step as ts
 STEPS_PER_EPOCH = 10
 
 
-def run_steps(config, devices, batches, seed=0):
-  state = ts.create_train_state(config, jax.random.key(seed), STEPS_PER_EPOCH)
+def run_steps(config, devices, batches, seed=0, state=None):
+  if state is None:
+    state = ts.create_train_state(config, jax.random.key(seed), STEPS_PER_EPOCH)
   step = ts.make_train_step(config, STEPS_PER_EPOCH, devices)
   state = ts.replicate(state, devices)
   rng = ts.replicate(jax.random.key(seed + 1), devices)
@@ -42,8 +43,9 @@ def test_eight_devices_match_one_device():
                           "loss.lambdas": (1.0, 1.0, 1.0), "optim.lr": 0.5})
   batches = [random_batch(config, 8, seed=s) for s in range(2)]
   devices = jax.local_devices()
-  state8, hist8 = run_steps(config, devices[:8], batches)
-  state1, hist1 = run_steps(config, devices[:1], [regroup(b, 1) for b in batches])
+  init = ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
+  state8, hist8 = run_steps(config, devices[:8], batches, state=init)
+  state1, hist1 = run_steps(config, devices[:1], [regroup(b, 1) for b in batches], state=init)
   # float32 sums in another order: agreement to ~1e-5 relative after two large steps.
   assert_trees_close(state8.params, state1.params, rtol=2e-4, atol=2e-5)
   assert_trees_close(state8.batch_stats, state1.batch_stats, rtol=2e-4, atol=2e-5)
@@ -52,7 +54,6 @@ def test_eight_devices_match_one_device():
       np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, err_msg=key)
   assert hist1[0]["rank_loss"] > 0
   # The parameters really moved: equality is not the trivial kind.
-  init = ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
   moved = np.abs(state1.params["w_share"]["kernel"] - init.params["w_share"]["kernel"]).max()
   assert moved > 1e-3
 
@@ -64,7 +65,7 @@ def test_stage1_backbone_is_frozen(backbone_bn):
   init = ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
   init_params, init_stats = ts.unreplicate(ts.replicate((init.params, init.batch_stats)))
   batches = [random_batch(config, 2, seed=s) for s in range(3)]
-  state, _ = run_steps(config, jax.local_devices()[:2], batches)
+  state, _ = run_steps(config, jax.local_devices()[:2], batches, state=init)
   for a, b in zip(jax.tree_util.tree_leaves(init_params["backbone"]),
                   jax.tree_util.tree_leaves(state.params["backbone"])):
     assert a.tobytes() == b.tobytes()
