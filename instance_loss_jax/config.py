@@ -23,6 +23,7 @@ STRIDE_VARIANTS = ("v1", "v1.5")
 #   batch:   normalise with the batch's statistics, keep the stored ones (the original code);
 #   train:   normalise with batch statistics and update the stored ones (Stage II).
 BACKBONE_BN_MODES = ("running", "batch", "train")
+DATA_FORMATS = ("karpathy", "cuhk_pedes", "tfds_coco")
 LR_GROUPS = ("backbone", "word_embedding", "text_cnn", "heads", "w_share")
 
 
@@ -34,6 +35,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 32  # global, over all devices and hosts
   c.num_classes = 29783  # training image/text groups (W_share's output width)
   c.image_size = 224
+
+  c.data = ml_collections.ConfigDict()
+  c.data.format = "karpathy"  # karpathy (Flickr30k, MSCOCO), cuhk_pedes, tfds_coco
+  c.data.json = ""  # dataset_flickr30k.json / dataset_coco.json / reid_raw.json
+  c.data.image_root = ""
+  c.data.train_splits = ("train",)  # MSCOCO: ("train", "restval")
+  c.data.tfds_data_dir = ""
+  c.data.word2vec = ""  # KeyedVectors file; "" = vocabulary from counts, random init
+  c.data.min_word_count = 1  # the no-word2vec vocabulary's threshold
+  c.data.resize_shorter = 256
+  c.data.crop_area = (0.64, 1.0)  # fraction of the largest crop of the drawn aspect ratio
+  c.data.crop_aspect = (3 / 4, 4 / 3)  # log-uniform
+  c.data.flip = True
+  c.data.position_shift = True  # False: left alignment (the ablation baseline)
+  c.data.mean_rgb = (119.86, 113.93, 103.93)  # on 0-255 (MSCOCO mean)
+  c.data.std_rgb = (1.0, 1.0, 1.0)
+  c.data.bgr = False  # channel order the backbone expects (Keras/caffe weights: True)
+  c.data.prefetch = 2
 
   c.model = ml_collections.ConfigDict()
   c.model.image = ml_collections.ConfigDict()
@@ -159,5 +178,13 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   check(all(v >= 0 for v in opt.lr_mult.values()), "optim.lr_mult values must be >= 0")
   check(len(opt.schedule) >= 1 and all(len(p) == 2 and p[0] > 0 for p in opt.schedule),
         f"optim.schedule={opt.schedule}: ((epochs > 0, lr factor), ...)")
+  d = cfg.data
+  check(d.format in DATA_FORMATS, f"data.format={d.format!r}: one of {DATA_FORMATS}")
+  check(len(d.crop_area) == 2 and 0 < d.crop_area[0] <= d.crop_area[1] <= 1,
+        f"data.crop_area={d.crop_area}: 0 < low <= high <= 1")
+  check(len(d.crop_aspect) == 2 and 0 < d.crop_aspect[0] <= d.crop_aspect[1],
+        f"data.crop_aspect={d.crop_aspect}: 0 < low <= high")
+  check(len(d.mean_rgb) == 3 and len(d.std_rgb) == 3 and all(s > 0 for s in d.std_rgb),
+        "data.mean_rgb and data.std_rgb: 3 values each, std > 0")
   if problems:
     raise ConfigError("invalid config: " + "; ".join(problems))

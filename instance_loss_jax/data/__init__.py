@@ -1,0 +1,1 @@
+"""Dataset readers, vocabulary, tf.data pipelines and the built-in synthetic dataset."""

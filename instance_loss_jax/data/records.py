@@ -1,0 +1,144 @@
+"""Dataset readers: Karpathy-split JSON (Flickr30k, MSCOCO), CUHK-PEDES, TFDS coco_captions.
+
+Every reader returns `Record`s of one form. `label` is the instance-loss class: the image's index
+within its split for Flickr30k/MSCOCO, the person's index (ids remapped to 0..K-1 per split) for
+CUHK-PEDES. Captions are token lists, lower-cased.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Iterable, Sequence
+
+SPLITS = ("train", "val", "test")
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+class DataError(ValueError):
+  """Unusable input data, naming the file and the entry."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  image_path: str
+  captions: tuple[tuple[str, ...], ...]
+  label: int
+  split: str
+
+
+def tokenize(text: str) -> tuple[str, ...]:
+  """Lower-cased words and numbers, as the Karpathy `tokens` fields are."""
+  return tuple(_WORD.findall(text.lower()))
+
+
+def _load_json(path: str) -> Any:
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: no such file")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def _field(entry: dict[str, Any], key: str, where: str):
+  if not isinstance(entry, dict) or key not in entry:
+    raise DataError(f"{where}: missing field '{key}'")
+  return entry[key]
+
+
+def _labelled(path: str, items: Sequence[tuple[str, tuple, Any, str]], split: str,
+              check_files: bool) -> list[Record]:
+  """Records of one split; `items` are (image_path, captions, group key, where)."""
+  group_ids: dict[Any, int] = {}
+  records, missing = [], []
+  for image_path, captions, group, where in items:
+    if check_files and not os.path.isfile(image_path):
+      missing.append(f"{where} ({image_path})")
+    label = group_ids.setdefault(group, len(group_ids))
+    records.append(Record(image_path, captions, label, split))
+  if missing:
+    raise DataError(f"{len(missing)} image file(s) of split '{split}' not found, e.g. "
+                    + "; ".join(missing[:5]))
+  if not records:
+    raise DataError(f"{path}: split '{split}' is empty")
+  return records
+
+
+def read_karpathy(path: str, image_root: str, split: str, train_splits: Iterable[str] = ("train",),
+                  check_files: bool = True) -> list[Record]:
+  """One split of a Karpathy JSON. `split="train"` takes every split in `train_splits` (MSCOCO:
+  train + restval); each image is its own class."""
+  data = _load_json(path)
+  images = _field(data, "images", path)
+  wanted = set(train_splits) if split == "train" else {split}
+  items = []
+  for i, image in enumerate(images):
+    where = f"{path}: images[{i}]"
+    if _field(image, "split", where) not in wanted:
+      continue
+    rel = os.path.join(image.get("filepath", ""), _field(image, "filename", where))
+    captions = []
+    for j, sentence in enumerate(_field(image, "sentences", where)):
+      tokens = sentence.get("tokens") if isinstance(sentence, dict) else None
+      if tokens is None:
+        tokens = tokenize(_field(sentence, "raw", f"{where}.sentences[{j}]"))
+      captions.append(tuple(t.lower() for t in tokens))
+    items.append((os.path.join(image_root, rel), tuple(captions), i, where))
+  return _labelled(path, items, split, check_files)
+
+
+def read_cuhk_pedes(path: str, image_root: str, split: str,
+                    check_files: bool = True) -> list[Record]:
+  """One split of CUHK-PEDES `reid_raw.json`: the class is the person `id`."""
+  data = _load_json(path)
+  if not isinstance(data, list):
+    raise DataError(f"{path}: expected a list of entries")
+  items = []
+  for i, entry in enumerate(data):
+    where = f"{path}: [{i}]"
+    if _field(entry, "split", where) != split:
+      continue
+    captions = tuple(tokenize(c) for c in _field(entry, "captions", where))
+    items.append((os.path.join(image_root, _field(entry, "file_path", where)), captions,
+                  _field(entry, "id", where), where))
+  return _labelled(path, items, split, check_files)
+
+
+def read_tfds_coco(data_dir: str, split: str) -> list[Record]:
+  """TFDS `coco_captions` from a prepared `data_dir` (never downloads). Images stay inside the
+  TFDS files, so `image_path` is "tfds:<split>:<index>"; use the TFDS-backed pipeline for it."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds_split = {"train": "train+restval"}.get(split, split)
+  try:
+    builder = tfds.builder("coco_captions", data_dir=data_dir)
+    builder.info  # pylint: disable=pointless-statement
+    ds = builder.as_dataset(split=tfds_split)
+  except Exception as e:  # TFDS raises several types for a missing or partial dataset.
+    raise DataError(
+        f"TFDS coco_captions is not prepared under data_dir={data_dir!r} ({e}). Nothing is "
+        "downloaded at run time: run `tfds build coco_captions --data_dir=DIR` where the "
+        "network is allowed (or place the prepared coco_captions/<version>/ folder there), "
+        "then point data.tfds_data_dir at DIR.") from None
+  records = []
+  for i, example in enumerate(tfds.as_numpy(ds.map(lambda x: x["captions"]["text"]))):
+    captions = tuple(tokenize(c.decode("utf-8")) for c in example)
+    records.append(Record(f"tfds:{tfds_split}:{i}", captions, i, split))
+  if not records:
+    raise DataError(f"TFDS coco_captions split '{tfds_split}' under {data_dir} is empty")
+  return records
+
+
+def read_split(config, split: str, check_files: bool = True) -> list[Record]:
+  """The records of `split` for a run's `config.data`."""
+  d = config.data
+  if d.format == "karpathy":
+    return read_karpathy(d.json, d.image_root, split, tuple(d.train_splits), check_files)
+  if d.format == "cuhk_pedes":
+    return read_cuhk_pedes(d.json, d.image_root, split, check_files)
+  if d.format == "tfds_coco":
+    return read_tfds_coco(d.tfds_data_dir, split)
+  raise DataError(f"data.format={d.format!r}: unknown")
