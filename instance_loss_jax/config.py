@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.stage = 1
   c.seed = 0
   c.batch_size = 32  # global, over all devices and hosts
-  c.num_classes = 29783  # training image/text groups (W_share's output width)
+  c.num_classes = 0  # W_share's width: 0 = the training split's group count
   c.image_size = 224
 
   c.data = ml_collections.ConfigDict()
@@ -87,6 +87,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.freeze_backbone = True  # Stage I
   c.backbone_bn = "running"
 
+  c.init_from = ""  # Stage II: Stage I's workdir (its newest checkpoint's variables)
+  c.checkpoint_every = 1000  # steps; also at the end
+  c.keep_checkpoints = 3
+  c.log_every = 50
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.at_end = True  # evaluate when training ends
+  c.eval.split = "test"
+  c.eval.batch_size = 128
+  c.eval.flip_average = True  # image feature = mean of the image's and its mirror's
+  c.eval.block_bytes = 256 << 20  # similarity block size: bounds eval memory
+  c.eval.coco_1k_folds = 0  # MSCOCO: 5 (the 1K protocol beside 5K)
+
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 0.1
   c.optim.momentum = 0.9
@@ -97,6 +110,19 @@ def base_config() -> ml_collections.ConfigDict:
       backbone=0.02, word_embedding=0.001, text_cnn=0.1, heads=0.1, w_share=0.01))
   # ((epochs, lr factor), ...): piecewise constant; the run's length is the sum of the epochs.
   c.optim.schedule = ((240, 1.0),)
+  return c
+
+
+def set_stage(c: ml_collections.ConfigDict, stage: str | int) -> ml_collections.ConfigDict:
+  """Applies SPEC.md's stage defaults: Stage I frozen backbone, instance loss only (lambdas
+  0, 1, 1); Stage II everything trains, ranking loss on (1, 1, 1). `stage`: 1, 2, "stage1"..."""
+  stage = int(str(stage).lower().removeprefix("stage"))
+  if stage not in STAGES:
+    raise ConfigError(f"stage {stage!r}: 1 or 2 (e.g. --config=configs/flickr30k.py:stage1)")
+  c.stage = stage
+  c.freeze_backbone = stage == 1
+  c.backbone_bn = "running" if stage == 1 else "train"
+  c.loss.lambdas = (0.0, 1.0, 1.0) if stage == 1 else (1.0, 1.0, 1.0)
   return c
 
 
@@ -143,7 +169,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   m, t, loss, opt = cfg.model, cfg.model.text, cfg.loss, cfg.optim
   check(cfg.stage in STAGES, f"stage={cfg.stage!r}: must be 1 or 2")
   check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1")
-  check(cfg.num_classes >= 1, f"num_classes={cfg.num_classes}: must be >= 1")
+  check(cfg.num_classes >= 0, f"num_classes={cfg.num_classes}: >= 0 (0: from the data)")
   check(m.image.stride_variant in STRIDE_VARIANTS,
         f"model.image.stride_variant={m.image.stride_variant!r}: one of {STRIDE_VARIANTS}")
   check(m.image.depth in STAGE_SIZES,

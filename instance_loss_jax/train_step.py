@@ -36,6 +36,8 @@ def create_train_state(config: ml_collections.ConfigDict, rng,
                        steps_per_epoch: int) -> TrainState:
   """Initialises the model and optimiser (unreplicated, on the default device)."""
   validate_config(config)
+  if config.num_classes < 1:
+    raise ValueError("num_classes is 0: set it, or let the trainer take it from the data")
   model = build_model(config, axis_name=AXIS)
   images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
   tokens = jnp.zeros((1, config.model.text.max_len), jnp.int32)
@@ -57,12 +59,17 @@ def _all_gather(x):
   return jax.lax.all_gather(x, AXIS, axis=0, tiled=True)
 
 
-def _train_step(state: TrainState, batch: dict[str, Any], rng, *, config, schedule):
-  """One SGD step on one device's share of the batch (run under pmap)."""
+def _train_step(state: TrainState, batch: dict[str, Any], *, config, schedule):
+  """One SGD step on one device's share of the batch (run under pmap).
+
+  Its randomness (dropout, sampled negatives) is a function of (config.seed, step, device), so a
+  resumed run draws what an uninterrupted one would have.
+  """
   lambdas = tuple(config.loss.lambdas)
   use_rank = lambdas[0] > 0
   negatives = config.loss.negatives
-  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
+  rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), state.step),
+                           jax.lax.axis_index(AXIS))
   dropout_rng, negatives_rng = jax.random.split(rng)
   labels = batch["labels"]
 
@@ -144,21 +151,22 @@ def check_batch(batch: dict[str, Any], config: ml_collections.ConfigDict,
 
 def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: int,
                     devices: Sequence[jax.Device] | None = None):
-  """Returns step(state, batch, rng) -> (state, metrics), pmapped over `devices`.
+  """Returns step(state, batch) -> (state, metrics), pmapped over `devices` (default: every
+  device of every process; each process passes its local devices' share of the batch).
 
-  state and rng are replicated over the devices (see `replicate`); metrics come back replicated.
+  state is replicated over the devices (see `replicate`); metrics come back replicated.
   The batch is checked against the config on the host before each call.
   """
   validate_config(config)
-  devices = list(devices or jax.local_devices())
+  num_local = len(devices) if devices else jax.local_device_count()
   pmapped = jax.pmap(
       functools.partial(_train_step, config=config,
                         schedule=optim.lr_schedule(config, steps_per_epoch)),
-      axis_name=AXIS, devices=devices, donate_argnums=(0,))
+      axis_name=AXIS, devices=list(devices) if devices else None, donate_argnums=(0,))
 
-  def step(state, batch, rng):
-    check_batch(batch, config, len(devices))
-    return pmapped(state, batch, rng)
+  def step(state, batch):
+    check_batch(batch, config, num_local)
+    return pmapped(state, batch)
 
   return step
 
@@ -196,8 +204,12 @@ def replicate(tree, devices: Sequence[jax.Device] | None = None):
 
   The copies are laid out exactly as the pmapped step's outputs (a NamedSharding over the
   device axis), so the step compiles once rather than again on its second call. Copies are made
-  on the host: no per-leaf XLA computation to compile.
+  on the host: no per-leaf XLA computation to compile. With several processes (and no explicit
+  devices) each process passes host copies for its local devices, as pmap expects.
   """
+  if devices is None and jax.process_count() > 1:
+    return jax.tree_util.tree_map(
+        lambda x: np.broadcast_to(np.asarray(x), (jax.local_device_count(),) + np.shape(x)), tree)
   sharding = jax.sharding.NamedSharding(_device_mesh(devices), jax.sharding.PartitionSpec(AXIS))
   n = sharding.mesh.size
 

@@ -53,6 +53,7 @@ def spec_text_cnn_params(vocab):
 
 def test_full_model_shapes_and_counts():
   config = base_config()
+  config.num_classes = 29_783
   config.model.text.vocab_size = vocab = 20_074
   model = build_model(config)
   images = jax.ShapeDtypeStruct((3, 224, 224, 3), jnp.float32)
@@ -75,6 +76,7 @@ def test_full_model_shapes_and_counts():
 
 def test_text_lengths_and_paper_block_counts():
   config = base_config()
+  config.num_classes = 29_783
   config.model.text.blocks = (3, 4, 6, 3)  # the paper's "as many blocks as ResNet-50"
   config.model.text.max_len = 56  # CUHK-PEDES
   model = build_model(config)

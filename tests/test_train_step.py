@@ -15,10 +15,9 @@ def run_steps(config, devices, batches, seed=0, state=None):
     state = ts.create_train_state(config, jax.random.key(seed), STEPS_PER_EPOCH)
   step = ts.make_train_step(config, STEPS_PER_EPOCH, devices)
   state = ts.replicate(state, devices)
-  rng = ts.replicate(jax.random.key(seed + 1), devices)
   history = []
   for batch in batches:
-    state, metrics = step(state, batch, rng)
+    state, metrics = step(state, batch)
     history.append(ts.unreplicate(metrics))
   return ts.unreplicate(state), history
 
@@ -145,10 +144,10 @@ def test_bad_batches_are_named_before_compiling(frozen_step, mutate, message):
   batch = random_batch(config, 2)
   mutate(batch)
   with pytest.raises(ts.BatchError, match=message):
-    step(None, batch, None)  # the check runs first: no state, nothing traced or compiled
+    step(None, batch)  # the check runs first: no state, nothing traced or compiled
 
 
 def test_batch_laid_out_for_other_device_count(frozen_step):
   config, step = frozen_step
   with pytest.raises(ts.BatchError, match=r"expected \(2, 4, 32, 32, 3\)"):
-    step(None, random_batch(config, 4), None)
+    step(None, random_batch(config, 4))

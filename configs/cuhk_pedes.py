@@ -1,0 +1,16 @@
+"""CUHK-PEDES (reid_raw.json; class = person id, 11,003 training identities; text->image with
+any image of the person a hit). Stage as the argument: --config=configs/cuhk_pedes.py:stage1.
+"""
+
+from instance_loss_jax.config import base_config, set_stage
+
+
+def get_config(stage="stage1"):
+  c = set_stage(base_config(), stage)
+  c.data.format = "cuhk_pedes"
+  c.model.text.max_len = 56
+  c.model.dropout = 0.8
+  # Epochs: Stage I ~160; Stage II 40, then 21 at lr/10.
+  c.optim.schedule = ((160, 1.0),) if c.stage == 1 else ((40, 1.0), (21, 0.1))
+  c.checkpoint_every = 2000
+  return c

@@ -1,0 +1,21 @@
+"""Flickr30k, ResNet-50 both branches (SPEC.md). Stage as the argument:
+
+    python -m instance_loss_jax.train --config=configs/flickr30k.py:stage1 --workdir=runs/f30k-1 \
+        --config.data.json=DATA/dataset_flickr30k.json --config.data.image_root=DATA/images \
+        --config.data.word2vec=DATA/GoogleNews-vectors-negative300.bin
+    python -m instance_loss_jax.train --config=configs/flickr30k.py:stage2 --workdir=runs/f30k-2 \
+        --config.init_from=runs/f30k-1 --config.data.json=... (same data flags)
+"""
+
+from instance_loss_jax.config import base_config, set_stage
+
+
+def get_config(stage="stage1"):
+  c = set_stage(base_config(), stage)
+  c.data.format = "karpathy"
+  c.model.text.max_len = 32
+  c.model.dropout = 0.75
+  # Epochs: Stage I 240; Stage II 40, then 20 at lr/10.
+  c.optim.schedule = ((240, 1.0),) if c.stage == 1 else ((40, 1.0), (20, 0.1))
+  c.checkpoint_every = 2000
+  return c

@@ -1,0 +1,18 @@
+"""MSCOCO (Karpathy split: train + restval = 113,287 classes; 5K and 1K test). Stage as the
+argument: --config=configs/mscoco.py:stage1 or :stage2 (with --config.init_from=STAGE1_WORKDIR).
+"""
+
+from instance_loss_jax.config import base_config, set_stage
+
+
+def get_config(stage="stage1"):
+  c = set_stage(base_config(), stage)
+  c.data.format = "karpathy"
+  c.data.train_splits = ("train", "restval")
+  c.model.text.max_len = 32
+  c.model.dropout = 0.5
+  # Epochs: Stage I ~80; Stage II 15, 5 at lr/10, 1 at lr/100.
+  c.optim.schedule = ((80, 1.0),) if c.stage == 1 else ((15, 1.0), (5, 0.1), (1, 0.01))
+  c.eval.coco_1k_folds = 5
+  c.checkpoint_every = 5000
+  return c

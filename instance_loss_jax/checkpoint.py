@@ -1,0 +1,136 @@
+"""Orbax checkpoints of a run, their metadata checks, and the strict by-name parameter merge.
+
+A run's workdir holds `checkpoints/<step>/` (items `state`: params, batch_stats, opt_state,
+step; `meta`: what the state was built for), plus `config.json` and `vocab.json`. Before a
+checkpoint is used, its `meta` is compared with the current run's, so a checkpoint from another
+model or vocabulary is refused with the differences listed instead of failing inside Orbax.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing or does not fit the run, with the reasons."""
+
+
+def run_meta(config, vocab_fingerprint: str) -> dict[str, Any]:
+  """What a checkpoint's arrays depend on: the model, the class count, the vocabulary."""
+  return json.loads(json.dumps(dict(model=config.model.to_dict(), num_classes=config.num_classes,
+                                    vocab=vocab_fingerprint, stage=config.stage)))
+
+
+def meta_differences(saved: dict[str, Any], current: dict[str, Any],
+                     keys=("model", "num_classes", "vocab")) -> list[str]:
+  """Dotted paths whose values differ, e.g. 'model.text.blocks: [3, 4, 6, 1] vs [3, 4, 6, 3]'."""
+  diffs = []
+
+  def walk(a, b, path):
+    if isinstance(a, dict) and isinstance(b, dict):
+      for k in sorted(set(a) | set(b)):
+        walk(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{path}.{k}" if path else k)
+    elif a != b:
+      diffs.append(f"{path}: checkpoint {a!r} vs run {b!r}")
+
+  for key in keys:
+    walk(saved.get(key, "<absent>"), current.get(key, "<absent>"), key)
+  return diffs
+
+
+def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                         read_only=read_only)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+                               options=options, item_names=("state", "meta"))
+
+
+def state_tree(state) -> dict[str, Any]:
+  """The saved part of a TrainState."""
+  return dict(params=state.params, batch_stats=state.batch_stats, opt_state=state.opt_state,
+              step=state.step)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict[str, Any]) -> None:
+  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree(state)),
+                                         meta=ocp.args.JsonSave(meta)))
+
+
+def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def checked_step(mgr: ocp.CheckpointManager, meta: dict[str, Any], step: int | None = None,
+                 what: str = "checkpoint", keys=("model", "num_classes", "vocab")) -> int:
+  """`step` (default: the newest) after checking its meta against `meta` on `keys`."""
+  steps = mgr.all_steps()
+  if not steps:
+    raise CheckpointError(f"{what}: no checkpoint in {mgr.directory}")
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise CheckpointError(f"{what}: no step {step} in {mgr.directory} (have {sorted(steps)})")
+  diffs = meta_differences(read_meta(mgr, step), meta, keys)
+  if diffs:
+    raise CheckpointError(f"{what} {mgr.directory}/{step} does not match this run: "
+                          + "; ".join(diffs))
+  return step
+
+
+def restore_state(mgr: ocp.CheckpointManager, step: int, state):
+  """The full train state (for resuming), restored into `state`'s structure."""
+  target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_tree(state))
+  tree = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  tree = tree["state"]
+  return state.replace(params=tree["params"], batch_stats=tree["batch_stats"],
+                       opt_state=tree["opt_state"], step=tree["step"])
+
+
+def restore_variables(mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """params and batch_stats of a checkpoint as saved (no target: any model's)."""
+  tree = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return dict(params=tree["params"], batch_stats=tree["batch_stats"])
+
+
+def merge_variables(target: dict[str, Any], loaded: dict[str, Any], source: str,
+                    scopes: tuple[str, ...] = ()) -> dict[str, Any]:
+  """`target` ({params, batch_stats}) with its leaves under `scopes` (e.g. "params/backbone";
+  default: all) replaced by the same-named leaves of `loaded`.
+
+  Names and shapes must match exactly: a leaf missing on either side or of another shape fails,
+  and the error lists every one, both sides named (as big_vision's merge does).
+  """
+  flat_target = flax.traverse_util.flatten_dict(flax.core.unfreeze(target), sep="/")
+  flat_loaded = flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep="/")
+
+  def in_scope(key):
+    return not scopes or any(key == s or key.startswith(s + "/") for s in scopes)
+
+  wanted = {k for k in flat_target if in_scope(k)}
+  missing = sorted(wanted - set(flat_loaded))
+  unexpected = sorted(set(flat_loaded) - wanted)
+  shapes = sorted(f"{k}: run {tuple(np.shape(flat_target[k]))} vs {source} "
+                  f"{tuple(np.shape(flat_loaded[k]))}"
+                  for k in wanted & set(flat_loaded)
+                  if np.shape(flat_target[k]) != np.shape(flat_loaded[k]))
+  if missing or unexpected or shapes:
+    parts = []
+    if missing:
+      parts.append(f"missing in {source}: {', '.join(missing)}")
+    if unexpected:
+      parts.append(f"only in {source}: {', '.join(unexpected)}")
+    if shapes:
+      parts.append(f"shape mismatches: {'; '.join(shapes)}")
+    raise CheckpointError(f"cannot load {source}: " + " | ".join(parts))
+  for k in wanted:
+    flat_target[k] = np.asarray(flat_loaded[k], dtype=np.asarray(flat_target[k]).dtype)
+  return flax.traverse_util.unflatten_dict(flat_target, sep="/")

@@ -1,0 +1,51 @@
+"""Multi-host set-up shared by the binaries: jax.distributed from flags, SLURM or a TPU VM."""
+
+import os
+
+import jax
+from absl import flags, logging
+
+_COORDINATOR = "coordinator_address"
+
+
+def define_flags():
+  flags.DEFINE_string(_COORDINATOR, None, "host:port of process 0 (multi-host runs).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
+  flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs).")
+  flags.DEFINE_string("cpu_collectives", None, "CPU multi-process collectives, e.g. 'gloo' "
+                      "(for testing several processes on one machine).")
+
+
+def quiet_library_logs(prefixes=("orbax", "gensim", "tensorflow")):
+  """Drops the INFO chatter of Orbax, gensim and TF from the log; warnings still show."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+
+  def keep(record):
+    return record.levelno >= std_logging.WARNING or not any(
+        f"/{p}/" in record.pathname for p in prefixes)
+
+  std_logging.getLogger().addFilter(keep)
+  for handler in std_logging.getLogger().handlers:
+    handler.addFilter(keep)
+
+
+def initialize():
+  """Calls jax.distributed.initialize when this is one process of several.
+
+  With --coordinator_address the flags say who is who; on a Cloud TPU VM slice or under SLURM
+  JAX finds out by itself. A single process on one host needs nothing.
+  """
+  quiet_library_logs()
+  f = flags.FLAGS
+  if f.cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", f.cpu_collectives)
+  if f[_COORDINATOR].value:
+    jax.distributed.initialize(f[_COORDINATOR].value, num_processes=f.num_processes,
+                               process_id=f.process_id)
+  elif "TPU_WORKER_HOSTNAMES" in os.environ or "SLURM_NTASKS" in os.environ and int(
+      os.environ["SLURM_NTASKS"]) > 1:
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -1,0 +1,115 @@
+"""Evaluate a run's checkpoint: restore it with its vocabulary, embed a split, compute metrics.
+
+Writes `<workdir>/eval/<split>-<step>.json` and a markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from instance_loss_jax import checkpoint, metrics, train_step
+from instance_loss_jax.data import pipeline, records
+from instance_loss_jax.data.vocab import Vocabulary
+
+def run_config(config, vocab: Vocabulary, num_classes: int):
+  """The config as the model was built: vocabulary size and class count from the data."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.text.vocab_size = vocab.size
+    config.num_classes = num_classes
+  return config
+
+
+def _batched(ds, paths, key, devices, per_device, embed):
+  """Runs `embed` over a dataset in [devices, per_device] batches; returns rows in order."""
+  out, done, started = [], 0, time.time()
+  total = len(paths) if paths is not None else None
+  for batch in pipeline.numpy_batches(ds, paths if paths is not None else []):
+    x = batch[key]
+    n = len(x)
+    padded = np.zeros((devices * per_device,) + x.shape[1:], x.dtype)
+    padded[:n] = x
+    emb = np.asarray(embed(padded.reshape((devices, per_device) + x.shape[1:])))
+    out.append(emb.reshape(devices * per_device, -1)[:n])
+    done += n
+    if total:
+      logging.info("embedded %d/%d %s (%.0f/s)", done, total, key, done / (time.time() - started))
+  return np.concatenate(out)
+
+
+def extract_features(config, variables, split: pipeline.EncodedSplit, devices=None,
+                     flip_average: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """L2-normalised (image, caption) embeddings of a split, in file order."""
+  devices = list(devices or jax.local_devices())
+  per_device = max(1, config.eval.batch_size // len(devices))
+  embed_images, embed_texts = train_step.make_embed_fns(config, devices)
+  replicated = train_step.replicate(variables, devices)
+  images_ds, captions_ds = pipeline.eval_datasets(split, config, len(devices) * per_device)
+  img = _batched(images_ds, split.image_paths, "images", len(devices), per_device,
+                 lambda x: embed_images(replicated, x, flip_average))
+  txt = _batched(captions_ds, None, "tokens", len(devices), per_device,
+                 lambda x: embed_texts(replicated, x))
+  return img, txt
+
+
+def compute_metrics(config, split: pipeline.EncodedSplit, img, txt) -> dict[str, float]:
+  """The dataset's protocol: CUHK-PEDES person retrieval, otherwise image<->text (+ COCO 1K)."""
+  block = config.eval.block_bytes
+  if config.data.format == "cuhk_pedes":
+    return metrics.person_retrieval_metrics(img, txt, split.labels,
+                                            split.labels[split.caption_image], block)
+  out = metrics.retrieval_metrics(img, txt, split.caption_image, block)
+  folds = config.eval.coco_1k_folds
+  if folds and len(img) >= folds:
+    out.update({f"1k_{k}": v for k, v in metrics.coco_1k_metrics(
+        img, txt, split.caption_image, folds, block).items()})
+  return out
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+  m = results["metrics"]
+  rows = ["| metric | value |", "|---|---|"]
+  rows += [f"| {k} | {v:.2f} |" for k, v in m.items()]
+  head = (f"Evaluation of {results['workdir']} step {results['step']} on split "
+          f"'{results['split']}': {results['num_images']} images, "
+          f"{results['num_captions']} captions.\n\n")
+  return head + "\n".join(rows) + "\n"
+
+
+def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
+             write: bool = True) -> dict[str, Any]:
+  """Evaluates `workdir`'s checkpoint (default: newest) on `split`; returns the results dict."""
+  vocab = Vocabulary.load(workdir)
+  mgr = checkpoint.manager(workdir, read_only=True)
+  steps = mgr.all_steps()
+  if not steps:
+    raise checkpoint.CheckpointError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+  saved = checkpoint.read_meta(mgr, step if step in steps else max(steps))
+  num_classes = config.num_classes or saved["num_classes"]
+  config = run_config(config, vocab, num_classes)
+  step = checkpoint.checked_step(mgr, checkpoint.run_meta(config, vocab.fingerprint), step)
+  variables = checkpoint.restore_variables(mgr, step)
+  recs = records.read_split(config, split)
+  data = pipeline.encode_split(recs, vocab, config.model.text.max_len, for_training=False)
+  img, txt = extract_features(config, variables, data, flip_average=config.eval.flip_average)
+  results = dict(workdir=os.path.abspath(workdir), step=int(step), split=split,
+                 num_images=int(data.num_images), num_captions=int(len(data.tokens)),
+                 captions_without_known_words=int(data.num_empty_captions),
+                 metrics=compute_metrics(config, data, img, txt))
+  if write and jax.process_index() == 0:
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"{split}-{step}")
+    with open(base + ".json", "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=1, sort_keys=True)
+    with open(base + ".md", "w", encoding="utf-8") as f:
+      f.write(markdown_table(results))
+    results["written"] = base + ".json"
+  return results

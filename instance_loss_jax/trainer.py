@@ -1,0 +1,180 @@
+"""The training loop: data, state, pmapped steps, Orbax checkpoints, logs, final evaluation.
+
+One resume order (as in big_vision): the run's own newest checkpoint, else `init_from` (Stage I's
+workdir, for Stage II), else a fresh init with the word2vec table and, when configured, a ported
+ImageNet backbone. Every check that can refuse a run happens before the first step, and nothing
+is written into the workdir before those checks pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from instance_loss_jax import checkpoint, evaluation, optim, train_step
+from instance_loss_jax.config import ConfigError, validate_config
+from instance_loss_jax.data import pipeline, records
+from instance_loss_jax.data import vocab as vocab_lib
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot start or go on, with the reason."""
+
+
+def check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise TrainingError(f"workdir {workdir} is not writable ({e.strerror})") from None
+
+
+def prepare_vocab(config, workdir: str, train_records, need_table: bool):
+  """(vocabulary, word2vec table or None): the run's own, else init_from's, else built anew."""
+  own = os.path.isfile(os.path.join(workdir, vocab_lib.VOCAB_FILE))
+  if config.init_from and not os.path.isdir(config.init_from):
+    raise TrainingError(f"init_from={config.init_from}: no such Stage I workdir")
+  kv = None
+  if own:
+    vocab = vocab_lib.Vocabulary.load(workdir)
+  elif config.init_from:
+    vocab = vocab_lib.Vocabulary.load(config.init_from)
+  elif config.data.word2vec:
+    kv = vocab_lib.load_word2vec(config.data.word2vec)
+    vocab = vocab_lib.from_word2vec(train_records, kv, config.data.word2vec)
+  else:
+    vocab = vocab_lib.from_counts(train_records, config.data.min_word_count)
+  if own and config.init_from:
+    if vocab_lib.Vocabulary.load(config.init_from).fingerprint != vocab.fingerprint:
+      raise TrainingError(f"the vocabulary in {workdir} differs from init_from="
+                          f"{config.init_from}'s")
+  if not (need_table and config.data.word2vec):
+    return vocab, None
+  kv = kv or vocab_lib.load_word2vec(config.data.word2vec)
+  return vocab, vocab_lib.embedding_matrix(vocab, kv, config.model.text.word_dim)
+
+
+def initial_state(config, workdir: str, mgr, meta, table, steps_per_epoch: float):
+  """(state, first step) by the resume order."""
+  state = train_step.create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
+  if mgr.all_steps():
+    step = checkpoint.checked_step(mgr, meta, what=f"resuming {workdir}")
+    logging.info("resuming from %s step %d", workdir, step)
+    return checkpoint.restore_state(mgr, step, state), step
+  variables = train_step.variables_of(state)
+  if config.init_from:
+    source = checkpoint.manager(config.init_from, read_only=True)
+    step = checkpoint.checked_step(source, meta, what=f"init_from={config.init_from}",
+                                   keys=("num_classes", "vocab"))
+    loaded = checkpoint.restore_variables(source, step)
+    variables = checkpoint.merge_variables(variables, loaded, f"{config.init_from} step {step}")
+    logging.info("initialised from %s step %d (fresh optimiser state)", config.init_from, step)
+  elif table is not None:
+    variables["params"]["text_encoder"]["word_embedding"]["embedding"] = table
+  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                       opt_state=state.tx.init(variables["params"])), 0
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else (
+      f"{seconds // 60}m{seconds % 60:02d}s")
+
+
+class _Logger:
+  """Console line and TensorBoard scalars; only process 0 writes."""
+
+  def __init__(self, workdir: str, total_steps: int, batch_size: int):
+    self.total, self.batch_size = total_steps, batch_size
+    self.writer = None
+    if jax.process_index() == 0:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self.tf = tf
+      self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    self.last_time, self.last_step = time.time(), None
+
+  def log(self, history: list[tuple[int, dict[str, Any]]]):
+    now = time.time()
+    step = history[-1][0]
+    first = self.last_step if self.last_step is not None else history[0][0] - 1
+    rate = (step - first) * self.batch_size / max(now - self.last_time, 1e-9)
+    self.last_time, self.last_step = now, step
+    mean = {k: float(np.mean([m[k] for _, m in history])) for k in history[-1][1]}
+    if self.writer is None:
+      return
+    with self.writer.as_default():
+      for s, m in history:
+        for k, v in m.items():
+          self.tf.summary.scalar(f"train/{k}", float(v), step=s)
+      self.tf.summary.scalar("train/images_per_second", rate, step=step)
+    self.writer.flush()
+    left = (self.total - step) * self.batch_size / max(rate, 1e-9)
+    logging.info(
+        "step %d/%d | loss %.4f (rank %.4f, visual %.4f, textual %.4f) | acc img %.3f txt %.3f"
+        " | lr %.2g | %.1f img/s | %s left", step, self.total, mean["loss"], mean["rank_loss"],
+        mean["visual_loss"], mean["textual_loss"], mean["img_accuracy"], mean["txt_accuracy"],
+        mean["learning_rate"], rate, _fmt_time(left))
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any] | None:
+  """Trains (or resumes) the run in `workdir`; returns the final evaluation's results."""
+  validate_config(config)
+  check_workdir(workdir)
+  train_records = records.read_split(config, "train")
+  num_classes = 1 + max(r.label for r in train_records)
+  if config.num_classes and config.num_classes != num_classes:
+    raise ConfigError(f"num_classes={config.num_classes} but the training split has "
+                      f"{num_classes} groups (set 0 to take it from the data)")
+  mgr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
+  fresh = not mgr.all_steps() and not config.init_from
+  vocab, table = prepare_vocab(config, workdir, train_records, need_table=fresh)
+  config = evaluation.run_config(config, vocab, num_classes)
+  meta = checkpoint.run_meta(config, vocab.fingerprint)
+  split = pipeline.encode_split(train_records, vocab, config.model.text.max_len, True)
+  steps_per_epoch = split.num_images / config.batch_size
+  total_steps = optim.num_train_steps(config, steps_per_epoch)
+  state, start = initial_state(config, workdir, mgr, meta, table, steps_per_epoch)
+  if jax.process_index() == 0:
+    vocab.save(workdir)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json(indent=1))
+  logging.info("%d training images (%d classes), vocabulary %d words, %d steps of %d",
+               split.num_images, num_classes, len(vocab.words), total_steps, config.batch_size)
+
+  step_fn = train_step.make_train_step(config, steps_per_epoch)
+  pstate = train_step.replicate(state)
+  del state
+  batches = pipeline.numpy_batches(
+      pipeline.train_dataset(split, config, jax.local_device_count(), start,
+                             jax.process_index(), jax.process_count()), split.image_paths)
+  logger = _Logger(workdir, total_steps, config.batch_size)
+  pending = []
+  for step in range(start + 1, total_steps + 1):
+    pstate, metrics = step_fn(pstate, next(batches))
+    pending.append((step, metrics))
+    save = step % config.checkpoint_every == 0 or step == total_steps
+    if save or step % config.log_every == 0:
+      history = [(s, train_step.unreplicate(m)) for s, m in pending]
+      pending = []
+      for s, m in history:
+        if not np.isfinite(m["loss"]):
+          raise TrainingError(f"non-finite loss ({m['loss']}) at step {s}; the newest checkpoint "
+                              f"(step {mgr.latest_step()}) is kept")
+      logger.log(history)
+      if save:
+        checkpoint.save(mgr, step, train_step.unreplicate(pstate), meta)
+  mgr.wait_until_finished()
+  if not config.eval.at_end:
+    return None
+  results = evaluation.evaluate(config, workdir, config.eval.split)
+  logging.info("evaluation (%s):\n%s", results.get("written", ""),
+               evaluation.markdown_table(results))
+  return results
