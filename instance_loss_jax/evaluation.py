@@ -113,3 +113,33 @@ def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
       f.write(markdown_table(results))
     results["written"] = base + ".json"
   return results
+
+
+def comparison_table(named: dict[str, dict[str, Any]]) -> str:
+  """A markdown table of several runs' results (rows) over the retrieval metrics (columns)."""
+  keys = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr",
+          "rsum")
+  first = next(iter(named.values()))
+  keys = [k for k in keys if k in first["metrics"]]
+  lines = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+  for name, results in named.items():
+    lines.append(f"| {name} | " + " | ".join(f"{results['metrics'][k]:.1f}" for k in keys) + " |")
+  n_img, n_txt = first["num_images"], first["num_captions"]
+  lines.append(f"\n{first['split']} split: {n_img} images, {n_txt} captions. Chance: R@1 "
+               f"{100 / n_img:.1f} (text->image), R@10 {min(100, 1000 / n_img):.1f}.")
+  return "\n".join(lines)
+
+
+def print_comparison(argv: list[str]) -> None:
+  """`python -m instance_loss_jax.evaluation NAME=RESULTS.json ...` prints a comparison table."""
+  named = {}
+  for arg in argv:
+    name, path = arg.split("=", 1)
+    with open(path, encoding="utf-8") as f:
+      named[name] = json.load(f)
+  print(comparison_table(named))
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=g-import-not-at-top
+  print_comparison(sys.argv[1:])

@@ -124,6 +124,25 @@ class _Logger:
         mean["learning_rate"], rate, _fmt_time(left))
 
 
+def _train_loop(config, step_fn, pstate, batches, mgr, meta, logger, start, total_steps):
+  pending = []  # (step, device metrics) since the last look at the host
+  for step in range(start + 1, total_steps + 1):
+    pstate, metrics = step_fn(pstate, next(batches))
+    pending.append((step, metrics))
+    save = step % config.checkpoint_every == 0 or step == total_steps
+    if save or step % config.log_every == 0:
+      history = [(s, train_step.unreplicate(m)) for s, m in pending]
+      pending = []
+      for s, m in history:
+        if not np.isfinite(m["loss"]):
+          mgr.wait_until_finished()
+          raise TrainingError(f"non-finite loss ({m['loss']}) at step {s}; the newest checkpoint "
+                              f"(step {mgr.latest_step()}) is kept")
+      logger.log(history)
+      if save:
+        checkpoint.save(mgr, step, train_step.unreplicate(pstate), meta)
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any] | None:
   """Trains (or resumes) the run in `workdir`; returns the final evaluation's results."""
   validate_config(config)
@@ -156,22 +175,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any] | None:
       pipeline.train_dataset(split, config, jax.local_device_count(), start,
                              jax.process_index(), jax.process_count()), split.image_paths)
   logger = _Logger(workdir, total_steps, config.batch_size)
-  pending = []
-  for step in range(start + 1, total_steps + 1):
-    pstate, metrics = step_fn(pstate, next(batches))
-    pending.append((step, metrics))
-    save = step % config.checkpoint_every == 0 or step == total_steps
-    if save or step % config.log_every == 0:
-      history = [(s, train_step.unreplicate(m)) for s, m in pending]
-      pending = []
-      for s, m in history:
-        if not np.isfinite(m["loss"]):
-          raise TrainingError(f"non-finite loss ({m['loss']}) at step {s}; the newest checkpoint "
-                              f"(step {mgr.latest_step()}) is kept")
-      logger.log(history)
-      if save:
-        checkpoint.save(mgr, step, train_step.unreplicate(pstate), meta)
-  mgr.wait_until_finished()
+  try:
+    _train_loop(config, step_fn, pstate, batches, mgr, meta, logger, start, total_steps)
+  finally:
+    mgr.wait_until_finished()  # an error must not leave a half-written checkpoint behind
   if not config.eval.at_end:
     return None
   results = evaluation.evaluate(config, workdir, config.eval.split)

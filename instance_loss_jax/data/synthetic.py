@@ -160,5 +160,10 @@ def main(argv):
   print(f"wrote {_NUM_IMAGES.value} images to {_OUT.value}: {summary}")
 
 
-if __name__ == "__main__":
+def run():
+  """Console-script entry point."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

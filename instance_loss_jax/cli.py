@@ -1,9 +1,10 @@
-"""Multi-host set-up shared by the binaries: jax.distributed from flags, SLURM or a TPU VM."""
+"""What the absl binaries share: multi-host set-up, quiet library logs, clean user errors."""
 
 import os
+import sys
 
 import jax
-from absl import flags, logging
+from absl import app, flags, logging
 
 _COORDINATOR = "coordinator_address"
 
@@ -49,3 +50,28 @@ def initialize():
     return
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+  """Errors caused by the user's input: reported in one line, without a traceback."""
+  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax.checkpoint import CheckpointError
+  from instance_loss_jax.config import ConfigError
+  from instance_loss_jax.data.records import DataError
+  from instance_loss_jax.train_step import BatchError
+  from instance_loss_jax.trainer import TrainingError
+  return CheckpointError, ConfigError, DataError, BatchError, TrainingError
+
+
+def run(main):
+  """app.run(main), with a user error printed as `error: ...` and exit status 1."""
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except user_errors() as e:
+      logging.error("%s: %s", type(e).__name__, e)
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+
+  app.run(guarded)

@@ -1,0 +1,205 @@
+"""The training binary end to end: two stages, resume after SIGKILL, refusals, evaluation."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from instance_loss_jax import checkpoint, evaluation, trainer
+from instance_loss_jax.config import ConfigError
+from instance_loss_jax.data import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def small_overrides(data_dir, epochs=2):
+  """Flags that shrink configs/demo.py to a seconds-long run on the test's synthetic data."""
+  return {
+      "data.json": os.path.join(data_dir, "dataset.json"),
+      "data.image_root": os.path.join(data_dir, "images"),
+      "data.word2vec": os.path.join(data_dir, "word2vec.bin"),
+      "data.resize_shorter": 40, "image_size": 32, "batch_size": 8,
+      "model.image.width": 4, "model.text.max_len": 12, "model.text.word_dim": 16,
+      "model.text.widths": (16, 32, 32, 64), "model.text.first_mids": (8, 16, 16, 32),
+      "model.embed_dim": 32, "optim.schedule": ((epochs, 1.0),), "checkpoint_every": 4,
+      "log_every": 2, "eval.batch_size": 8,
+  }
+
+
+def small_config(stage, data_dir, **extra):
+  config = load_config("demo", stage)
+  for key, value in {**small_overrides(data_dir), **extra}.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def flags_for(overrides):
+  out = []
+  for key, value in overrides.items():
+    if isinstance(value, tuple):
+      value = ",".join(str(v) for v in value) if not isinstance(value[0], tuple) else (
+          repr(value).replace(" ", ""))
+    out.append(f"--config.{key}={value}")
+  return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("synthetic"))
+  synthetic.generate(out, num_images=40, seed=1, image_size=40, w2v_dim=16, w2v_epochs=2)
+  return out
+
+
+@pytest.fixture(scope="module")
+def stage1(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("stage1"))
+  results = trainer.train_and_evaluate(small_config("stage1", data_dir), workdir)
+  return workdir, results
+
+
+def test_two_stages_and_evaluation(data_dir, stage1, tmp_path):
+  workdir1, results1 = stage1
+  assert sorted(os.listdir(os.path.join(workdir1, "checkpoints"))) == ["4", "8"]
+  assert os.path.isfile(os.path.join(workdir1, "vocab.json"))
+  assert os.listdir(os.path.join(workdir1, "tensorboard"))
+  assert results1["num_images"] == 4 and results1["num_captions"] == 20
+  workdir2 = str(tmp_path / "stage2")
+  config2 = small_config("stage2", data_dir, init_from=workdir1)
+  results2 = trainer.train_and_evaluate(config2, workdir2)
+  assert results2["step"] == 8 and 0 <= results2["metrics"]["t2i_r10"] <= 100
+  # Stage II started from Stage I's variables: its text CNN is Stage I's plus 4 steps of SGD
+  # (a fresh init would be uncorrelated with it).
+  mgr1, mgr2 = checkpoint.manager(workdir1, read_only=True), checkpoint.manager(workdir2,
+                                                                                 read_only=True)
+  v1 = checkpoint.restore_variables(mgr1, 8)
+  v2 = checkpoint.restore_variables(mgr2, 4)
+  k1 = v1["params"]["text_encoder"]["stage1_block1"]["conv1"]["kernel"]
+  k2 = v2["params"]["text_encoder"]["stage1_block1"]["conv1"]["kernel"]
+  assert np.corrcoef(k1.ravel(), k2.ravel())[0, 1] > 0.9
+  with open(os.path.join(workdir2, "vocab.json")) as a, open(os.path.join(workdir1,
+                                                                          "vocab.json")) as b:
+    assert json.load(a)["words"] == json.load(b)["words"]
+
+
+def test_evaluation_is_repeatable_and_refuses_bad_requests(data_dir, stage1):
+  workdir, results = stage1
+  config = small_config("stage1", data_dir)
+  again = evaluation.evaluate(config, workdir, "test")
+  with open(results["written"]) as f:
+    first_json = f.read()
+  with open(again["written"]) as f:
+    assert f.read() == first_json
+  with pytest.raises(checkpoint.CheckpointError, match=r"no step 5 .*have \[4, 8\]"):
+    evaluation.evaluate(config, workdir, "test", step=5)
+  with pytest.raises(Exception, match="split 'restval' is empty"):
+    evaluation.evaluate(config, workdir, "restval")
+  other = small_config("stage1", data_dir, **{"model.text.pooling": "mean"})
+  with pytest.raises(checkpoint.CheckpointError, match="model.text.pooling: checkpoint 'max'"):
+    evaluation.evaluate(other, workdir, "test")
+
+
+def dir_state(path):
+  return sorted((root, f, os.path.getmtime(os.path.join(root, f)))
+                for root, _, files in os.walk(path) for f in files)
+
+
+def test_refusals_before_training_touch_nothing(data_dir, stage1, tmp_path):
+  workdir1, _ = stage1
+  before = dir_state(workdir1)
+  # Resuming with another model.
+  with pytest.raises(checkpoint.CheckpointError, match="model.embed_dim: checkpoint 32 vs run 48"):
+    trainer.train_and_evaluate(small_config("stage1", data_dir, **{"model.embed_dim": 48}),
+                               workdir1)
+  # Stage II from a missing Stage I, or one holding another model.
+  with pytest.raises(trainer.TrainingError, match="no such Stage I workdir"):
+    trainer.train_and_evaluate(
+        small_config("stage2", data_dir, init_from=str(tmp_path / "nope")), str(tmp_path / "a"))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"shape mismatches: .*params/image_head/fc1/kernel: run "
+                           r"\(128, 48\) vs .* \(128, 32\)"):
+    trainer.train_and_evaluate(
+        small_config("stage2", data_dir, init_from=workdir1, **{"model.embed_dim": 48}),
+        str(tmp_path / "b"))
+  # A Stage I workdir whose vocabulary is not the checkpoint's.
+  fake = tmp_path / "fake_stage1"
+  os.makedirs(fake)
+  os.symlink(os.path.join(workdir1, "checkpoints"), fake / "checkpoints")
+  (fake / "vocab.json").write_text(json.dumps(dict(words=["only", "two"])))
+  with pytest.raises(checkpoint.CheckpointError, match="vocab: checkpoint"):
+    trainer.train_and_evaluate(small_config("stage2", data_dir, init_from=str(fake)),
+                               str(tmp_path / "c"))
+  # An unwritable workdir; a num_classes that the data contradicts.
+  (tmp_path / "file").write_text("")
+  with pytest.raises(trainer.TrainingError, match="not writable"):
+    trainer.train_and_evaluate(small_config("stage1", data_dir), str(tmp_path / "file" / "w"))
+  with pytest.raises(ConfigError, match="num_classes=7 but the training split has 32 groups"):
+    trainer.train_and_evaluate(small_config("stage1", data_dir, num_classes=7),
+                               str(tmp_path / "d"))
+  assert dir_state(workdir1) == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(data_dir, tmp_path):
+  workdir = str(tmp_path / "nan")
+  config = small_config("stage1", data_dir, **{"optim.schedule": ((1, 1.0), (1, 1e30))})
+  with pytest.raises(trainer.TrainingError, match=r"non-finite loss .* at step [5-8];.*step 4"):
+    trainer.train_and_evaluate(config, workdir)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
+
+
+def run_binary(workdir, overrides, cache_dir, kill_after_first_checkpoint=False):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  cmd = [sys.executable, "-m", "instance_loss_jax.train", "--config=configs/demo.py:stage2",
+         f"--workdir={workdir}"] + flags_for(overrides)
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  if kill_after_first_checkpoint:
+    ckpt = os.path.join(workdir, "checkpoints")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+      if os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt)):
+        proc.send_signal(signal.SIGKILL)
+        break
+      time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    return None
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  return err
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(data_dir, tmp_path):
+  overrides = {**small_overrides(data_dir, epochs=40), "checkpoint_every": 20, "log_every": 20,
+               "eval.at_end": False, "stage": 2, "freeze_backbone": False}
+  cache = str(tmp_path / "cache")
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  run_binary(straight, overrides, cache)
+  run_binary(resumed, overrides, cache, kill_after_first_checkpoint=True)
+  killed_at = sorted(int(d) for d in os.listdir(os.path.join(resumed, "checkpoints"))
+                     if d.isdigit())
+  assert killed_at and killed_at[-1] < 160
+  log = run_binary(resumed, overrides, cache)
+  assert f"resuming from {resumed} step {killed_at[-1]}" in log
+  a = checkpoint.restore_variables(checkpoint.manager(straight, read_only=True), 160)
+  b = checkpoint.restore_variables(checkpoint.manager(resumed, read_only=True), 160)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
