@@ -118,10 +118,10 @@ def merge_variables(target: dict[str, Any], loaded: dict[str, Any], source: str,
   wanted = {k for k in flat_target if in_scope(k)}
   missing = sorted(wanted - set(flat_loaded))
   unexpected = sorted(set(flat_loaded) - wanted)
-  shapes = sorted(f"{k}: run {tuple(np.shape(flat_target[k]))} vs {source} "
-                  f"{tuple(np.shape(flat_loaded[k]))}"
+  shape = lambda x: tuple(getattr(x, "shape", np.shape(x)))  # arrays or ShapeDtypeStructs
+  shapes = sorted(f"{k}: run {shape(flat_target[k])} vs {source} {shape(flat_loaded[k])}"
                   for k in wanted & set(flat_loaded)
-                  if np.shape(flat_target[k]) != np.shape(flat_loaded[k]))
+                  if shape(flat_target[k]) != shape(flat_loaded[k]))
   if missing or unexpected or shapes:
     parts = []
     if missing:
@@ -132,5 +132,5 @@ def merge_variables(target: dict[str, Any], loaded: dict[str, Any], source: str,
       parts.append(f"shape mismatches: {'; '.join(shapes)}")
     raise CheckpointError(f"cannot load {source}: " + " | ".join(parts))
   for k in wanted:
-    flat_target[k] = np.asarray(flat_loaded[k], dtype=np.asarray(flat_target[k]).dtype)
+    flat_target[k] = np.asarray(flat_loaded[k], dtype=flat_target[k].dtype)
   return flax.traverse_util.unflatten_dict(flat_target, sep="/")

@@ -32,16 +32,27 @@ class BatchError(ValueError):
   """A batch whose shapes or values do not fit the config, named field by field."""
 
 
-def create_train_state(config: ml_collections.ConfigDict, rng,
-                       steps_per_epoch: int) -> TrainState:
-  """Initialises the model and optimiser (unreplicated, on the default device)."""
+def _init_fn(config: ml_collections.ConfigDict):
   validate_config(config)
   if config.num_classes < 1:
     raise ValueError("num_classes is 0: set it, or let the trainer take it from the data")
   model = build_model(config, axis_name=AXIS)
   images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
   tokens = jnp.zeros((1, config.model.text.max_len), jnp.int32)
-  variables = jax.jit(functools.partial(model.init, train=False))(rng, images, tokens)
+  return model, functools.partial(model.init, images=images, tokens=tokens, train=False)
+
+
+def abstract_variables(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The model's variables as shapes and dtypes only (no compute, no compile)."""
+  _, init = _init_fn(config)
+  return jax.eval_shape(init, jax.random.key(0))
+
+
+def create_train_state(config: ml_collections.ConfigDict, rng,
+                       steps_per_epoch: float) -> TrainState:
+  """Initialises the model and optimiser (unreplicated, on the default device)."""
+  model, init = _init_fn(config)
+  variables = jax.jit(init)(rng)
   tx = optim.make_optimizer(config, steps_per_epoch, variables["params"])
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables["batch_stats"])

@@ -63,20 +63,26 @@ def prepare_vocab(config, workdir: str, train_records, need_table: bool):
 
 
 def initial_state(config, workdir: str, mgr, meta, table, steps_per_epoch: float):
-  """(state, first step) by the resume order."""
-  state = train_step.create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
+  """(state, first step) by the resume order. Checkpoints are checked against the run (meta,
+  then names and shapes) before anything is compiled."""
   if mgr.all_steps():
     step = checkpoint.checked_step(mgr, meta, what=f"resuming {workdir}")
+    state = train_step.create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
     logging.info("resuming from %s step %d", workdir, step)
     return checkpoint.restore_state(mgr, step, state), step
-  variables = train_step.variables_of(state)
+  loaded = None
   if config.init_from:
     source = checkpoint.manager(config.init_from, read_only=True)
     step = checkpoint.checked_step(source, meta, what=f"init_from={config.init_from}",
                                    keys=("num_classes", "vocab"))
     loaded = checkpoint.restore_variables(source, step)
-    variables = checkpoint.merge_variables(variables, loaded, f"{config.init_from} step {step}")
-    logging.info("initialised from %s step %d (fresh optimiser state)", config.init_from, step)
+    name = f"{config.init_from} step {step}"
+    checkpoint.merge_variables(train_step.abstract_variables(config), loaded, name)
+  state = train_step.create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
+  variables = train_step.variables_of(state)
+  if loaded is not None:
+    variables = checkpoint.merge_variables(variables, loaded, name)
+    logging.info("initialised from %s (fresh optimiser state)", name)
   elif table is not None:
     variables["params"]["text_encoder"]["word_embedding"]["embedding"] = table
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],

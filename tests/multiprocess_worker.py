@@ -1,0 +1,43 @@
+"""One process of the multi-process test: a few pmapped steps on fixed global batches.
+
+    python multiprocess_worker.py PORT PROCESS_ID NUM_PROCESSES DEVICES_PER_PROCESS OUT.npz
+
+Every process feeds its own devices' share of the same global batches; process 0 saves the
+parameters. One process with all the devices is the reference.
+"""
+
+import os
+import sys
+
+port, process_id, num_processes, local_devices, out = sys.argv[1:]
+process_id, num_processes, local_devices = int(process_id), int(num_processes), int(local_devices)
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+if num_processes > 1:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_processes,
+                             process_id=process_id)
+
+from helpers import random_batch, tiny_config  # noqa: E402
+from instance_loss_jax import train_step as ts  # noqa: E402
+
+config = tiny_config(**{"stage": 2, "freeze_backbone": False, "backbone_bn": "train",
+                        "loss.lambdas": (1.0, 1.0, 1.0), "optim.lr": 0.5})
+total_devices = num_processes * local_devices
+state = ts.replicate(ts.create_train_state(config, jax.random.key(0), 10))
+step = ts.make_train_step(config, 10)
+mine = slice(process_id * local_devices, (process_id + 1) * local_devices)
+for s in range(2):
+  batch = random_batch(config, total_devices, seed=s)
+  state, metrics = step(state, {k: v[mine] for k, v in batch.items()})
+params = ts.unreplicate(state.params)
+if process_id == 0:
+  flat = {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  np.savez(out, **flat)
+print("done", process_id, float(ts.unreplicate(metrics)["loss"]))
