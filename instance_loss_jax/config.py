@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.flip_average = True  # image feature = mean of the image's and its mirror's
   c.eval.block_bytes = 256 << 20  # similarity block size: bounds eval memory
   c.eval.coco_1k_folds = 0  # MSCOCO: 5 (the 1K protocol beside 5K)
+  c.eval.s_bins = 100  # histogram bins over [-1, 1] for the separability indicator S
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 0.1

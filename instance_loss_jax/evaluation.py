@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from instance_loss_jax import checkpoint, metrics, train_step
+from instance_loss_jax import checkpoint, metrics, plots, train_step
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data.vocab import Vocabulary
 
@@ -99,14 +99,21 @@ def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
   recs = records.read_split(config, split)
   data = pipeline.encode_split(recs, vocab, config.model.text.max_len, for_training=False)
   img, txt = extract_features(config, variables, data, flip_average=config.eval.flip_average)
+  edges, pos, neg = metrics.similarity_histograms(img, txt, data.caption_image,
+                                                  config.eval.s_bins, config.eval.block_bytes)
   results = dict(workdir=os.path.abspath(workdir), step=int(step), split=split,
                  num_images=int(data.num_images), num_captions=int(len(data.tokens)),
                  captions_without_known_words=int(data.num_empty_captions),
                  metrics=compute_metrics(config, data, img, txt))
+  results["metrics"]["S"] = metrics.separability(pos, neg)
   if write and jax.process_index() == 0:
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, f"{split}-{step}")
+    results["plots"] = [
+        plots.similarity_histograms(base + "-similarity.png", edges, pos, neg,
+                                    results["metrics"]["S"], f"{split} step {step}"),
+        plots.correlation_matrix(base + "-correlation.png", img)]
     with open(base + ".json", "w", encoding="utf-8") as f:
       json.dump(results, f, indent=1, sort_keys=True)
     with open(base + ".md", "w", encoding="utf-8") as f:
@@ -118,12 +125,13 @@ def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
 def comparison_table(named: dict[str, dict[str, Any]]) -> str:
   """A markdown table of several runs' results (rows) over the retrieval metrics (columns)."""
   keys = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr",
-          "rsum")
+          "rsum", "S")
   first = next(iter(named.values()))
   keys = [k for k in keys if k in first["metrics"]]
   lines = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
   for name, results in named.items():
-    lines.append(f"| {name} | " + " | ".join(f"{results['metrics'][k]:.1f}" for k in keys) + " |")
+    lines.append(f"| {name} | " + " | ".join(
+        f"{results['metrics'][k]:.{4 if k == 'S' else 1}f}" for k in keys) + " |")
   n_img, n_txt = first["num_images"], first["num_captions"]
   lines.append(f"\n{first['split']} split: {n_img} images, {n_txt} captions. Chance: R@1 "
                f"{100 / n_img:.1f} (text->image), R@10 {min(100, 1000 / n_img):.1f}.")

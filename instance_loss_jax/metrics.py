@@ -29,7 +29,8 @@ def _summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
 
 def retrieval_ranks(img_emb, txt_emb, txt_to_img,
                     block_bytes: int = DEFAULT_BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray]:
-  """(i2t ranks [N_img], t2i ranks [N_txt]) for L2-normalised embeddings.
+  """(i2t ranks [N_img], t2i ranks [N_txt]); similarity is the dot product (cosine for the
+  L2-normalised embeddings the model gives).
 
   image->text: the rank of the image's best-ranked caption among all captions;
   text->image: the rank of the caption's image among all images.
@@ -37,14 +38,21 @@ def retrieval_ranks(img_emb, txt_emb, txt_to_img,
   img = np.asarray(img_emb, np.float32)
   txt = np.asarray(txt_emb, np.float32)
   owner = np.asarray(txt_to_img)
-  positive = np.einsum("nd,nd->n", img[owner], txt)  # each caption with its own image
+  blocks = list(_blocks(len(txt), len(img), block_bytes))
+  # Pass 1: text->image ranks, and each image's best own-caption similarity. Positives are read
+  # from the same matrix products as everything they are compared with, so that an exact tie
+  # is a tie (a separately computed dot product can differ in the last bit).
   best_own = np.full(len(img), -np.inf, np.float32)
-  np.maximum.at(best_own, owner, positive)
-  i2t = np.ones(len(img), np.int64)
   t2i = np.zeros(len(txt), np.int64)
-  for cols in _blocks(len(txt), len(img), block_bytes):
+  for cols in blocks:
     sims = img @ txt[cols].T  # [N_img, block]
-    t2i[cols] = np.sum(sims >= positive[cols][None, :], axis=0)  # counts its own image once
+    positive = sims[owner[cols], np.arange(sims.shape[1])]
+    t2i[cols] = np.sum(sims >= positive[None, :], axis=0)  # counts its own image once
+    np.maximum.at(best_own, owner[cols], positive)
+  # Pass 2: image->text ranks against the best own caption.
+  i2t = np.ones(len(img), np.int64)
+  for cols in blocks:
+    sims = img @ txt[cols].T
     other = owner[cols][None, :] != np.arange(len(img))[:, None]
     i2t += np.sum((sims >= best_own[:, None]) & other, axis=1)
   return i2t, t2i
@@ -106,3 +114,29 @@ def person_retrieval_metrics(img_emb, txt_emb, img_ids, txt_ids,
   out = _summary(np.asarray(ranks), "t2i")
   out["mAP"] = float(100.0 * np.mean(aps))
   return out
+
+
+def similarity_histograms(img_emb, txt_emb, txt_to_img, bins: int = 100,
+                          block_bytes: int = DEFAULT_BLOCK_BYTES):
+  """Histograms over [-1, 1] of positive-pair similarities (each caption with its image) and of
+  negative-pair similarities (each caption with every other image). Returns (edges, pos, neg)
+  as counts."""
+  img = np.asarray(img_emb, np.float32)
+  txt = np.asarray(txt_emb, np.float32)
+  owner = np.asarray(txt_to_img)
+  edges = np.linspace(-1.0, 1.0, bins + 1)
+  pos, neg = np.zeros(bins, np.int64), np.zeros(bins, np.int64)
+  for cols in _blocks(len(txt), len(img), block_bytes):
+    sims = np.clip(img @ txt[cols].T, -1.0, 1.0)
+    mine = owner[cols][None, :] == np.arange(len(img))[:, None]
+    pos += np.histogram(sims[mine], edges)[0]
+    neg += np.histogram(sims[~mine], edges)[0]
+  return edges, pos, neg
+
+
+def separability(pos_counts, neg_counts) -> float:
+  """The paper's indicator S (eq. 10): the overlap area of the normalised histograms P and Q of
+  positive and negative pair similarities, sum_b min(P_b, Q_b). 0 = separable, 1 = identical."""
+  p = np.asarray(pos_counts, np.float64) / max(np.sum(pos_counts), 1)
+  q = np.asarray(neg_counts, np.float64) / max(np.sum(neg_counts), 1)
+  return float(np.sum(np.minimum(p, q)))

@@ -94,8 +94,8 @@ def test_stride_variants_differ():
   feats = {}
   for variant in ("v1", "v1.5"):
     net = ResNet(depth=14, width=4, stride_variant=variant)
-    variables = net.init(jax.random.key(0), images)
+    variables = jax.jit(net.init)(jax.random.key(0), images)
     # Same parameter shapes, different placement of the stride: different features.
-    feats[variant] = net.apply(variables, images)
+    feats[variant] = jax.jit(net.apply)(variables, images)
     assert feats[variant].shape == (2, 128)
   assert not np.allclose(feats["v1"], feats["v1.5"])

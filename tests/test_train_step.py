@@ -96,8 +96,9 @@ def test_both_losses_go_down_on_a_fixed_batch():
   assert last["img_accuracy"] == 1.0 and last["txt_accuracy"] == 1.0
 
 
-def test_mined_and_random_negatives_run_in_the_step():
-  for mode in ("mined", "random"):
+def test_mined_negatives_run_in_the_step():
+  # ("random" differs from "hardest" only inside losses.ranking_loss_against, tested there.)
+  for mode in ("mined",):
     config = tiny_config(**{"loss.lambdas": (1.0, 1.0, 1.0), "loss.negatives": mode,
                             "loss.num_mined": 16})
     batch = random_batch(config, 2, seed=0)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Train on GPUs: one host with all its GPUs, or several hosts under SLURM.
+#
+#   bash launch/gpu.sh --config=configs/mscoco.py:stage1 --workdir=runs/coco-1 ...
+#   srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 bash launch/gpu.sh ...   (multi-host)
+#
+# One process per host drives all of that host's GPUs (pmap). Under SLURM with more than one
+# task, JAX reads the coordinator, process count and index from the SLURM variables
+# (jax.distributed.initialize()); every process feeds its own shard of the data.
+INSTALL_EXTRAS=cuda source "$(dirname "$0")/env.sh"
+# tf.data runs on the CPU build of TensorFlow; keep XLA from taking all GPU memory up front so
+# the input pipeline and the evaluation have room.
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
+exec "$PY" -m instance_loss_jax.train "$@"
