@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from instance_loss_jax.config import input_convention
+
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -25,9 +27,19 @@ class CheckpointError(ValueError):
 
 
 def run_meta(config, vocab_fingerprint: str) -> dict[str, Any]:
-  """What a checkpoint's arrays depend on: the model, the class count, the vocabulary."""
+  """What a checkpoint's arrays depend on: the model, the class count, the vocabulary, and the
+  input convention its image branch was trained with."""
   return json.loads(json.dumps(dict(model=config.model.to_dict(), num_classes=config.num_classes,
-                                    vocab=vocab_fingerprint, stage=config.stage)))
+                                    vocab=vocab_fingerprint, stage=config.stage,
+                                    input=input_convention(config))))
+
+
+def newest_meta(workdir: str) -> dict[str, Any] | None:
+  """The meta of a workdir's newest checkpoint, or None when it has none."""
+  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    return None
+  mgr = manager(workdir, read_only=True)
+  return read_meta(mgr, mgr.latest_step()) if mgr.all_steps() else None
 
 
 def meta_differences(saved: dict[str, Any], current: dict[str, Any],

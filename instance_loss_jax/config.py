@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.backbone_bn = "running"
 
   c.init_from = ""  # Stage II: Stage I's workdir (its newest checkpoint's variables)
+  # A backbone directory (instance_loss_jax.port): ImageNet weights for a fresh run's image
+  # branch; its input convention (channel order, mean, std) replaces data.mean_rgb/std_rgb/bgr.
+  c.backbone_init = ""
   c.checkpoint_every = 1000  # steps; also at the end
   c.keep_checkpoints = 3
   c.log_every = 50
@@ -97,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.split = "test"
   c.eval.batch_size = 128
   c.eval.flip_average = True  # image feature = mean of the image's and its mirror's
+  c.eval.text_shift_sum = False  # caption feature = sum over all shift offsets (original code)
   c.eval.block_bytes = 256 << 20  # similarity block size: bounds eval memory
   c.eval.coco_1k_folds = 0  # MSCOCO: 5 (the 1K protocol beside 5K)
   c.eval.s_bins = 100  # histogram bins over [-1, 1] for the separability indicator S
@@ -124,6 +128,22 @@ def set_stage(c: ml_collections.ConfigDict, stage: str | int) -> ml_collections.
   c.freeze_backbone = stage == 1
   c.backbone_bn = "running" if stage == 1 else "train"
   c.loss.lambdas = (0.0, 1.0, 1.0) if stage == 1 else (1.0, 1.0, 1.0)
+  return c
+
+
+def input_convention(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the image branch's weights expect of its input pixels (recorded in checkpoints)."""
+  return dict(mean_rgb=[float(x) for x in c.data.mean_rgb],
+              std_rgb=[float(x) for x in c.data.std_rgb], bgr=bool(c.data.bgr))
+
+
+def with_input_convention(c: ml_collections.ConfigDict,
+                          convention: dict[str, Any]) -> ml_collections.ConfigDict:
+  c = c.copy_and_resolve_references()
+  with c.unlocked():
+    c.data.mean_rgb = tuple(convention["mean_rgb"])
+    c.data.std_rgb = tuple(convention["std_rgb"])
+    c.data.bgr = bool(convention["bgr"])
   return c
 
 

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from instance_loss_jax import checkpoint, metrics, plots, train_step
+from instance_loss_jax.config import with_input_convention
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data.vocab import Vocabulary
 
@@ -27,36 +28,50 @@ def run_config(config, vocab: Vocabulary, num_classes: int):
   return config
 
 
-def _batched(ds, paths, key, devices, per_device, embed):
-  """Runs `embed` over a dataset in [devices, per_device] batches; returns rows in order."""
+def _embed_chunks(chunks, total: int, what: str, devices: int, per_device: int, embed):
+  """Embeds numpy chunks of rows in [devices, per_device] batches (the last one padded)."""
   out, done, started = [], 0, time.time()
-  total = len(paths) if paths is not None else None
-  for batch in pipeline.numpy_batches(ds, paths if paths is not None else []):
-    x = batch[key]
-    n = len(x)
-    padded = np.zeros((devices * per_device,) + x.shape[1:], x.dtype)
-    padded[:n] = x
-    emb = np.asarray(embed(padded.reshape((devices, per_device) + x.shape[1:])))
-    out.append(emb.reshape(devices * per_device, -1)[:n])
-    done += n
-    if total:
-      logging.info("embedded %d/%d %s (%.0f/s)", done, total, key, done / (time.time() - started))
+  size = devices * per_device
+  for chunk in chunks:
+    for lo in range(0, len(chunk), size):
+      rows = chunk[lo:lo + size]
+      padded = np.zeros((size,) + rows.shape[1:], rows.dtype)
+      padded[:len(rows)] = rows
+      emb = np.asarray(embed(padded.reshape((devices, per_device) + rows.shape[1:])))
+      out.append(emb.reshape(size, -1)[:len(rows)])
+      done += len(rows)
+    logging.info("embedded %d/%d %s (%.0f/s)", done, total, what,
+                 done / max(time.time() - started, 1e-9))
   return np.concatenate(out)
 
 
 def extract_features(config, variables, split: pipeline.EncodedSplit, devices=None,
-                     flip_average: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """L2-normalised (image, caption) embeddings of a split, in file order."""
+                     flip_average: bool = True,
+                     text_shift_sum: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """L2-normalised (image, caption) embeddings of a split, in file order.
+
+  flip_average: image = normalised mean of the image's and its mirror's embeddings (SPEC.md).
+  text_shift_sum: caption = normalised sum over every position-shift offset (the original
+  code); otherwise the caption as stored, left-aligned.
+  """
   devices = list(devices or jax.local_devices())
-  per_device = max(1, config.eval.batch_size // len(devices))
+  n, per_device = len(devices), max(1, config.eval.batch_size // len(devices))
   embed_images, embed_texts = train_step.make_embed_fns(config, devices)
   replicated = train_step.replicate(variables, devices)
-  images_ds, captions_ds = pipeline.eval_datasets(split, config, len(devices) * per_device)
-  img = _batched(images_ds, split.image_paths, "images", len(devices), per_device,
-                 lambda x: embed_images(replicated, x, flip_average))
-  txt = _batched(captions_ds, None, "tokens", len(devices), per_device,
-                 lambda x: embed_texts(replicated, x))
-  return img, txt
+  images_ds = pipeline.eval_images(split, config, n * per_device)
+  img = _embed_chunks((b["images"] for b in pipeline.numpy_batches(images_ds, split.image_paths)),
+                      split.num_images, "images", n, per_device,
+                      lambda x: embed_images(replicated, x, flip_average))
+  embed = lambda rows: _embed_chunks([rows], len(rows), "captions", n, per_device,
+                                     lambda x: embed_texts(replicated, x))
+  if not text_shift_sum:
+    return img, embed(split.tokens)
+  max_len = split.tokens.shape[1]
+  txt = np.zeros((len(split.tokens), img.shape[1]), np.float32)
+  for offset in range(max_len - int(split.lengths.min()) + 1):
+    fits = split.lengths + offset <= max_len
+    txt[fits] += embed(np.roll(split.tokens[fits], offset, axis=1))
+  return img, txt / np.linalg.norm(txt, axis=1, keepdims=True)
 
 
 def compute_metrics(config, split: pipeline.EncodedSplit, img, txt) -> dict[str, float]:
@@ -94,11 +109,14 @@ def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
   saved = checkpoint.read_meta(mgr, step if step in steps else max(steps))
   num_classes = config.num_classes or saved["num_classes"]
   config = run_config(config, vocab, num_classes)
+  if "input" in saved:  # the pixels as the image branch was trained on them
+    config = with_input_convention(config, saved["input"])
   step = checkpoint.checked_step(mgr, checkpoint.run_meta(config, vocab.fingerprint), step)
   variables = checkpoint.restore_variables(mgr, step)
   recs = records.read_split(config, split)
   data = pipeline.encode_split(recs, vocab, config.model.text.max_len, for_training=False)
-  img, txt = extract_features(config, variables, data, flip_average=config.eval.flip_average)
+  img, txt = extract_features(config, variables, data, flip_average=config.eval.flip_average,
+                              text_shift_sum=config.eval.text_shift_sum)
   edges, pos, neg = metrics.similarity_histograms(img, txt, data.caption_image,
                                                   config.eval.s_bins, config.eval.block_bytes)
   results = dict(workdir=os.path.abspath(workdir), step=int(step), split=split,

@@ -8,7 +8,6 @@ is written into the workdir before those checks pass.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -18,8 +17,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from instance_loss_jax import checkpoint, evaluation, optim, train_step
-from instance_loss_jax.config import ConfigError, validate_config
+from instance_loss_jax import checkpoint, evaluation, optim, port, train_step
+from instance_loss_jax.config import (ConfigError, input_convention, validate_config,
+                                      with_input_convention)
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data import vocab as vocab_lib
 
@@ -70,23 +70,46 @@ def initial_state(config, workdir: str, mgr, meta, table, steps_per_epoch: float
     state = train_step.create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
     logging.info("resuming from %s step %d", workdir, step)
     return checkpoint.restore_state(mgr, step, state), step
-  loaded = None
+  loaded, scopes = None, ()
   if config.init_from:
     source = checkpoint.manager(config.init_from, read_only=True)
     step = checkpoint.checked_step(source, meta, what=f"init_from={config.init_from}",
                                    keys=("num_classes", "vocab"))
     loaded = checkpoint.restore_variables(source, step)
     name = f"{config.init_from} step {step}"
-    checkpoint.merge_variables(train_step.abstract_variables(config), loaded, name)
+  elif config.backbone_init:
+    _, backbone = port.load_backbone(config.backbone_init)
+    loaded = {k: {"backbone": backbone[k]} for k in ("params", "batch_stats")}
+    name, scopes = f"backbone {config.backbone_init}", ("params/backbone", "batch_stats/backbone")
+  if loaded is not None:
+    checkpoint.merge_variables(train_step.abstract_variables(config), loaded, name, scopes)
   state = train_step.create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
   variables = train_step.variables_of(state)
   if loaded is not None:
-    variables = checkpoint.merge_variables(variables, loaded, name)
+    variables = checkpoint.merge_variables(variables, loaded, name, scopes)
     logging.info("initialised from %s (fresh optimiser state)", name)
-  elif table is not None:
+  if table is not None and not config.init_from:
     variables["params"]["text_encoder"]["word_embedding"]["embedding"] = table
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                        opt_state=state.tx.init(variables["params"])), 0
+
+
+def _input_convention(config, workdir: str) -> dict[str, Any]:
+  """The pixels' channel order, mean and std: those the image branch's weights were trained with
+  (own checkpoint, else Stage I's, else the ported backbone's record), else the config's."""
+  for source in (workdir, config.init_from):
+    meta = checkpoint.newest_meta(source) if source else None
+    if meta and "input" in meta:
+      return meta["input"]
+  if config.backbone_init:
+    origin = port.read_origin(config.backbone_init)
+    mismatches = port.origin_mismatches(origin, config.model.image)
+    if mismatches:
+      raise port.BackboneError(f"backbone {config.backbone_init} does not fit the config: "
+                               + "; ".join(mismatches))
+    logging.info("input convention from %s: %s", config.backbone_init, origin["input"])
+    return origin["input"]
+  return input_convention(config)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -161,6 +184,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any] | None:
   mgr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
   fresh = not mgr.all_steps() and not config.init_from
   vocab, table = prepare_vocab(config, workdir, train_records, need_table=fresh)
+  config = with_input_convention(config, _input_convention(config, workdir))
   config = evaluation.run_config(config, vocab, num_classes)
   meta = checkpoint.run_meta(config, vocab.fingerprint)
   split = pipeline.encode_split(train_records, vocab, config.model.text.max_len, True)

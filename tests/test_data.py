@@ -260,10 +260,10 @@ def test_eval_datasets_cover_everything_in_order(synth):
   vocab = vocab_lib.from_word2vec(records.read_split(config, "train"),
                                   vocab_lib.load_word2vec(config.data.word2vec), "w2v")
   split = pipeline.encode_split(recs, vocab, 8, for_training=False)
-  images, captions = pipeline.eval_datasets(split, config, batch_size=3)
-  image_index = np.concatenate([b["index"] for b in images.as_numpy_iterator()])
-  caption_index = np.concatenate([b["index"] for b in captions.as_numpy_iterator()])
-  assert list(image_index) == list(range(4)) and list(caption_index) == list(range(20))
+  batches = list(pipeline.eval_images(split, config, batch_size=3).as_numpy_iterator())
+  assert list(np.concatenate([b["index"] for b in batches])) == list(range(4))
+  assert batches[0]["images"].shape == (3, 32, 32, 3)
+  assert len(split.tokens) == 20
   assert list(split.caption_image) == [i for i in range(4) for _ in range(5)]
 
 

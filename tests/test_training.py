@@ -203,3 +203,63 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(data_dir, tmp_path):
   b = checkpoint.restore_variables(checkpoint.manager(resumed, read_only=True), 160)
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_backbone_init_from_a_backbone_directory(data_dir, stage1, tmp_path):
+  from instance_loss_jax import port
+  workdir1, _ = stage1
+  trained = checkpoint.restore_variables(checkpoint.manager(workdir1, read_only=True), 8)
+  backbone = {k: trained[k]["backbone"] for k in ("params", "batch_stats")}
+  origin = dict(source="test", format="test", depth=14, width=4, stride_variant="v1",
+                bn_epsilon=1e-5,
+                input=dict(mean_rgb=[1.0, 2.0, 3.0], std_rgb=[4.0, 5.0, 6.0], bgr=True))
+  path = str(tmp_path / "backbone")
+  port.save_backbone(path, backbone, origin)
+  with pytest.raises(port.BackboneError, match="exists"):
+    port.save_backbone(path, backbone, origin)
+  # The public loader: a module and variables that give pooled features.
+  module, variables = port.load_backbone(path)
+  feats = module.apply(variables, np.zeros((2, 32, 32, 3), np.float32), train=False)
+  assert feats.shape == (2, 128)
+  # A run that starts from it: backbone equal to the file, input convention from the record.
+  workdir = str(tmp_path / "run")
+  config = small_config("stage1", data_dir, backbone_init=path,
+                        **{"optim.schedule": ((1, 1.0),), "eval.at_end": False})
+  trainer.train_and_evaluate(config, workdir)
+  mgr = checkpoint.manager(workdir, read_only=True)
+  got = checkpoint.restore_variables(mgr, mgr.latest_step())
+  for (p, x), y in zip(jax.tree_util.tree_leaves_with_path(backbone["params"]),
+                       jax.tree_util.tree_leaves(got["params"]["backbone"])):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(p))  # frozen in Stage I
+  assert checkpoint.read_meta(mgr, mgr.latest_step())["input"] == origin["input"]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["data"]["bgr"] is True
+  # A record that contradicts the config is refused, listing each field.
+  bad = str(tmp_path / "bad")
+  port.save_backbone(bad, backbone, {**origin, "depth": 50, "stride_variant": "v1.5"})
+  with pytest.raises(port.BackboneError, match=r"depth=14 but the backbone has 50; "
+                     r"model.image.stride_variant='v1' but the backbone has 'v1.5'"):
+    trainer.train_and_evaluate(small_config("stage1", data_dir, backbone_init=bad),
+                               str(tmp_path / "run2"))
+
+
+def test_text_shift_sum_is_the_sum_over_offsets(data_dir, stage1):
+
+  from instance_loss_jax.data import pipeline, records
+  from instance_loss_jax.data.vocab import Vocabulary
+  from instance_loss_jax.models import build_model
+  workdir, _ = stage1
+  vocab = Vocabulary.load(workdir)
+  config = evaluation.run_config(small_config("stage1", data_dir), vocab, 32)
+  variables = checkpoint.restore_variables(checkpoint.manager(workdir, read_only=True), 8)
+  split = pipeline.encode_split(records.read_split(config, "test"), vocab, 12, False)
+  _, txt = evaluation.extract_features(config, variables, split, jax.local_devices()[:2],
+                                       text_shift_sum=True)
+  model = build_model(config)
+  embed = jax.jit(lambda t: model.apply(variables, t, method="embed_texts"))
+  for row in (0, 7, 19):
+    n = int(split.lengths[row])
+    shifted = np.stack([np.roll(split.tokens[row], o) for o in range(12 - n + 1)])
+    want = np.asarray(embed(shifted)).sum(0)
+    np.testing.assert_allclose(txt[row], want / np.linalg.norm(want), rtol=1e-4, atol=1e-6)
+

@@ -195,16 +195,14 @@ def train_dataset(split: EncodedSplit, config, num_local_devices: int, start_ste
   return ds.prefetch(data.prefetch)
 
 
-def eval_datasets(split: EncodedSplit, config, batch_size: int):
-  """(images, captions) datasets in file order, each element with its row `index`."""
+def eval_images(split: EncodedSplit, config, batch_size: int) -> tf.data.Dataset:
+  """Every image of the split once, in file order, batched, each with its row `index`."""
   data, size = config.data, config.image_size
   images = tf.data.Dataset.from_tensor_slices(
       dict(path=split.image_paths, index=np.arange(split.num_images, dtype=np.int32)))
   images = images.map(lambda x: dict(images=eval_image(x["path"], size, data), index=x["index"]),
                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  captions = tf.data.Dataset.from_tensor_slices(
-      dict(tokens=split.tokens, index=np.arange(len(split.tokens), dtype=np.int32)))
-  return (images.batch(batch_size).prefetch(2), captions.batch(batch_size).prefetch(2))
+  return images.batch(batch_size).prefetch(2)
 
 
 def unreadable_images(paths: Sequence[str], limit: int = 5) -> list[str]:

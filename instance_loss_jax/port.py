@@ -1,0 +1,92 @@
+"""Backbone files: an image ResNet's variables plus the record of where they came from.
+
+A backbone directory holds `variables/` (an Orbax checkpoint of the ResNet's `params` and
+`batch_stats`) and `origin.json`: source file and format, depth, (width, if not 64), stride
+variant, BN epsilon and the input convention the weights expect (channel order, mean and std on
+the 0-255 scale). Training
+with `backbone_init=DIR` merges these variables into the image branch (strictly, by name and
+shape) and takes the input convention from the record, not from a constant elsewhere.
+
+Public: `load_backbone(path) -> (module, variables)`, with
+`module.apply(variables, images_nhwc, train=False)` giving the pooled 2048-d features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from instance_loss_jax.models.resnet import ResNet
+
+ORIGIN_FILE = "origin.json"
+VARIABLES_DIR = "variables"
+ORIGIN_KEYS = ("source", "format", "depth", "stride_variant", "bn_epsilon", "input")
+
+
+class BackboneError(ValueError):
+  """A backbone directory that is missing, incomplete or does not fit the run."""
+
+
+def save_backbone(path: str, variables: dict[str, Any], origin: dict[str, Any]) -> None:
+  """Writes `path` atomically: everything goes to a temporary sibling, renamed at the end, so a
+  failure leaves nothing half-written."""
+  missing = [k for k in ORIGIN_KEYS if k not in origin]
+  if missing:
+    raise BackboneError(f"origin record lacks {missing}")
+  path = os.path.abspath(path)
+  if os.path.exists(path):
+    raise BackboneError(f"{path} exists; choose a new output directory")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".backbone-", dir=parent)
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(os.path.join(tmp, VARIABLES_DIR),
+                dict(params=variables["params"], batch_stats=variables["batch_stats"]))
+    with open(os.path.join(tmp, ORIGIN_FILE), "w", encoding="utf-8") as f:
+      json.dump(origin, f, indent=1, sort_keys=True)
+    os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def read_origin(path: str) -> dict[str, Any]:
+  file = os.path.join(path, ORIGIN_FILE)
+  if not os.path.isfile(file):
+    raise BackboneError(f"{path}: not a backbone directory (no {ORIGIN_FILE})")
+  try:
+    with open(file, encoding="utf-8") as f:
+      origin = json.load(f)
+  except json.JSONDecodeError as e:
+    raise BackboneError(f"{file}: not valid JSON ({e})") from None
+  missing = [k for k in ORIGIN_KEYS if k not in origin]
+  if missing:
+    raise BackboneError(f"{file}: missing {missing}")
+  return origin
+
+
+def load_backbone(path: str) -> tuple[ResNet, dict[str, Any]]:
+  """(ResNet module as the record describes it, its variables)."""
+  origin = read_origin(path)
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      variables = ckpt.restore(os.path.join(os.path.abspath(path), VARIABLES_DIR))
+  except Exception as e:  # Orbax raises several types for a damaged checkpoint
+    raise BackboneError(f"{path}: cannot read its variables ({e})") from None
+  module = ResNet(depth=origin["depth"], width=origin.get("width", 64),
+                  stride_variant=origin["stride_variant"], bn_epsilon=origin["bn_epsilon"])
+  return module, variables
+
+
+def origin_mismatches(origin: dict[str, Any], image_config) -> list[str]:
+  """Fields of the run's `model.image` that the backbone record contradicts."""
+  origin = {"width": 64, **origin}  # ImageNet ResNets; small test backbones record theirs
+  return [f"model.image.{k}={image_config[k]!r} but the backbone has {origin[k]!r}"
+          for k in ("depth", "width", "stride_variant", "bn_epsilon")
+          if image_config[k] != origin[k]]
