@@ -144,24 +144,28 @@ def generate(out: str, num_images: int, seed: int = 0, image_size: int = 96,
               words=len(w2v.wv.key_to_index))
 
 
-_OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 1000, "Number of images (unique scenes).")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 96, "Side of the square PNG images.")
-_VAL = flags.DEFINE_float("val_fraction", 0.1, "Fraction of images in the val split.")
-_TEST = flags.DEFINE_float("test_fraction", 0.1, "Fraction of images in the test split.")
-_W2V_DIM = flags.DEFINE_integer("w2v_dim", 300, "word2vec vector size.")
+def _define_flags():
+  """Flags of the binary only: importing the library defines none."""
+  flags.DEFINE_string("out", None, "Output directory.", required=True)
+  flags.DEFINE_integer("num_images", 1000, "Number of images (unique scenes).")
+  flags.DEFINE_integer("seed", 0, "Random seed.")
+  flags.DEFINE_integer("image_size", 96, "Side of the square PNG images.")
+  flags.DEFINE_float("val_fraction", 0.1, "Fraction of images in the val split.")
+  flags.DEFINE_float("test_fraction", 0.1, "Fraction of images in the test split.")
+  flags.DEFINE_integer("w2v_dim", 300, "word2vec vector size.")
 
 
 def main(argv):
   del argv
-  summary = generate(_OUT.value, _NUM_IMAGES.value, _SEED.value, _IMAGE_SIZE.value, _VAL.value,
-                     _TEST.value, _W2V_DIM.value)
-  print(f"wrote {_NUM_IMAGES.value} images to {_OUT.value}: {summary}")
+  f = flags.FLAGS
+  summary = generate(f.out, f.num_images, f.seed, f.image_size, f.val_fraction, f.test_fraction,
+                     f.w2v_dim)
+  print(f"wrote {f.num_images} images to {f.out}: {summary}")
 
 
 def run():
   """Console-script entry point."""
+  _define_flags()
   app.run(main)
 
 
