@@ -22,6 +22,7 @@ import numpy as np
 from absl import flags, logging
 
 from instance_loss_jax import cli, trainer
+from instance_loss_jax.config import apply_overrides
 from instance_loss_jax.data import synthetic
 
 
@@ -59,14 +60,7 @@ def load_config(path: str, stage: int, overrides: dict[str, Any]):
   spec = importlib.util.spec_from_file_location("ablation_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config(f"stage{stage}")
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return apply_overrides(module.get_config(f"stage{stage}"), overrides)
 
 
 def run_row(row: Row, seed: int, config_path: str, workdir: str, data_dir: str,

@@ -41,7 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.json = ""  # dataset_flickr30k.json / dataset_coco.json / reid_raw.json
   c.data.image_root = ""
   c.data.train_splits = ("train",)  # MSCOCO: ("train", "restval")
-  c.data.tfds_data_dir = ""
+  c.data.tfds_data_dir = ""  # tfds_coco: the prepared TFDS data_dir (image_root: export dir)
+  c.data.tfds_name = "coco_captions"
   c.data.word2vec = ""  # KeyedVectors file; "" = vocabulary from counts, random init
   c.data.min_word_count = 1  # the no-word2vec vocabulary's threshold
   c.data.resize_shorter = 256
@@ -128,6 +129,20 @@ def set_stage(c: ml_collections.ConfigDict, stage: str | int) -> ml_collections.
   c.freeze_backbone = stage == 1
   c.backbone_bn = "running" if stage == 1 else "train"
   c.loss.lambdas = (0.0, 1.0, 1.0) if stage == 1 else (1.0, 1.0, 1.0)
+  return c
+
+
+def apply_overrides(c: ml_collections.ConfigDict,
+                    overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted fields in place ({"model.text.max_len": 8}); an unknown field is a KeyError."""
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(f"unknown config field {key!r}")
+    node[leaf] = value
   return c
 
 

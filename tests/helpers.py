@@ -1,7 +1,7 @@
 """Small configs and batches shared by the tests."""
 import numpy as np
 
-from instance_loss_jax.config import base_config
+from instance_loss_jax.config import apply_overrides, base_config
 
 
 def tiny_config(**overrides):
@@ -21,13 +21,7 @@ def tiny_config(**overrides):
   c.model.embed_dim = 32
   c.model.dropout = 0.0
   c.optim.schedule = ((10, 1.0),)
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return apply_overrides(c, overrides)
 
 
 def random_batch(config, num_devices, seed=0, num_groups=None):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from instance_loss_jax import checkpoint, evaluation, trainer
-from instance_loss_jax.config import ConfigError
+from instance_loss_jax.config import ConfigError, apply_overrides
 from instance_loss_jax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,14 +41,7 @@ def small_overrides(data_dir, epochs=2):
 
 
 def small_config(stage, data_dir, **extra):
-  config = load_config("demo", stage)
-  for key, value in {**small_overrides(data_dir), **extra}.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return apply_overrides(load_config("demo", stage), {**small_overrides(data_dir), **extra})
 
 
 def flags_for(overrides):

@@ -108,27 +108,39 @@ def read_cuhk_pedes(path: str, image_root: str, split: str,
   return _labelled(path, items, split, check_files)
 
 
-def read_tfds_coco(data_dir: str, split: str) -> list[Record]:
-  """TFDS `coco_captions` from a prepared `data_dir` (never downloads). Images stay inside the
-  TFDS files, so `image_path` is "tfds:<split>:<index>"; use the TFDS-backed pipeline for it."""
+def read_tfds_coco(data_dir: str, split: str, export_dir: str,
+                   name: str = "coco_captions") -> list[Record]:
+  """A split of TFDS `coco_captions` (or a dataset of the same features: `image`, `image/id`,
+  `captions/text`) from a prepared `data_dir`; never downloads.
+
+  The encoded images are written once into `export_dir/<split>/<image id>.jpg` (as stored, not
+  re-encoded), so the same tf.data pipeline reads every dataset; later runs reuse the files.
+  MSCOCO's training split is TFDS's train + restval.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tfds_split = {"train": "train+restval"}.get(split, split)
+  tfds_split = {"train": "train+restval"}.get(split, split) if name == "coco_captions" else split
   try:
-    builder = tfds.builder("coco_captions", data_dir=data_dir)
-    builder.info  # pylint: disable=pointless-statement
-    ds = builder.as_dataset(split=tfds_split)
+    builder = tfds.builder(name, data_dir=data_dir)
+    ds = builder.as_dataset(split=tfds_split, decoders={"image": tfds.decode.SkipDecoding()})
   except Exception as e:  # TFDS raises several types for a missing or partial dataset.
     raise DataError(
-        f"TFDS coco_captions is not prepared under data_dir={data_dir!r} ({e}). Nothing is "
-        "downloaded at run time: run `tfds build coco_captions --data_dir=DIR` where the "
-        "network is allowed (or place the prepared coco_captions/<version>/ folder there), "
-        "then point data.tfds_data_dir at DIR.") from None
+        f"TFDS {name} split '{tfds_split}' is not prepared under data_dir={data_dir!r} ({e}). "
+        f"Nothing is downloaded at run time: run `tfds build {name} --data_dir=DIR` where the "
+        f"network is allowed (or copy a prepared {name}/<version>/ folder into DIR), then set "
+        "data.tfds_data_dir=DIR.") from None
+  out_dir = os.path.join(export_dir, tfds_split.replace("+", "_"))
+  os.makedirs(out_dir, exist_ok=True)
   records = []
-  for i, example in enumerate(tfds.as_numpy(ds.map(lambda x: x["captions"]["text"]))):
-    captions = tuple(tokenize(c.decode("utf-8")) for c in example)
-    records.append(Record(f"tfds:{tfds_split}:{i}", captions, i, split))
+  for i, example in enumerate(tfds.as_numpy(ds)):
+    path = os.path.join(out_dir, f"{int(example['image/id'])}.jpg")
+    if not os.path.isfile(path):
+      with open(path + ".tmp", "wb") as f:
+        f.write(example["image"])
+      os.replace(path + ".tmp", path)
+    captions = tuple(tokenize(c.decode("utf-8")) for c in example["captions"]["text"])
+    records.append(Record(path, captions, i, split))
   if not records:
-    raise DataError(f"TFDS coco_captions split '{tfds_split}' under {data_dir} is empty")
+    raise DataError(f"TFDS {name} split '{tfds_split}' under {data_dir} is empty")
   return records
 
 
@@ -140,5 +152,5 @@ def read_split(config, split: str, check_files: bool = True) -> list[Record]:
   if d.format == "cuhk_pedes":
     return read_cuhk_pedes(d.json, d.image_root, split, check_files)
   if d.format == "tfds_coco":
-    return read_tfds_coco(d.tfds_data_dir, split)
+    return read_tfds_coco(d.tfds_data_dir, split, d.image_root, d.tfds_name)
   raise DataError(f"data.format={d.format!r}: unknown")
