@@ -101,11 +101,11 @@ def markdown_table(results: dict[str, Any]) -> str:
 def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
              write: bool = True) -> dict[str, Any]:
   """Evaluates `workdir`'s checkpoint (default: newest) on `split`; returns the results dict."""
-  vocab = Vocabulary.load(workdir)
+  if checkpoint.newest_meta(workdir) is None:
+    raise checkpoint.CheckpointError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
   mgr = checkpoint.manager(workdir, read_only=True)
   steps = mgr.all_steps()
-  if not steps:
-    raise checkpoint.CheckpointError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+  vocab = Vocabulary.load(workdir)
   saved = checkpoint.read_meta(mgr, step if step in steps else max(steps))
   num_classes = config.num_classes or saved["num_classes"]
   config = run_config(config, vocab, num_classes)

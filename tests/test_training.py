@@ -104,6 +104,8 @@ def test_evaluation_is_repeatable_and_refuses_bad_requests(data_dir, stage1):
     evaluation.evaluate(config, workdir, "test", step=5)
   with pytest.raises(Exception, match="split 'restval' is empty"):
     evaluation.evaluate(config, workdir, "restval")
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in .*nowhere/checkpoints"):
+    evaluation.evaluate(config, os.path.join(workdir, "nowhere"), "test")
   other = small_config("stage1", data_dir, **{"model.text.pooling": "mean"})
   with pytest.raises(checkpoint.CheckpointError, match="model.text.pooling: checkpoint 'max'"):
     evaluation.evaluate(other, workdir, "test")
