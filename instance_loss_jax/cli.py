@@ -75,4 +75,12 @@ def run(main):
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
 
-  app.run(guarded)
+  def parse(argv):
+    try:
+      return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:  # config_flags: an override names no config field
+      message = " ".join(str(e).replace("\\n", " ").replace("'", "").replace("\\", "").split())
+      print(f"error: unknown config field in the overrides: {message}", file=sys.stderr)
+      sys.exit(1)
+
+  app.run(guarded, flags_parser=parse)

@@ -47,3 +47,18 @@ def test_unfrozen_backbone_needs_trained_statistics():
   config = tiny_config(**{"freeze_backbone": False})
   with pytest.raises(ConfigError, match="freeze_backbone=False needs backbone_bn='train'"):
     validate_config(config)
+
+
+def test_binary_names_an_unknown_override_without_a_traceback(tmp_path):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-m", "instance_loss_jax.train", "--config=configs/demo.py:stage1",
+       f"--workdir={tmp_path}", "--config.optim.momentun=0.9"],
+      cwd=root, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert "error: unknown config field in the overrides: momentun" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not os.listdir(tmp_path)  # nothing written
