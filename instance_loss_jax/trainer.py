@@ -88,7 +88,7 @@ def initial_state(config, workdir: str, mgr, meta, table, steps_per_epoch: float
   if loaded is not None:
     variables = checkpoint.merge_variables(variables, loaded, name, scopes)
     logging.info("initialised from %s (fresh optimiser state)", name)
-  if table is not None and not config.init_from:
+  if table is not None:  # only built for a fresh run (no checkpoint, no init_from)
     variables["params"]["text_encoder"]["word_embedding"]["embedding"] = table
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                        opt_state=state.tx.init(variables["params"])), 0

@@ -84,11 +84,6 @@ def _decode(contents):
   return tf.io.decode_image(contents, channels=3, expand_animations=False)
 
 
-def _image_shape(contents):
-  return tf.cond(tf.io.is_jpeg(contents), lambda: tf.image.extract_jpeg_shape(contents)[:2],
-                 lambda: tf.shape(_decode(contents))[:2])
-
-
 def _normalise(image, data):
   image = (tf.cast(image, tf.float32) - tf.constant(data.mean_rgb, tf.float32)) / tf.constant(
       data.std_rgb, tf.float32)
@@ -117,13 +112,19 @@ def random_crop_box(height, width, seeds, data):
 def train_image(path, seeds, size: int, data):
   """Decode, random crop, resize to size x size, random flip, normalise."""
   contents = tf.io.read_file(path)
-  shape = _image_shape(contents)
-  box = random_crop_box(shape[0], shape[1], seeds, data)
-  image = tf.cond(
-      tf.io.is_jpeg(contents),
-      lambda: tf.image.decode_and_crop_jpeg(contents, box, channels=3),
-      lambda: tf.image.crop_to_bounding_box(_decode(contents), box[0], box[1], box[2], box[3]))
-  image = tf.image.resize(image, (size, size))
+
+  def jpeg():  # read the size from the header, decode only the crop
+    shape = tf.image.extract_jpeg_shape(contents)
+    return tf.image.decode_and_crop_jpeg(
+        contents, random_crop_box(shape[0], shape[1], seeds, data), channels=3)
+
+  def other():  # PNG and the rest: decode once, then crop
+    image = _decode(contents)
+    shape = tf.shape(image)
+    box = random_crop_box(shape[0], shape[1], seeds, data)
+    return tf.image.crop_to_bounding_box(image, box[0], box[1], box[2], box[3])
+
+  image = tf.image.resize(tf.cond(tf.io.is_jpeg(contents), jpeg, other), (size, size))
   if data.flip:
     image = tf.cond(_uniform(seeds[4]) < 0.5, lambda: image[:, ::-1], lambda: image)
   return _normalise(image, data)
