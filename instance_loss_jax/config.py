@@ -24,6 +24,7 @@ STRIDE_VARIANTS = ("v1", "v1.5")
 #   train:   normalise with batch statistics and update the stored ones (Stage II).
 BACKBONE_BN_MODES = ("running", "batch", "train")
 DATA_FORMATS = ("karpathy", "cuhk_pedes", "tfds_coco")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 LR_GROUPS = ("backbone", "word_embedding", "text_cnn", "heads", "w_share")
 
 
@@ -35,6 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 32  # global, over all devices and hosts
   c.num_classes = 0  # W_share's width: 0 = the training split's group count
   c.image_size = 224
+  # Activations and matmuls: float32 or bfloat16 (the fast path on TPU and recent GPUs).
+  # Parameters, optimiser state and BN statistics stay float32 either way, so a checkpoint
+  # trained in one dtype resumes or evaluates in the other.
+  c.compute_dtype = "float32"
 
   c.data = ml_collections.ConfigDict()
   c.data.format = "karpathy"  # karpathy (Flickr30k, MSCOCO), cuhk_pedes, tfds_coco
@@ -205,6 +210,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   m, t, loss, opt = cfg.model, cfg.model.text, cfg.loss, cfg.optim
   check(cfg.stage in STAGES, f"stage={cfg.stage!r}: must be 1 or 2")
   check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1")
+  check(cfg.compute_dtype in COMPUTE_DTYPES,
+        f"compute_dtype={cfg.compute_dtype!r}: one of {COMPUTE_DTYPES}")
   check(cfg.num_classes >= 0, f"num_classes={cfg.num_classes}: >= 0 (0: from the data)")
   check(m.image.stride_variant in STRIDE_VARIANTS,
         f"model.image.stride_variant={m.image.stride_variant!r}: one of {STRIDE_VARIANTS}")

@@ -36,6 +36,7 @@ def test_unknown_keys_are_listed():
     ("model.text.strides", (1, 2, 2), "same length"),
     ("backbone_bn", "train", "freeze_backbone=True with backbone_bn='train'"),
     ("stage", 3, "stage=3"),
+    ("compute_dtype", "float16", "compute_dtype='float16'"),
 ])
 def test_bad_values_are_named(field, value, message):
   config = tiny_config(**{field: value})

@@ -6,6 +6,8 @@ optimiser's learning-rate groups and Stage I's freezing key on.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,8 @@ from instance_loss_jax.models.text_cnn import TextCNN
 
 
 def l2_normalize(x, eps: float = 1e-12):
+  """x / |x| along the last axis, in float32 whatever x's dtype (bfloat16 features included)."""
+  x = x.astype(jnp.float32)
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
@@ -25,13 +29,15 @@ class Head(nn.Module):
   num_layers: int
   bn_momentum: float = 0.9
   axis_name: str | None = None
+  dtype: Any = jnp.float32  # compute dtype; parameters and BN statistics stay float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     for i in range(self.num_layers):
-      x = nn.Dense(self.dim, use_bias=False, name=f"fc{i + 1}")(x)
+      x = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name=f"fc{i + 1}")(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                       axis_name=self.axis_name if train else None, name=f"bn{i + 1}")(x)
+                       axis_name=self.axis_name if train else None, dtype=self.dtype,
+                       name=f"bn{i + 1}")(x)
       x = nn.relu(x)
     return x
 
@@ -47,24 +53,29 @@ class DualPath(nn.Module):
   freeze_backbone: bool = False
   backbone_batch_stats: bool = True  # in training: normalise the backbone with batch stats
   axis_name: str | None = None
+  # Compute dtype of every layer (the run's `compute_dtype`). Parameters, optimiser state and BN
+  # statistics stay float32; embeddings are normalised and losses computed in float32.
+  dtype: Any = jnp.float32
 
   def setup(self):
     m = self.config
     self.backbone = ResNet(depth=m.image.depth, width=m.image.width,
                            stride_variant=m.image.stride_variant, bn_epsilon=m.image.bn_epsilon,
-                           bn_momentum=m.bn_momentum, axis_name=self.axis_name)
+                           bn_momentum=m.bn_momentum, axis_name=self.axis_name, dtype=self.dtype)
     t = m.text
     self.text_encoder = TextCNN(
         vocab_size=t.vocab_size, word_dim=t.word_dim, blocks=tuple(t.blocks),
         widths=tuple(t.widths), first_mids=tuple(t.first_mids), strides=tuple(t.strides),
         bottleneck_ratio=t.bottleneck_ratio, pooling=t.pooling, bn_momentum=m.bn_momentum,
-        axis_name=self.axis_name)
-    self.image_head = Head(m.embed_dim, m.image_head_layers, m.bn_momentum, self.axis_name)
-    self.text_head = Head(m.embed_dim, m.text_head_layers, m.bn_momentum, self.axis_name)
+        axis_name=self.axis_name, dtype=self.dtype)
+    self.image_head = Head(m.embed_dim, m.image_head_layers, m.bn_momentum, self.axis_name,
+                           self.dtype)
+    self.text_head = Head(m.embed_dim, m.text_head_layers, m.bn_momentum, self.axis_name,
+                          self.dtype)
     self.dropout = nn.Dropout(rate=m.dropout)
     # He init x 0.1 (original): variance 2 / fan_in scaled by 0.1^2.
     self.w_share = nn.Dense(
-        self.num_classes,
+        self.num_classes, dtype=self.dtype,
         kernel_init=nn.initializers.variance_scaling(
             2.0 * m.w_share_init_scale**2, "fan_in", "normal"))
 
@@ -89,11 +100,15 @@ class DualPath(nn.Module):
   def __call__(self, images, tokens, train: bool = False):
     img = self.image_features(images, train)
     txt = self.text_features(tokens, train)
+    # W_share applied once to both branches' rows: one product forward and one for its gradient
+    # instead of two of each and a sum (the same function).
+    both = jnp.concatenate([img, txt])
+    logits = self.w_share(self.dropout(both, deterministic=not train))
     return dict(
         img_emb=l2_normalize(img),
         txt_emb=l2_normalize(txt),
-        img_logits=self.w_share(self.dropout(img, deterministic=not train)),
-        txt_logits=self.w_share(self.dropout(txt, deterministic=not train)),
+        img_logits=logits[:img.shape[0]],
+        txt_logits=logits[img.shape[0]:],
     )
 
 
@@ -102,4 +117,4 @@ def build_model(config: ml_collections.ConfigDict, axis_name: str | None = None)
   return DualPath(config=config.model, num_classes=config.num_classes,
                   freeze_backbone=config.freeze_backbone,
                   backbone_batch_stats=config.backbone_bn != "running",
-                  axis_name=axis_name)
+                  axis_name=axis_name, dtype=jnp.dtype(config.compute_dtype))

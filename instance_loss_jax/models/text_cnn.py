@@ -7,10 +7,12 @@ text image with the length on the convolution's spatial axis.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from instance_loss_jax.models.layers import PairConv, PointwiseConv
 
 
 class WordEmbedding(nn.Module):
@@ -21,13 +23,14 @@ class WordEmbedding(nn.Module):
   """
   vocab_size: int
   word_dim: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens):
     table = self.param("embedding", nn.initializers.normal(stddev=0.1),
                        (self.vocab_size, self.word_dim))
     bias = self.param("bias", nn.initializers.zeros, (self.word_dim,))
-    return jnp.take(table, tokens, axis=0) + bias
+    return (jnp.take(table, tokens, axis=0) + bias).astype(self.dtype)
 
 
 class TextBottleneck(nn.Module):
@@ -37,21 +40,20 @@ class TextBottleneck(nn.Module):
   out: int
   stride: int
   norm: functools.partial
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    y = nn.Conv(self.mid, (1,), padding="VALID", use_bias=False, name="conv1")(x)
+    y = PointwiseConv(self.mid, 1, self.dtype, name="conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y))
-    y = nn.Conv(self.mid, (2,), (self.stride,), padding=((1, 0),), use_bias=False,
-                name="conv2")(y)
+    y = PairConv(self.mid, self.stride, self.dtype, name="conv2")(y)
     y = nn.relu(self.norm(name="bn2")(y))
-    y = nn.Conv(self.out, (1,), padding="VALID", use_bias=False, name="conv3")(y)
+    y = PointwiseConv(self.out, 1, self.dtype, name="conv3")(y)
     y = self.norm(name="bn3")(y)
     if x.shape[-1] != self.out or self.stride != 1:
       # A 1x1 conv with stride s keeps positions 0, s, 2s, ...: the same count as conv2's
       # ceil(L / s) with its one-zero left pad.
-      x = nn.Conv(self.out, (1,), (self.stride,), padding="VALID", use_bias=False,
-                  name="proj_conv")(x)
+      x = PointwiseConv(self.out, self.stride, self.dtype, name="proj_conv")(x)
       x = self.norm(name="proj_bn")(x)
     return nn.relu(x + y)
 
@@ -68,13 +70,14 @@ class TextCNN(nn.Module):
   pooling: str = "max"
   bn_momentum: float = 0.9
   axis_name: str | None = None
+  dtype: Any = jnp.float32  # compute dtype; parameters and BN statistics stay float32
 
   @nn.compact
   def __call__(self, tokens, train: bool = False):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=1e-5,
-                             axis_name=self.axis_name if train else None)
-    x = WordEmbedding(self.vocab_size, self.word_dim, name="word_embedding")(tokens)
+                             axis_name=self.axis_name if train else None, dtype=self.dtype)
+    x = WordEmbedding(self.vocab_size, self.word_dim, self.dtype, name="word_embedding")(tokens)
     x = norm(name="embedding_bn")(x)  # the original: BN after the embedding, no ReLU
     for stage, num_blocks in enumerate(self.blocks):
       for block in range(num_blocks):
@@ -83,5 +86,6 @@ class TextCNN(nn.Module):
             mid=self.first_mids[stage] if first else
             self.widths[stage] // self.bottleneck_ratio,
             out=self.widths[stage], stride=self.strides[stage] if first else 1, norm=norm,
+            dtype=self.dtype,
             name=f"stage{stage + 1}_block{block + 1}")(x)
     return jnp.max(x, axis=1) if self.pooling == "max" else jnp.mean(x, axis=1)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The performance figures on a GPU host, in one go (a few minutes on one H100/H200 class GPU):
+#   1. Stage I and Stage II train steps, float32 and bfloat16, batch 32 per GPU, with XLA's
+#      FLOP count and the model FLOPs utilisation; PyTorch eager on the same GPU beside them
+#      when this Python's torch has CUDA (with the same-weights loss check).
+#   2. W_share at 29,783 / 113,287 / 1,000,000 classes (Stage II, both dtypes): step time,
+#      XLA's per-device memory, the allocator's peak, W_share's own share.
+# Tables go to stdout and, as JSON and markdown, to $OUT (default benchmarks/gpu_results).
+#
+#   bash benchmarks/gpu.sh                 # with jax[cuda] installed in $PYTHON's environment
+#   PYTHON=.venv/bin/python OUT=/tmp/gpu bash benchmarks/gpu.sh
+# Installing is not part of this script (GPU machines often have no network): install the
+# package with its `cuda` extra first, e.g. `pip install -e '.[cuda,test]'`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python}"
+OUT="${OUT:-benchmarks/gpu_results}"
+PER_GPU_BATCH="${PER_GPU_BATCH:-32}"
+STEPS="${STEPS:-10}"
+mkdir -p "$OUT"
+export TF_CPP_MIN_LOG_LEVEL=2
+
+num_gpus=$("$PYTHON" - <<'EOF'
+import sys
+import jax
+devices = jax.local_devices()
+if devices[0].platform != "gpu":
+    sys.exit(f"benchmarks/gpu.sh: JAX sees {devices[0].platform} devices, not GPUs "
+             "(install the package with the 'cuda' extra)")
+print(len(devices))
+EOF
+)
+batch=$(( PER_GPU_BATCH * num_gpus ))
+reference=none
+if "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  reference=torch
+fi
+echo "== $num_gpus GPU(s), global batch $batch, PyTorch reference: $reference"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+echo "== 1. train step, float32 and bfloat16"
+"$PYTHON" benchmarks/train_step.py --stages=1,2 --dtypes=float32,bfloat16 \
+  --batch_size="$batch" --warmup=3 --steps="$STEPS" --reference="$reference" \
+  --json="$OUT/train_step.json" | tee "$OUT/train_step.md"
+
+echo "== 2. W_share classes"
+"$PYTHON" benchmarks/train_step.py --stages=2 --dtypes=bfloat16,float32 \
+  --num_classes=29783,113287,1000000 --batch_size="$batch" --warmup=2 --steps="$STEPS" \
+  --reference=none --json="$OUT/classes.json" | tee "$OUT/classes.md"
+echo "== results in $OUT"

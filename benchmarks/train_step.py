@@ -1,0 +1,277 @@
+r"""Full-size dual-path train step: our XLA step, and PyTorch eager as the reference, one run.
+
+    python benchmarks/train_step.py                       # Stage I and II, batch 8, float32
+    python benchmarks/train_step.py --dtypes=float32,bfloat16 --batch_size=32
+    python benchmarks/train_step.py --num_classes=29783,113287,1000000 --stages=2 --reference=none
+
+The model is configs/flickr30k.py's (ResNet-50 at 224x224, the SPEC.md text CNN at length 32,
+2048-d heads, W_share with --num_classes classes). Each row: the step time (median of --steps
+after --warmup), image-sentence pairs per second, XLA's FLOP count of the step (its cost
+analysis) and the achieved rate, model FLOPs utilisation when the device's peak is known, and
+memory: XLA's own account of the compiled step (arguments + temporaries + outputs that are not
+donated inputs, per device) and, on GPU, the allocator's peak. A W_share too large to run here is
+compiled only: its memory is reported, its time is not.
+
+`--reference=torch` times benchmarks/torch_reference.py on the same batch and prints our speed
+over PyTorch's; `--check` first runs both from the same weights (dropout 0) and prints their
+losses for two steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Dense peak rates (TFLOP/s) for MFU, by device kind and compute dtype: vendor data sheets.
+PEAK_TFLOPS = {
+    ("NVIDIA H200", "bfloat16"): 989.0, ("NVIDIA H200", "float32"): 494.0,  # TF32 tensor cores
+    ("NVIDIA H100 80GB HBM3", "bfloat16"): 989.0, ("NVIDIA H100 80GB HBM3", "float32"): 494.0,
+    ("NVIDIA A100-SXM4-80GB", "bfloat16"): 312.0, ("NVIDIA A100-SXM4-80GB", "float32"): 156.0,
+    ("TPU v4", "bfloat16"): 275.0, ("TPU v5 lite", "bfloat16"): 197.0,
+}
+
+
+def _load(path, name):
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def make_config(stage, batch_size, num_classes, dtype, dropout=None):
+  config = _load(os.path.join(ROOT, "configs", "flickr30k.py"), "flickr30k").get_config(
+      f"stage{stage}")
+  config.batch_size = batch_size
+  config.num_classes = num_classes
+  config.compute_dtype = dtype
+  if dropout is not None:
+    config.model.dropout = dropout
+  return config
+
+
+def host_batch(config, seed=0):
+  """Random images and tokens, distinct labels; no device axis."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  n, s, length = config.batch_size, config.image_size, config.model.text.max_len
+  return dict(images=rng.normal(size=(n, s, s, 3)).astype(np.float32),
+              tokens=rng.integers(1, config.model.text.vocab_size, (n, length)).astype(np.int32),
+              labels=rng.choice(config.num_classes, n, replace=False).astype(np.int32))
+
+
+def _shard(batch, num_devices):
+  return {k: v.reshape((num_devices, -1) + v.shape[1:]) for k, v in batch.items()}
+
+
+def _memory_budget(device):
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and "bytes_limit" in stats:
+    return stats["bytes_limit"]
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def bench_ours(config, devices):
+  """A row for our pmapped step on `devices`: compiled, analysed, and ready to time (`run`),
+  unless it does not fit (then compiled only)."""
+  import jax
+  import numpy as np
+
+  from instance_loss_jax import train_step as ts
+  row = dict(framework="jax/xla", stage=config.stage, dtype=config.compute_dtype,
+             classes=config.num_classes, batch=config.batch_size)
+  n = len(devices)
+  batch = _shard(host_batch(config), n)
+  step = ts.make_train_step(config, 1000, devices=devices)
+  abstract = jax.eval_shape(lambda k: ts.create_train_state(config, k, 1000), jax.random.key(0))
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((n,) + x.shape, x.dtype), abstract)
+  start = time.perf_counter()
+  compiled = step.lower(abstract, batch).compile()
+  row["compile_s"] = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  row["gflop_per_step"] = float(cost.get("flops", 0.0)) * n / 1e9
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    row["xla_bytes_per_device"] = (mem.argument_size_in_bytes + mem.temp_size_in_bytes +
+                                   mem.output_size_in_bytes - mem.alias_size_in_bytes)
+  w_share = 2048 * config.num_classes * 4 + config.num_classes * 4
+  # Replicated on every device: the parameters, the momentum, and the gradient in the step.
+  row["w_share_bytes_per_device"] = 3 * w_share
+  if row.get("xla_bytes_per_device", 0) > 0.8 * _memory_budget(devices[0]):
+    row["note"] = "compiled only: does not fit this device"
+    return row
+  state = ts.replicate(ts.create_train_state(config, jax.random.key(0), 1000), devices)
+  holder = [state, None]
+
+  def run():
+    holder[0], holder[1] = step(holder[0], batch)
+    jax.block_until_ready(holder[1]["loss"])
+
+  def finish(row):
+    stats = devices[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+      row["device_peak_bytes"] = stats["peak_bytes_in_use"]  # the process's peak so far
+    row["tflop_per_s"] = row["gflop_per_step"] / row["step_s"] / 1e3
+    peak = PEAK_TFLOPS.get((devices[0].device_kind, config.compute_dtype))
+    if peak:
+      row["mfu"] = row["tflop_per_s"] / (peak * n)
+    row["loss"] = float(np.asarray(holder[1]["loss"])[0])
+    if not np.isfinite(row["loss"]):
+      row["note"] = f"loss {row['loss']}: the timing is of a broken step"
+    holder.clear()  # frees the state before the next group's
+
+  row["run"], row["finish"] = run, finish
+  return row
+
+
+def bench_torch(config, torch_reference):
+  """A row for the PyTorch reference, ready to time."""
+  import torch
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = torch_reference.DualPath(config).to(device).train()
+  optimizer = torch_reference.make_optimizer(model, config)
+  images, tokens, labels = (t.to(device) for t in
+                            torch_reference.to_torch_batch(host_batch(config)))
+
+  def run():
+    torch_reference.train_step(model, optimizer, images, tokens, labels, config)
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  def finish(row):
+    if device == "cuda":
+      row["device_peak_bytes"] = torch.cuda.max_memory_allocated()
+
+  return dict(framework=f"pytorch eager ({device}, {torch.get_num_threads()} threads)",
+              stage=config.stage, dtype="float32", classes=config.num_classes,
+              batch=config.batch_size, run=run, finish=finish)
+
+
+def time_interleaved(rows, warmup, steps):
+  """Times the rows' steps in turn (A, B, C, A, B, C, ...), so that a drift in the machine's
+  speed (other tenants, clocks) reaches every row alike; sets step_s (median) and the per-step
+  times. Ratios between rows are taken step by step (`paired_ratio`)."""
+  runnable = [r for r in rows if "run" in r]
+  for row in runnable:
+    for _ in range(warmup):
+      row["run"]()
+    row["times"] = []
+  for _ in range(steps):
+    for row in runnable:
+      start = time.perf_counter()
+      row["run"]()
+      row["times"].append(time.perf_counter() - start)
+  for row in runnable:
+    row["step_s"] = statistics.median(row["times"])
+    row["pairs_per_s"] = row["batch"] / row["step_s"]
+    row.pop("finish")(row)
+    del row["run"]
+
+
+def paired_ratio(ours, reference):
+  """Median over steps of reference time / our time (> 1: ours is faster)."""
+  return statistics.median(r / o for o, r in zip(ours["times"], reference["times"]))
+
+
+def check(stage, batch_size, num_classes, torch_reference):
+  """Both frameworks from the same weights and batch: their losses over two steps, with a
+  float64 PyTorch run as the arbiter of float32 rounding."""
+  import jax
+  import torch
+
+  from instance_loss_jax.train_step import create_train_state, variables_of
+  config = make_config(stage, batch_size, num_classes, "float32", dropout=0.0)
+  state = create_train_state(config, jax.random.key(1), 1000)
+  losses = torch_reference.check_equivalence(config, variables_of(state),
+                                             host_batch(config, seed=1), steps=2,
+                                             torch_dtypes=(torch.float32, torch.float64))
+  for i, exact in enumerate(losses["torch.float64"]):
+    ours, theirs = losses["ours"][i], losses["torch.float32"][i]
+    print(f"check stage {stage}, step {i}: loss ours {ours:.6f}, pytorch {theirs:.6f} "
+          f"(float64: {exact:.6f}); |ours - pytorch| / loss = {abs(ours - theirs) / exact:.1e}, "
+          f"float32 error ours {abs(ours - exact) / exact:.1e}, pytorch "
+          f"{abs(theirs - exact) / exact:.1e}", flush=True)
+
+
+def _fmt(row):
+  def g(key, fmt, scale=1.0):
+    return format(row[key] / scale, fmt) if key in row else "-"
+  return (f"| {row['framework']} | {row['stage']} | {row['dtype']} | {row['classes']:,} | "
+          f"{row['batch']} | {g('step_s', '.3f')} | {g('pairs_per_s', '.2f')} | "
+          f"{g('gflop_per_step', '.0f')} | {g('tflop_per_s', '.3f')} | {g('mfu', '.1%')} | "
+          f"{g('xla_bytes_per_device', '.2f', 2**30)} | {g('device_peak_bytes', '.2f', 2**30)} | "
+          f"{g('w_share_bytes_per_device', '.2f', 2**30)} | {row.get('note', '')} |")
+
+
+HEADER = ("| framework | stage | dtype | classes | batch | step s | pairs/s | GFLOP/step | "
+          "TFLOP/s | MFU | XLA GiB/dev | peak GiB/dev | W_share GiB/dev | note |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--stages", default="1,2")
+  parser.add_argument("--dtypes", default="float32")
+  parser.add_argument("--num_classes", default="29783")
+  parser.add_argument("--batch_size", type=int, default=8, help="global, over all devices")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--reference", choices=("torch", "none"), default="torch")
+  parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                      help="losses of both frameworks from the same weights (with --reference)")
+  parser.add_argument("--json", default="", help="also write the rows here")
+  args = parser.parse_args()
+
+  import jax
+  sys.path.insert(0, ROOT)
+  devices = jax.local_devices()
+  print(f"{datetime.date.today()} | {platform.node()} | {os.cpu_count()} CPU cores | "
+        f"{len(devices)} x {devices[0].device_kind} | jax {jax.__version__} | "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+  torch_reference = None
+  if args.reference == "torch":
+    torch_reference = _load(os.path.join(ROOT, "benchmarks", "torch_reference.py"),
+                            "torch_reference")
+    import torch
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+  classes = [int(c) for c in args.num_classes.split(",")]
+  if torch_reference and args.check:
+    for stage in (1, 2):
+      check(stage, args.batch_size, classes[0], torch_reference)
+
+  rows = []
+  for stage in (int(s) for s in args.stages.split(",")):
+    for num_classes in classes:
+      group = [bench_ours(make_config(stage, args.batch_size, num_classes, dtype), devices)
+               for dtype in args.dtypes.split(",")]
+      if torch_reference:
+        group.append(bench_torch(make_config(stage, args.batch_size, num_classes, "float32"),
+                                 torch_reference))
+      time_interleaved(group, args.warmup, args.steps)
+      for row in group:
+        print(_fmt(row), flush=True)
+      for ours in group[:-1] if torch_reference else []:
+        if "times" in ours:
+          ours["vs_reference"] = paired_ratio(ours, group[-1])
+          print(f"stage {stage}, {num_classes:,} classes, {ours['dtype']}: ours / pytorch = "
+                f"{ours['vs_reference']:.2f}x (median of {args.steps} paired steps)", flush=True)
+      rows.extend(group)
+  print("\n" + HEADER)
+  for row in rows:
+    print(_fmt(row))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
