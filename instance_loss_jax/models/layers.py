@@ -20,9 +20,9 @@ class PointwiseConv(nn.Module):
 
   Same parameter as `nn.Conv(features, (1,) * n, strides)`: `kernel` [1, ..., 1, in, out] with
   nn.Conv's initialiser, so checkpoints and ported weights are unaffected. Why not nn.Conv:
-  XLA:CPU runs the weight gradient of a 1x1 convolution as a generic convolution, 13-15x slower
-  than the matrix product it is (benchmarks/RESULTS.md, "What limits the XLA step on CPU");
-  written as a product, autodiff gives products for both gradients on every backend.
+  XLA:CPU runs the kernel gradient of a 1x1 convolution as a generic convolution, 6-12x slower
+  than PyTorch's; written as a product (autodiff then gives products for both gradients, on
+  every backend) the full-size Stage II step ran 1.59x faster (benchmarks/RESULTS.md).
   """
   features: int
   strides: int = 1
