@@ -47,14 +47,12 @@ def _load(path, name):
 
 
 def make_config(stage, batch_size, num_classes, dtype, dropout=None):
-  config = _load(os.path.join(ROOT, "configs", "flickr30k.py"), "flickr30k").get_config(
-      f"stage{stage}")
-  config.batch_size = batch_size
-  config.num_classes = num_classes
-  config.compute_dtype = dtype
+  """configs/flickr30k.py's config for `stage`, at the given batch, class count and dtype."""
+  from instance_loss_jax.ablate import load_config
+  overrides = {"batch_size": batch_size, "num_classes": num_classes, "compute_dtype": dtype}
   if dropout is not None:
-    config.model.dropout = dropout
-  return config
+    overrides["model.dropout"] = dropout
+  return load_config(os.path.join(ROOT, "configs", "flickr30k.py"), stage, overrides)
 
 
 def host_batch(config, seed=0):
