@@ -35,7 +35,7 @@ def write_jpegs(directory, count, rng):
 
 
 def images_per_second(split, config, threads, batches):
-  ds = pipeline.train_dataset(split, config, num_local_devices=1)
+  ds = pipeline.train_dataset(split, config, num_devices=1)
   options = tf.data.Options()
   options.threading.private_threadpool_size = threads
   options.autotune.cpu_budget = threads

@@ -283,7 +283,7 @@ def to_torch_batch(batch):
 
 def check_equivalence(config, variables, batch, steps: int = 2,
                       torch_dtypes=(torch.float32,)):
-  """Runs `steps` SGD steps of our pmapped step (one device) and of this reference (once per
+  """Runs `steps` SGD steps of our train step (one device) and of this reference (once per
   dtype in `torch_dtypes`) from the same variables on the same batch (no device axis).
 
   Returns {"ours": [losses], "torch.float32": [losses], ...}. Dropout must be 0 in `config`
@@ -292,22 +292,21 @@ def check_equivalence(config, variables, batch, steps: int = 2,
   """
   import jax  # here, so that importing this module does not start JAX
 
-  from instance_loss_jax import train_step as ts
+  from instance_loss_jax import sharding, train_step as ts
   from instance_loss_jax.optim import make_optimizer as make_tx
 
   if config.model.dropout:
     raise ValueError("check_equivalence needs model.dropout = 0 (masks differ by framework)")
-  device = jax.local_devices()[0]
-  state = ts.TrainState.create(apply_fn=ts.build_model(config, ts.AXIS).apply,
+  mesh = sharding.make_mesh(jax.local_devices()[:1])
+  state = ts.TrainState.create(apply_fn=ts.build_model(config).apply,
                                params=variables["params"], batch_stats=variables["batch_stats"],
                                tx=make_tx(config, 1000, variables["params"]))
-  step = ts.make_train_step(config, 1000, devices=[device])
-  state = ts.replicate(state, [device])
-  device_batch = {k: np.asarray(v)[None] for k, v in batch.items()}
+  step = ts.make_train_step(config, 1000, mesh)
+  state = ts.place_state(state, config, mesh)
   losses = {"ours": []}
   for _ in range(steps):
-    state, metrics = step(state, device_batch)
-    losses["ours"].append(float(np.asarray(metrics["loss"])[0]))
+    state, metrics = step(state, {k: np.asarray(v) for k, v in batch.items()})
+    losses["ours"].append(float(metrics["loss"]))
   images, tokens, labels = to_torch_batch(batch)
   for dtype in torch_dtypes:
     model = load_flax_variables(DualPath(config), variables).to(dtype).train()

@@ -29,7 +29,9 @@ class CheckpointError(ValueError):
 def run_meta(config, vocab_fingerprint: str) -> dict[str, Any]:
   """What a checkpoint's arrays depend on: the model, the class count, the vocabulary, and the
   input convention its image branch was trained with."""
-  return json.loads(json.dumps(dict(model=config.model.to_dict(), num_classes=config.num_classes,
+  model = config.model.to_dict()
+  model.pop("w_share_sharding", None)  # a layout on the devices, not part of the arrays
+  return json.loads(json.dumps(dict(model=model, num_classes=config.num_classes,
                                     vocab=vocab_fingerprint, stage=config.stage,
                                     input=input_convention(config))))
 
@@ -62,8 +64,9 @@ def meta_differences(saved: dict[str, Any], current: dict[str, Any],
 def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                          read_only=read_only)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-                               options=options, item_names=("state", "meta"))
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options,
+      item_handlers=dict(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
 
 
 def state_tree(state) -> dict[str, Any]:
@@ -73,6 +76,10 @@ def state_tree(state) -> dict[str, Any]:
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict[str, Any]) -> None:
+  """Saves a train state of global arrays: every process calls this and writes the shards it
+  holds. W_share is stored as it lies on the mesh, padded with zero classes up to a multiple
+  of the device count; `meta["num_classes"]` is the true count, and every restore pads or cuts
+  to what the reader needs (the padding is zeros, so nothing is lost either way)."""
   mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree(state)),
                                          meta=ocp.args.JsonSave(meta)))
 
@@ -98,19 +105,70 @@ def checked_step(mgr: ocp.CheckpointManager, meta: dict[str, Any], step: int | N
   return step
 
 
-def restore_state(mgr: ocp.CheckpointManager, step: int, state):
-  """The full train state (for resuming), restored into `state`'s structure."""
-  target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_tree(state))
-  tree = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  tree = tree["state"]
-  return state.replace(params=tree["params"], batch_stats=tree["batch_stats"],
-                       opt_state=tree["opt_state"], step=tree["step"])
+def saved_arrays(mgr: ocp.CheckpointManager, step: int):
+  """A checkpoint's state tree with array metadata (.shape, .dtype) as leaves."""
+  return mgr.item_metadata(step)["state"].tree
+
+
+def _is_w_share(key: str) -> bool:
+  return "/w_share/" in f"/{key}/"
+
+
+def _variables_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{"params/w_share/kernel": shape, ...} over params and batch_stats (nested dicts)."""
+  flat = flax.traverse_util.flatten_dict(
+      {k: flax.core.unfreeze(tree[k]) for k in ("params", "batch_stats")}, sep="/")
+  return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def _check_shapes(mgr, step, target, what: str) -> None:
+  """Every variable of `target` (a state_tree) must be in the checkpoint with its shape,
+  W_share's class axis aside (padding differs between meshes). The optimiser state follows
+  the parameters."""
+  saved = _variables_shapes(saved_arrays(mgr, step))
+  problems = []
+  for key, shape in _variables_shapes(target).items():
+    if key not in saved:
+      problems.append(f"{key} missing")
+      continue
+    want, got = shape, saved[key]
+    if _is_w_share(key):
+      want, got = want[:-1], got[:-1]
+    if want != got:
+      problems.append(f"{key}: checkpoint {saved[key]} vs run {shape}")
+  if problems:
+    raise CheckpointError(f"{what} {mgr.directory}/{step} does not fit this run's state: "
+                          + "; ".join(problems))
+
+
+def restore_state(mgr: ocp.CheckpointManager, step: int, template):
+  """The full train state (for resuming) into `template`'s structure and layout: a TrainState
+  of ShapeDtypeStructs with shardings (`train_step.abstract_train_state`) on any mesh. W_share
+  is padded or cut to the template's width (the stored padding is zeros)."""
+  target = state_tree(template)
+  _check_shapes(mgr, step, target, "resuming")
+  tree = mgr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target, strict=False)))["state"]
+  return template.replace(**tree)
 
 
 def restore_variables(mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-  """params and batch_stats of a checkpoint as saved (no target: any model's)."""
-  tree = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  return dict(params=tree["params"], batch_stats=tree["batch_stats"])
+  """params and batch_stats of a checkpoint as host numpy arrays, W_share cut to the true class
+  count (any model's; whatever mesh wrote it)."""
+  num_classes = read_meta(mgr, step)["num_classes"]
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def leaf_target(path, saved):
+    shape = tuple(saved.shape)
+    if _is_w_share(jax.tree_util.keystr(path, simple=True, separator="/")) and shape:
+      shape = shape[:-1] + (num_classes,)
+    return jax.ShapeDtypeStruct(shape, saved.dtype, sharding=device)
+
+  target = jax.tree_util.tree_map_with_path(leaf_target, saved_arrays(mgr, step))
+  tree = mgr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target, strict=False)))["state"]
+  return jax.tree_util.tree_map(np.asarray, dict(params=tree["params"],
+                                                 batch_stats=tree["batch_stats"]))
 
 
 def merge_variables(target: dict[str, Any], loaded: dict[str, Any], source: str,

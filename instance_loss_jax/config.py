@@ -25,6 +25,7 @@ STRIDE_VARIANTS = ("v1", "v1.5")
 BACKBONE_BN_MODES = ("running", "batch", "train")
 DATA_FORMATS = ("karpathy", "cuhk_pedes", "tfds_coco")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+W_SHARE_SHARDINGS = ("classes", "replicated")
 LR_GROUPS = ("backbone", "word_embedding", "text_cnn", "heads", "w_share")
 
 
@@ -83,6 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dropout = 0.75  # drop probability
   c.model.w_share_init_scale = 0.1  # W_share = He init x 0.1, as in the original
   c.model.bn_momentum = 0.9
+  # How W_share (and its momentum) lie on the device mesh: "classes" splits its classes over
+  # every device (memory / device count; the softmax is completed with collectives),
+  # "replicated" keeps a copy on each. A layout, not a model: checkpoints move between them.
+  c.model.w_share_sharding = "classes"
 
   c.loss = ml_collections.ConfigDict()
   c.loss.lambdas = (0.0, 1.0, 1.0)  # (rank, visual instance, textual instance), eq. 9
@@ -224,6 +229,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   check(t.pooling in POOLINGS, f"model.text.pooling={t.pooling!r}: one of {POOLINGS}")
   check(t.max_len >= 1 and t.vocab_size >= 2,
         f"model.text.max_len={t.max_len}, vocab_size={t.vocab_size}: need >= 1 and >= 2")
+  check(m.w_share_sharding in W_SHARE_SHARDINGS,
+        f"model.w_share_sharding={m.w_share_sharding!r}: one of {W_SHARE_SHARDINGS}")
   check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout}: a drop probability in [0, 1)")
   check(m.image_head_layers >= 1 and m.text_head_layers >= 1,
         "model.image_head_layers and text_head_layers must be >= 1")

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from instance_loss_jax import checkpoint, metrics, plots, train_step
+from instance_loss_jax import checkpoint, metrics, plots, sharding, train_step
 from instance_loss_jax.config import with_input_convention
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data.vocab import Vocabulary
@@ -28,17 +28,15 @@ def run_config(config, vocab: Vocabulary, num_classes: int):
   return config
 
 
-def _embed_chunks(chunks, total: int, what: str, devices: int, per_device: int, embed):
-  """Embeds numpy chunks of rows in [devices, per_device] batches (the last one padded)."""
+def _embed_chunks(chunks, total: int, what: str, size: int, embed):
+  """Embeds numpy chunks of rows in batches of `size` (the last one padded)."""
   out, done, started = [], 0, time.time()
-  size = devices * per_device
   for chunk in chunks:
     for lo in range(0, len(chunk), size):
       rows = chunk[lo:lo + size]
       padded = np.zeros((size,) + rows.shape[1:], rows.dtype)
       padded[:len(rows)] = rows
-      emb = np.asarray(embed(padded.reshape((devices, per_device) + rows.shape[1:])))
-      out.append(emb.reshape(size, -1)[:len(rows)])
+      out.append(np.asarray(embed(padded))[:len(rows)])
       done += len(rows)
     logging.info("embedded %d/%d %s (%.0f/s)", done, total, what,
                  done / max(time.time() - started, 1e-9))
@@ -54,16 +52,16 @@ def extract_features(config, variables, split: pipeline.EncodedSplit, devices=No
   text_shift_sum: caption = normalised sum over every position-shift offset (the original
   code); otherwise the caption as stored, left-aligned.
   """
-  devices = list(devices or jax.local_devices())
-  n, per_device = len(devices), max(1, config.eval.batch_size // len(devices))
-  embed_images, embed_texts = train_step.make_embed_fns(config, devices)
-  replicated = train_step.replicate(variables, devices)
-  images_ds = pipeline.eval_images(split, config, n * per_device)
+  mesh = sharding.make_mesh(devices or jax.local_devices())
+  size = max(1, config.eval.batch_size // mesh.size) * mesh.size
+  embed_images, embed_texts = train_step.make_embed_fns(config, mesh)
+  placed = train_step.place_variables(variables, mesh)
+  images_ds = pipeline.eval_images(split, config, size)
   img = _embed_chunks((b["images"] for b in pipeline.numpy_batches(images_ds, split.image_paths)),
-                      split.num_images, "images", n, per_device,
-                      lambda x: embed_images(replicated, x, flip_average))
-  embed = lambda rows: _embed_chunks([rows], len(rows), "captions", n, per_device,
-                                     lambda x: embed_texts(replicated, x))
+                      split.num_images, "images", size,
+                      lambda x: embed_images(placed, x, flip_average))
+  embed = lambda rows: _embed_chunks([rows], len(rows), "captions", size,
+                                     lambda x: embed_texts(placed, x))
   if not text_shift_sum:
     return img, embed(split.tokens)
   max_len = split.tokens.shape[1]
@@ -99,8 +97,9 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
-             write: bool = True) -> dict[str, Any]:
-  """Evaluates `workdir`'s checkpoint (default: newest) on `split`; returns the results dict."""
+             write: bool = True, devices=None) -> dict[str, Any]:
+  """Evaluates `workdir`'s checkpoint (default: newest) on `split` with `devices` (default: this
+  process's), whatever mesh wrote it; returns the results dict."""
   if checkpoint.newest_meta(workdir) is None:
     raise checkpoint.CheckpointError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
   mgr = checkpoint.manager(workdir, read_only=True)
@@ -115,7 +114,8 @@ def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
   variables = checkpoint.restore_variables(mgr, step)
   recs = records.read_split(config, split)
   data = pipeline.encode_split(recs, vocab, config.model.text.max_len, for_training=False)
-  img, txt = extract_features(config, variables, data, flip_average=config.eval.flip_average,
+  img, txt = extract_features(config, variables, data, devices,
+                              flip_average=config.eval.flip_average,
                               text_shift_sum=config.eval.text_shift_sum)
   edges, pos, neg = metrics.similarity_histograms(img, txt, data.caption_image,
                                                   config.eval.s_bins, config.eval.block_bytes)

@@ -2,6 +2,7 @@
 
 Public API:
   instance_loss(logits, labels)
+  sharded_instance_loss(logits, labels, num_classes, axis_name=None)  (W_share split over classes)
   ranking_loss(img_emb, txt_emb, margin=1.0, negatives="hardest", rng=None, labels=None,
                mined_txt_emb=None, mined_labels=None)
   total_loss(outputs, labels, lambdas, margin=1.0, negatives="hardest", rng=None, ...)
@@ -39,12 +40,51 @@ def instance_loss(logits, labels):
       logits.astype(jnp.float32), labels).mean()
 
 
-def sample_negatives(rng, valid):
+def sharded_instance_loss(logits, labels, num_classes: int, axis_name: str | None = None):
+  """Per-row softmax cross-entropy and top-1 hit of W_share logits whose classes are split
+  over the devices of `axis_name` (run inside shard_map), without gathering the logits.
+
+  logits: [N, C_local], this device's contiguous slice of the classes (device d holds classes
+  d * C_local ... (d + 1) * C_local - 1); every device holds the same N rows. labels: [N] global
+  class ids. Classes >= num_classes are padding: they never win and get no gradient. The
+  softmax's max and sum of exponentials are completed with pmax / psum, the label's logit comes
+  from the device that owns it, and the top-1 prediction is the lowest class id attaining the
+  global max (argmax's choice). With axis_name=None, an ordinary softmax over all classes.
+
+  Returns (cross_entropy [N] float32, correct [N] bool), the same on every device.
+  """
+  logits = logits.astype(jnp.float32)
+  local = logits.shape[-1]
+  offset = jax.lax.axis_index(axis_name) * local if axis_name else 0
+  classes = offset + jnp.arange(local)
+  logits = jnp.where(classes < num_classes, logits, -jnp.inf)
+  all_max = (lambda x: jax.lax.pmax(x, axis_name)) if axis_name else (lambda x: x)
+  all_sum = (lambda x: jax.lax.psum(x, axis_name)) if axis_name else (lambda x: x)
+  local_max = jnp.max(logits, axis=-1)
+  # The max only shifts the exponentials for stability: its gradient cancels, so none flows.
+  top = all_max(jax.lax.stop_gradient(local_max))
+  sum_exp = all_sum(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
+  is_label = classes[None, :] == labels[:, None]
+  label_logit = all_sum(jnp.sum(jnp.where(is_label, logits, 0.0), axis=-1))
+  cross_entropy = jnp.log(sum_exp) + top - label_logit
+  candidate = jnp.where(local_max == top, jnp.argmax(logits, axis=-1) + offset,
+                        jnp.iinfo(jnp.int32).max)
+  predicted = jax.lax.pmin(candidate, axis_name) if axis_name else candidate
+  return cross_entropy, predicted == labels
+
+
+def sample_negatives(rng, valid, row_offset=0, total_rows: int | None = None):
   """For each row of the boolean [N, M] `valid`, a uniformly random column where it is True.
 
+  The draw for row i is that of row `row_offset + i` of a [total_rows, M] draw (default: N
+  rows), so a device holding rows of a larger batch draws what one device would for them.
   Returns (indices [N], has_negative [N]); rows with no True get index 0 and False.
   """
-  scores = jnp.where(valid, jax.random.uniform(rng, valid.shape), -1.0)
+  rows = valid.shape[0]
+  uniform = jax.random.uniform(rng, (total_rows or rows, valid.shape[1]))
+  if total_rows is not None and total_rows != rows:
+    uniform = jax.lax.dynamic_slice_in_dim(uniform, row_offset, rows)
+  scores = jnp.where(valid, uniform, -1.0)
   return jnp.argmax(scores, axis=1), jnp.any(valid, axis=1)
 
 
@@ -52,8 +92,8 @@ def _hardest(sim, valid):
   return jnp.max(jnp.where(valid, sim, -jnp.inf), axis=1), jnp.any(valid, axis=1)
 
 
-def _random(rng, sim, valid):
-  idx, has = sample_negatives(rng, valid)
+def _random(rng, sim, valid, rows):
+  idx, has = sample_negatives(rng, valid, *rows)
   return jnp.take_along_axis(sim, idx[:, None], axis=1)[:, 0], has
 
 
@@ -63,11 +103,13 @@ def _hinge_mean(margin, pos, neg, has_negative):
 
 def ranking_loss_against(img_emb, txt_emb, labels, pool_img, pool_txt, pool_labels,
                          margin: float = 1.0, negatives: str = "hardest", rng=None,
-                         mined_txt_emb=None, mined_labels=None):
+                         mined_txt_emb=None, mined_labels=None, anchor_rows=(0, None)):
   """`ranking_loss` with anchors (rows of img_emb/txt_emb) drawn against separate pools.
 
   The train step uses it with the pools = every device's batch (all-gathered), so negatives come
-  from the global batch while each device keeps its own anchors.
+  from the global batch while each device keeps its own anchors. anchor_rows: (offset of these
+  anchors in the global batch, global batch size), so that sampled negatives are a function of
+  the anchor's global position, not of the device count.
   """
   if negatives not in NEGATIVE_MODES:
     raise ValueError(f"negatives={negatives!r}: one of {NEGATIVE_MODES}")
@@ -91,9 +133,10 @@ def ranking_loss_against(img_emb, txt_emb, labels, pool_img, pool_txt, pool_labe
     neg_i2t, neg_t2i = _hardest(sim_i2t, valid_i2t), _hardest(sim_t2i, valid_t2i)
   elif negatives == "random":
     rng_i2t, rng_t2i = jax.random.split(rng)
-    neg_i2t, neg_t2i = _random(rng_i2t, sim_i2t, valid_i2t), _random(rng_t2i, sim_t2i, valid_t2i)
+    neg_i2t = _random(rng_i2t, sim_i2t, valid_i2t, anchor_rows)
+    neg_t2i = _random(rng_t2i, sim_t2i, valid_t2i, anchor_rows)
   else:  # mined
-    neg_i2t, neg_t2i = _hardest(sim_i2t, valid_i2t), _random(rng, sim_t2i, valid_t2i)
+    neg_i2t, neg_t2i = _hardest(sim_i2t, valid_i2t), _random(rng, sim_t2i, valid_t2i, anchor_rows)
   return _hinge_mean(margin, pos, *neg_i2t) + _hinge_mean(margin, pos, *neg_t2i)
 
 

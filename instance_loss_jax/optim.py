@@ -28,13 +28,20 @@ def param_group(path: tuple[str, ...]) -> str:
   raise ValueError(f"parameter {'/'.join(path)} belongs to no learning-rate group")
 
 
-def param_labels(params, freeze_backbone: bool):
-  """A tree like `params` holding each leaf's group name (FROZEN for a frozen backbone)."""
+def frozen_scopes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The top-level modules that do not train: the one declaration of Stage I's freezing.
+
+  The optimiser labels their parameters FROZEN (no update), the model stops the gradient at
+  their output (no backward pass through them), and the train step keeps their parameters and
+  BN statistics bit-identical. `config.freeze_backbone` is the switch.
+  """
+  return ("backbone",) if config.freeze_backbone else ()
+
+
+def param_labels(params, frozen: tuple[str, ...] = ()):
+  """A tree like `params` holding each leaf's group name (FROZEN under a `frozen` scope)."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-  labels = {}
-  for path in flat:
-    group = param_group(path)
-    labels[path] = FROZEN if (freeze_backbone and group == "backbone") else group
+  labels = {path: FROZEN if path[0] in frozen else param_group(path) for path in flat}
   return flax.traverse_util.unflatten_dict(labels)
 
 
@@ -72,4 +79,4 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
 
   transforms = {group: group_tx(mult) for group, mult in opt.lr_mult.items()}
   transforms[FROZEN] = optax.set_to_zero()
-  return optax.multi_transform(transforms, param_labels(params, config.freeze_backbone))
+  return optax.multi_transform(transforms, param_labels(params, frozen_scopes(config)))

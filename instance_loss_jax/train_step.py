@@ -1,15 +1,18 @@
-"""Train state, the pmapped train step, and the pmapped feature-extraction steps.
+"""Train state, the train step over one device mesh, and the feature-extraction functions.
 
-Data parallel over local devices with axis name "batch": BatchNorm statistics are synchronised
-across devices (nn.BatchNorm(axis_name="batch")), gradients averaged with pmean, and ranking
-negatives drawn from the global batch (every device's features all-gathered). Every array of a
-batch has leading axes [local_devices, per_device_batch].
+The step is data parallel's per-device program, `jax.jit(jax.shard_map(...))` over the mesh of
+`sharding.make_mesh` (axis "batch"), which is what `jax.pmap` itself lowers to since JAX 0.8:
+BatchNorm statistics synchronised across devices (nn.BatchNorm(axis_name="batch")), gradients
+combined over devices, and ranking negatives drawn from the global batch (every device's
+features all-gathered). The state and batch are global jax.Arrays: W_share is split over its
+classes when `model.w_share_sharding="classes"`, everything else replicated; a batch is split
+over its rows, each process supplying its own.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +20,11 @@ import ml_collections
 import numpy as np
 from flax.training import train_state
 
-from instance_loss_jax import losses, optim
+from instance_loss_jax import checkpoint, losses, optim, sharding
 from instance_loss_jax.config import validate_config
 from instance_loss_jax.models import build_model, l2_normalize
 
-AXIS = "batch"
+AXIS = sharding.AXIS
 
 
 class TrainState(train_state.TrainState):
@@ -48,11 +51,15 @@ def abstract_variables(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return jax.eval_shape(init, jax.random.key(0))
 
 
-def create_train_state(config: ml_collections.ConfigDict, rng,
-                       steps_per_epoch: float) -> TrainState:
-  """Initialises the model and optimiser (unreplicated, on the default device)."""
+def create_train_state(config: ml_collections.ConfigDict, rng, steps_per_epoch: float,
+                       num_padded: int | None = None) -> TrainState:
+  """Initialises the model and optimiser on the default device (see `init_train_state` for a
+  mesh). num_padded: W_share's width, zero columns after num_classes (the random ones are those
+  of a num_classes-wide W_share, so every padding starts from the same model)."""
   model, init = _init_fn(config)
   variables = jax.jit(init)(rng)
+  if num_padded is not None:
+    variables = sharding.pad_classes(variables, num_padded)
   tx = optim.make_optimizer(config, steps_per_epoch, variables["params"])
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables["batch_stats"])
@@ -62,144 +69,247 @@ def variables_of(state: TrainState) -> dict[str, Any]:
   return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def _top1(logits, labels):
-  return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+def _dropout_mask(rng, rate: float, global_rows: int, dim: int):
+  """Keep-mask of W_share's input rows, [2 * global_rows, dim]: rows of the global batch's
+  images, then of its captions. Drawn whole from the step's key on every device, so each row's
+  mask depends on its position in the global batch, not on how the batch is split."""
+  return jax.random.bernoulli(rng, 1.0 - rate, (2 * global_rows, dim))
 
 
-def _all_gather(x):
-  return jax.lax.all_gather(x, AXIS, axis=0, tiled=True)
+def _train_step(arrays: dict[str, Any], batch: dict[str, Any], *, config, tx, schedule,
+                num_padded: int, collectives: bool):
+  """One SGD step: the per-device program (under shard_map when `collectives`, else the whole
+  one-device program).
 
+  Every term is made a global mean before differentiation (pmean, or psum inside the
+  class-sharded softmax), so the loss is the same on every device; shard_map's autodiff then
+  sums the gradients of replicated parameters over the devices, while each device's slice of
+  W_share gets its own columns' gradient.
 
-def _train_step(state: TrainState, batch: dict[str, Any], *, config, schedule, apply_fn):
-  """One SGD step on one device's share of the batch (run under pmap).
-
-  `apply_fn` is the config's model's (not `state.apply_fn`): the run's config, compute_dtype
-  included, decides the program, whatever model built the state.
-
-  Its randomness (dropout, sampled negatives) is a function of (config.seed, step, device), so a
-  resumed run draws what an uninterrupted one would have.
+  Randomness (dropout, sampled negatives) is a function of (config.seed, step, position in the
+  global batch): the same run on 1, 4 or 8 devices draws the same masks and negatives.
   """
-  lambdas = tuple(config.loss.lambdas)
-  use_rank = lambdas[0] > 0
+  state = TrainState(apply_fn=None, tx=tx, **arrays)
+  axis = AXIS if collectives else None
+  num_devices = jax.lax.axis_size(AXIS) if collectives else 1
+  device = jax.lax.axis_index(AXIS) if collectives else 0
+  split_classes = collectives and sharding.classes_sharded(config)
+  model = build_model(config, axis_name=axis,
+                      num_classes=num_padded // num_devices if split_classes else num_padded)
+  gather = (lambda x: jax.lax.all_gather(x, AXIS, axis=0, tiled=True)) if collectives else (
+      lambda x: x)
+  mean = (lambda x: jax.lax.pmean(x, AXIS)) if collectives else (lambda x: x)
+
+  l_rank, l_vis, l_txt = (float(x) for x in config.loss.lambdas)
   negatives = config.loss.negatives
-  rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), state.step),
-                           jax.lax.axis_index(AXIS))
+  rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
   dropout_rng, negatives_rng = jax.random.split(rng)
   labels = batch["labels"]
+  rows = labels.shape[0]
+  global_rows = rows * num_devices
+  all_labels = gather(labels)
 
   mined_emb = mined_labels = None
-  if use_rank and negatives == "mined":
+  if l_rank and negatives == "mined":
     # The original mined negatives among captions embedded in inference mode: no gradient.
-    mined = apply_fn(variables_of(state), batch["mined_tokens"], train=False,
-                     method="embed_texts")
-    mined_emb = _all_gather(jax.lax.stop_gradient(mined))
-    mined_labels = _all_gather(batch["mined_labels"])
+    mined = model.apply(variables_of(state), batch["mined_tokens"], train=False,
+                        method="embed_texts")
+    mined_emb = gather(jax.lax.stop_gradient(mined))
+    mined_labels = gather(batch["mined_labels"])
 
   def loss_fn(params):
-    outputs, updates = apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, batch["images"],
-        batch["tokens"], train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-    pool = None
-    if use_rank:
-      pool = dict(img_emb=_all_gather(outputs["img_emb"]),
-                  txt_emb=_all_gather(outputs["txt_emb"]), labels=_all_gather(labels))
-    total, terms = losses.total_loss(outputs, labels, lambdas, config.loss.margin, negatives,
-                                     negatives_rng, pool, mined_emb, mined_labels)
-    return total, (outputs, updates["batch_stats"], terms)
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    out, updates = model.apply(variables, batch["images"], batch["tokens"], train=True,
+                               mutable=["batch_stats"], method="encode")
+    img, txt = out["img_features"], out["txt_features"]
+    mask = _dropout_mask(dropout_rng, config.model.dropout, global_rows, img.shape[-1])
+    if split_classes:
+      # Every device scores the whole global batch against its slice of the classes.
+      img, txt, row_labels = gather(img), gather(txt), all_labels
+    else:
+      # Each device scores its own rows against all classes: its rows of the global mask.
+      pick = lambda m: jax.lax.dynamic_slice_in_dim(m, device * rows, rows)
+      mask = jnp.concatenate([pick(mask[:global_rows]), pick(mask[global_rows:])])
+      row_labels = labels
+    both = jnp.concatenate([img, txt])
+    keep = 1.0 - config.model.dropout
+    both = jnp.where(mask, both / jnp.asarray(keep, both.dtype), jnp.zeros_like(both))
+    logits = model.apply(variables, both, method="classify")
+    cross_entropy, correct = losses.sharded_instance_loss(
+        logits, jnp.concatenate([row_labels, row_labels]), config.num_classes,
+        AXIS if split_classes else None)
+    n = row_labels.shape[0]
+    terms = dict(visual_loss=jnp.mean(cross_entropy[:n]), textual_loss=jnp.mean(cross_entropy[n:]),
+                 img_accuracy=jnp.mean(correct[:n]), txt_accuracy=jnp.mean(correct[n:]))
+    # Split classes: the losses are global already (psum inside); the hits are the same on
+    # every device, but compared with all-gathered labels, which shard_map types as varying.
+    terms = {k: v if split_classes and k.endswith("loss") else mean(v) for k, v in terms.items()}
+    terms["rank_loss"] = jnp.zeros((), jnp.float32)
+    if l_rank:
+      terms["rank_loss"] = mean(losses.ranking_loss_against(
+          out["img_emb"], out["txt_emb"], labels, gather(out["img_emb"]), gather(out["txt_emb"]),
+          all_labels, config.loss.margin, negatives, negatives_rng, mined_emb, mined_labels,
+          anchor_rows=(device * rows, global_rows)))
+    total = (l_rank * terms["rank_loss"] + l_vis * terms["visual_loss"] +
+             l_txt * terms["textual_loss"])
+    return total, (terms, updates["batch_stats"])
 
-  (total, (outputs, batch_stats, terms)), grads = jax.value_and_grad(
+  (total, (metrics, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  # Each device's loss is the mean over its anchors; the global loss is their mean. (On one
-  # device XLA:CPU still copies every gradient through the all-reduce: ~50 ms a ResNet-50 step.)
-  if jax.lax.axis_size(AXIS) > 1:
-    grads = jax.lax.pmean(grads, AXIS)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  if config.freeze_backbone:
+  for scope in optim.frozen_scopes(config):
     # set_to_zero already leaves it unchanged; restoring it keeps it bit-identical (-0.0 + 0).
-    new_state = new_state.replace(params={**new_state.params, "backbone": state.params["backbone"]})
+    new_state = new_state.replace(params={**new_state.params, scope: state.params[scope]})
   if config.backbone_bn != "train":
     new_state = new_state.replace(
         batch_stats={**batch_stats, "backbone": state.batch_stats["backbone"]})
-  metrics = dict(loss=total, rank_loss=terms["rank"], visual_loss=terms["visual"],
-                 textual_loss=terms["textual"],
-                 img_accuracy=_top1(outputs["img_logits"], labels),
-                 txt_accuracy=_top1(outputs["txt_logits"], labels))
-  metrics = jax.lax.pmean(metrics, AXIS)
-  metrics["learning_rate"] = schedule(state.step)
-  return new_state, metrics
+  metrics = dict(metrics, loss=total, learning_rate=schedule(state.step))
+  return checkpoint.state_tree(new_state), metrics
 
 
-def check_batch(batch: dict[str, Any], config: ml_collections.ConfigDict,
-                num_devices: int) -> None:
-  """Raises BatchError naming every field that does not fit (before anything compiles)."""
+def check_batch(batch: dict[str, Any], config: ml_collections.ConfigDict, mesh) -> None:
+  """Raises BatchError naming every field that does not fit (before anything compiles).
+
+  `batch` is this process's rows of the global batch, as numpy arrays without a device axis.
+  """
   problems = []
   size, length = config.image_size, config.model.text.max_len
-  per_device = config.batch_size // (num_devices * jax.process_count())
-  expected = {"images": (num_devices, per_device, size, size, 3),
-              "tokens": (num_devices, per_device, length),
-              "labels": (num_devices, per_device)}
+  processes, devices = jax.process_count(), mesh.size
+  rows = config.batch_size // processes
+  expected = {"images": (rows, size, size, 3), "tokens": (rows, length), "labels": (rows,)}
   if config.loss.lambdas[0] > 0 and config.loss.negatives == "mined":
-    k = config.loss.num_mined // (num_devices * jax.process_count())
-    expected.update(mined_tokens=(num_devices, k, length), mined_labels=(num_devices, k))
-  if config.batch_size % (num_devices * jax.process_count()):
-    problems.append(f"batch_size={config.batch_size} is not divisible by "
-                    f"{num_devices * jax.process_count()} devices")
+    k = config.loss.num_mined // processes
+    expected.update(mined_tokens=(k, length), mined_labels=(k,))
+    if config.loss.num_mined % devices:
+      problems.append(f"loss.num_mined={config.loss.num_mined} is not divisible by "
+                      f"{devices} devices")
+  if config.batch_size % devices:
+    problems.append(f"batch_size={config.batch_size} is not divisible by {devices} devices")
   for name, shape in expected.items():
     if name not in batch:
       problems.append(f"missing '{name}' (expected shape {shape})")
       continue
-    got = tuple(batch[name].shape)
+    got = tuple(np.shape(batch[name]))
     if got != shape:
       hint = (f" (model.text.max_len={length})" if name.endswith("tokens") and
               got[:-1] == shape[:-1] else "")
       problems.append(f"'{name}' has shape {got}, expected {shape}{hint}")
     if name != "images" and not jnp.issubdtype(batch[name].dtype, jnp.integer):
       problems.append(f"'{name}' has dtype {batch[name].dtype}, expected integers")
-  if not problems and isinstance(batch["tokens"], np.ndarray):
+  if not problems:
     for name, bound, key in (("tokens", config.model.text.vocab_size, "model.text.vocab_size"),
                              ("labels", config.num_classes, "num_classes")):
-      lo, hi = int(batch[name].min()), int(batch[name].max())
+      lo, hi = int(np.min(batch[name])), int(np.max(batch[name]))
       if lo < 0 or hi >= bound:
         problems.append(f"'{name}' values span [{lo}, {hi}], outside [0, {bound}) ({key})")
   if problems:
     raise BatchError("batch does not fit the config: " + "; ".join(problems))
 
 
-def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                    devices: Sequence[jax.Device] | None = None):
-  """Returns step(state, batch) -> (state, metrics), pmapped over `devices` (default: every
-  device of every process; each process passes its local devices' share of the batch).
+def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch as shapes with the step's input sharding (for lowering without data)."""
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  n, size, length = config.batch_size, config.image_size, config.model.text.max_len
+  shapes = dict(images=((n, size, size, 3), jnp.float32), tokens=((n, length), jnp.int32),
+                labels=((n,), jnp.int32))
+  if config.loss.lambdas[0] > 0 and config.loss.negatives == "mined":
+    shapes.update(mined_tokens=((config.loss.num_mined, length), jnp.int32),
+                  mined_labels=((config.loss.num_mined,), jnp.int32))
+  return {k: jax.ShapeDtypeStruct(s, d, sharding=spec) for k, (s, d) in shapes.items()}
 
-  state is replicated over the devices (see `replicate`); metrics come back replicated.
-  The batch is checked against the config on the host before each call. `step.lower` is the
-  pmapped function's (benchmarks read XLA's cost and memory analyses from it).
+
+def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: float, mesh=None):
+  """Returns step(state, batch) -> (state, metrics) over `mesh` (default: every device of every
+  process, `sharding.make_mesh()`).
+
+  state: a global TrainState laid out by `sharding.shardings` (see `init_train_state`,
+  `place_state`); batch: this process's rows as numpy (checked against the config first, then
+  assembled into global arrays). Metrics come back replicated. `step.jitted` is the compiled
+  function of (state arrays `checkpoint.state_tree(state)`, global batch): benchmarks lower it
+  (`abstract_batch`) for XLA's analyses.
   """
   validate_config(config)
-  num_local = len(devices) if devices else jax.local_device_count()
-  pmapped = jax.pmap(
-      functools.partial(_train_step, config=config,
-                        schedule=optim.lr_schedule(config, steps_per_epoch),
-                        apply_fn=build_model(config, axis_name=AXIS).apply),
-      axis_name=AXIS, devices=list(devices) if devices else None, donate_argnums=(0,))
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  num_padded = sharding.padded_num_classes(config, mesh)
+  collectives = mesh.size > 1
+  template = abstract_train_state(config, steps_per_epoch, mesh)
+  # The step maps the state's arrays (a plain dict): TrainState's static fields (apply_fn, tx)
+  # differ between instances and would break the match with in_specs.
+  fn = functools.partial(_train_step, config=config, tx=template.tx,
+                         schedule=optim.lr_schedule(config, steps_per_epoch),
+                         num_padded=num_padded, collectives=collectives)
+  state_specs = sharding.partition_specs(checkpoint.state_tree(template), config)
+  batch_spec = jax.sharding.PartitionSpec(AXIS)
+  if collectives:
+    fn = jax.shard_map(fn, mesh=mesh, in_specs=(state_specs, batch_spec),
+                       out_specs=(state_specs, jax.sharding.PartitionSpec()))
+  # One device: the per-device program is the whole program; no collective is emitted.
+  named = lambda spec: jax.sharding.NamedSharding(mesh, spec)
+  jitted = jax.jit(fn, donate_argnums=(0,),
+                   out_shardings=(jax.tree_util.tree_map(named, state_specs),
+                                  named(jax.sharding.PartitionSpec())))
 
   def step(state, batch):
-    check_batch(batch, config, num_local)
-    return pmapped(state, batch)
+    check_batch(batch, config, mesh)
+    arrays, metrics = jitted(checkpoint.state_tree(state), sharding.global_batch(batch, mesh))
+    return state.replace(**arrays), metrics
 
-  step.lower = pmapped.lower
+  step.jitted = jitted
+  step.mesh = mesh
   return step
 
 
-def make_embed_fns(config: ml_collections.ConfigDict,
-                   devices: Sequence[jax.Device] | None = None):
-  """Pmapped, inference-mode (no dropout, running BN statistics) feature extractors.
+def abstract_train_state(config: ml_collections.ConfigDict, steps_per_epoch: float,
+                         mesh=None) -> TrainState:
+  """The train state as ShapeDtypeStructs, W_share padded for `mesh` and every leaf carrying
+  its sharding (a restore target; no compute)."""
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  num_padded = sharding.padded_num_classes(config, mesh)
+  abstract = jax.eval_shape(
+      lambda k: create_train_state(config, k, steps_per_epoch, num_padded), jax.random.key(0))
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+      sharding.shardings(abstract, config, mesh))
+
+
+def init_train_state(config: ml_collections.ConfigDict, rng, steps_per_epoch: float,
+                     mesh=None) -> TrainState:
+  """A fresh train state created directly in its sharded layout on `mesh` (no device ever
+  holds a whole sharded W_share)."""
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  num_padded = sharding.padded_num_classes(config, mesh)
+  template = abstract_train_state(config, steps_per_epoch, mesh)
+  arrays = jax.jit(
+      lambda k: checkpoint.state_tree(create_train_state(config, k, steps_per_epoch, num_padded)),
+      out_shardings=jax.tree_util.tree_map(lambda x: x.sharding,
+                                           checkpoint.state_tree(template)))(rng)
+  return template.replace(**arrays)
+
+
+def place_state(state: TrainState, config: ml_collections.ConfigDict, mesh=None) -> TrainState:
+  """A train state of host arrays (W_share at num_classes or padded) laid out on `mesh`."""
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  state = sharding.pad_classes(state, sharding.padded_num_classes(config, mesh))
+  return sharding.place(state, sharding.shardings(state, config, mesh))
+
+
+def host_state(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
+  """A global train state as host numpy arrays, W_share cut back to num_classes."""
+  return sharding.pad_classes(sharding.to_host(state), config.num_classes)
+
+
+def make_embed_fns(config: ml_collections.ConfigDict, mesh=None):
+  """Inference-mode (no dropout, running BN statistics) feature extractors over `mesh` (default:
+  this process's devices), the batch split over the devices.
 
   Returns (embed_images(variables, images, flip_average), embed_texts(variables, tokens)), both
-  giving L2-normalised embeddings shaped like the inputs' [devices, per_device] axes. With
+  giving L2-normalised embeddings [batch, dim]; the batch must divide over the devices. With
   `flip_average` the image embedding is the normalised mean of the image's and its mirror's.
+  `place_variables` puts host variables on the mesh once (replicated; W_share left out).
   """
   model = build_model(config)
-  devices = list(devices or jax.local_devices())
+  mesh = mesh if mesh is not None else sharding.make_mesh(jax.local_devices())
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
 
   def embed_images(variables, images, flip_average):
     emb = model.apply(variables, images, method="embed_images")
@@ -210,38 +320,16 @@ def make_embed_fns(config: ml_collections.ConfigDict,
   def embed_texts(variables, tokens):
     return model.apply(variables, tokens, method="embed_texts")
 
-  return (jax.pmap(embed_images, static_broadcasted_argnums=(2,), devices=devices),
-          jax.pmap(embed_texts, devices=devices))
+  images_fn = jax.jit(embed_images, static_argnums=(2,), out_shardings=rows)
+  texts_fn = jax.jit(embed_texts, out_shardings=rows)
+  put = lambda x: jax.device_put(np.asarray(x), rows)
+  return (lambda v, x, flip: images_fn(v, put(x), flip), lambda v, x: texts_fn(v, put(x)))
 
 
-def _device_mesh(devices):
-  return jax.sharding.Mesh(np.array(list(devices or jax.local_devices())), (AXIS,))
-
-
-def replicate(tree, devices: Sequence[jax.Device] | None = None):
-  """Copies a pytree (state, rng keys) to every device, with a leading device axis.
-
-  The copies are laid out exactly as the pmapped step's outputs (a NamedSharding over the
-  device axis), so the step compiles once rather than again on its second call. Copies are made
-  on the host: no per-leaf XLA computation to compile. With several processes (and no explicit
-  devices) each process passes host copies for its local devices, as pmap expects.
-  """
-  if devices is None and jax.process_count() > 1:
-    return jax.tree_util.tree_map(
-        lambda x: np.broadcast_to(np.asarray(x), (jax.local_device_count(),) + np.shape(x)), tree)
-  sharding = jax.sharding.NamedSharding(_device_mesh(devices), jax.sharding.PartitionSpec(AXIS))
-  n = sharding.mesh.size
-
-  def put(x):
-    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(put(jax.random.key_data(x)),
-                                      impl=jax.random.key_impl(x))
-    host = np.asarray(x)
-    return jax.device_put(np.broadcast_to(host, (n,) + host.shape), sharding)
-
-  return jax.tree_util.tree_map(put, tree)
-
-
-def unreplicate(tree):
-  """The first device's copy of a replicated pytree, as host numpy arrays."""
-  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+def place_variables(variables: dict[str, Any], mesh=None) -> dict[str, Any]:
+  """Host variables replicated on `mesh` (default: this process's devices) for the embed
+  functions; W_share, which they do not use, stays behind."""
+  mesh = mesh if mesh is not None else sharding.make_mesh(jax.local_devices())
+  params = {k: v for k, v in variables["params"].items() if k != sharding.W_SHARE}
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.device_put({"params": params, "batch_stats": variables["batch_stats"]}, replicated)

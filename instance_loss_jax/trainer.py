@@ -1,4 +1,5 @@
-"""The training loop: data, state, pmapped steps, Orbax checkpoints, logs, final evaluation.
+"""The training loop: data, global state on one device mesh, steps, Orbax checkpoints, logs,
+final evaluation.
 
 One resume order (as in big_vision): the run's own newest checkpoint, else `init_from` (Stage I's
 workdir, for Stage II), else a fresh init with the word2vec table and, when configured, a ported
@@ -17,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from instance_loss_jax import checkpoint, evaluation, optim, port, train_step
+from instance_loss_jax import checkpoint, evaluation, optim, port, sharding, train_step
 from instance_loss_jax.config import (ConfigError, input_convention, validate_config,
                                       with_input_convention)
 from instance_loss_jax.data import pipeline, records
@@ -62,14 +63,14 @@ def prepare_vocab(config, workdir: str, train_records, need_table: bool):
   return vocab, vocab_lib.embedding_matrix(vocab, kv, config.model.text.word_dim)
 
 
-def initial_state(config, workdir: str, mgr, meta, table, steps_per_epoch: float):
-  """(state, first step) by the resume order. Checkpoints are checked against the run (meta,
-  then names and shapes) before anything is compiled."""
+def initial_state(config, workdir: str, mgr, meta, table, steps_per_epoch: float, mesh):
+  """(global state on `mesh`, first step) by the resume order. Checkpoints are checked against
+  the run (meta, then names and shapes) before anything is compiled."""
   if mgr.all_steps():
     step = checkpoint.checked_step(mgr, meta, what=f"resuming {workdir}")
-    state = train_step.create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
+    template = train_step.abstract_train_state(config, steps_per_epoch, mesh)
     logging.info("resuming from %s step %d", workdir, step)
-    return checkpoint.restore_state(mgr, step, state), step
+    return checkpoint.restore_state(mgr, step, template), step
   loaded, scopes = None, ()
   if config.init_from:
     source = checkpoint.manager(config.init_from, read_only=True)
@@ -83,15 +84,20 @@ def initial_state(config, workdir: str, mgr, meta, table, steps_per_epoch: float
     name, scopes = f"backbone {config.backbone_init}", ("params/backbone", "batch_stats/backbone")
   if loaded is not None:
     checkpoint.merge_variables(train_step.abstract_variables(config), loaded, name, scopes)
-  state = train_step.create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
+  state = train_step.init_train_state(config, jax.random.key(config.seed), steps_per_epoch, mesh)
+  if loaded is None and table is None:
+    return state, 0
+  # The replaced leaves come from the host; the others stay on the mesh as they are. The
+  # optimiser state is the fresh one of the init (SGD's momentum: zeros whatever the params).
   variables = train_step.variables_of(state)
   if loaded is not None:
+    loaded = sharding.pad_classes(loaded, sharding.padded_num_classes(config, mesh))
     variables = checkpoint.merge_variables(variables, loaded, name, scopes)
     logging.info("initialised from %s (fresh optimiser state)", name)
   if table is not None:  # only built for a fresh run (no checkpoint, no init_from)
     variables["params"]["text_encoder"]["word_embedding"]["embedding"] = table
-  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
-                       opt_state=state.tx.init(variables["params"])), 0
+  variables = sharding.place(variables, sharding.shardings(variables, config, mesh))
+  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"]), 0
 
 
 def _input_convention(config, workdir: str) -> dict[str, Any]:
@@ -153,14 +159,14 @@ class _Logger:
         mean["learning_rate"], rate, _fmt_time(left))
 
 
-def _train_loop(config, step_fn, pstate, batches, mgr, meta, logger, start, total_steps):
+def _train_loop(config, step_fn, state, batches, mgr, meta, logger, start, total_steps):
   pending = []  # (step, device metrics) since the last look at the host
   for step in range(start + 1, total_steps + 1):
-    pstate, metrics = step_fn(pstate, next(batches))
+    state, metrics = step_fn(state, next(batches))
     pending.append((step, metrics))
     save = step % config.checkpoint_every == 0 or step == total_steps
     if save or step % config.log_every == 0:
-      history = [(s, train_step.unreplicate(m)) for s, m in pending]
+      history = [(s, jax.device_get(m)) for s, m in pending]
       pending = []
       for s, m in history:
         if not np.isfinite(m["loss"]):
@@ -169,11 +175,12 @@ def _train_loop(config, step_fn, pstate, batches, mgr, meta, logger, start, tota
                               f"(step {mgr.latest_step()}) is kept")
       logger.log(history)
       if save:
-        checkpoint.save(mgr, step, train_step.unreplicate(pstate), meta)
+        checkpoint.save(mgr, step, state, meta)  # global arrays: each process its shards
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any] | None:
-  """Trains (or resumes) the run in `workdir`; returns the final evaluation's results."""
+def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, Any] | None:
+  """Trains (or resumes) the run in `workdir` on `mesh` (default: every device of every
+  process); returns the final evaluation's results."""
   validate_config(config)
   check_workdir(workdir)
   train_records = records.read_split(config, "train")
@@ -190,7 +197,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any] | None:
   split = pipeline.encode_split(train_records, vocab, config.model.text.max_len, True)
   steps_per_epoch = split.num_images / config.batch_size
   total_steps = optim.num_train_steps(config, steps_per_epoch)
-  state, start = initial_state(config, workdir, mgr, meta, table, steps_per_epoch)
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  state, start = initial_state(config, workdir, mgr, meta, table, steps_per_epoch, mesh)
   if jax.process_index() == 0:
     vocab.save(workdir)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -198,15 +206,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any] | None:
   logging.info("%d training images (%d classes), vocabulary %d words, %d steps of %d",
                split.num_images, num_classes, len(vocab.words), total_steps, config.batch_size)
 
-  step_fn = train_step.make_train_step(config, steps_per_epoch)
-  pstate = train_step.replicate(state)
-  del state
+  step_fn = train_step.make_train_step(config, steps_per_epoch, mesh)
   batches = pipeline.numpy_batches(
-      pipeline.train_dataset(split, config, jax.local_device_count(), start,
-                             jax.process_index(), jax.process_count()), split.image_paths)
+      pipeline.train_dataset(split, config, mesh.size, start, jax.process_index(),
+                             jax.process_count()), split.image_paths)
   logger = _Logger(workdir, total_steps, config.batch_size)
   try:
-    _train_loop(config, step_fn, pstate, batches, mgr, meta, logger, start, total_steps)
+    _train_loop(config, step_fn, state, batches, mgr, meta, logger, start, total_steps)
   finally:
     mgr.wait_until_finished()  # an error must not leave a half-written checkpoint behind
   if not config.eval.at_end:

@@ -24,16 +24,28 @@ def tiny_config(**overrides):
   return apply_overrides(c, overrides)
 
 
-def random_batch(config, num_devices, seed=0, num_groups=None):
-  """A batch shaped [devices, per_device, ...] with distinct labels unless num_groups is set."""
+def random_batch(config, seed=0, num_groups=None):
+  """A global batch (no device axis) with distinct labels unless num_groups is set."""
   rng = np.random.default_rng(seed)
   n = config.batch_size
-  per = n // num_devices
   s, length = config.image_size, config.model.text.max_len
   labels = (rng.permutation(config.num_classes)[:n] if num_groups is None
             else rng.integers(0, num_groups, n))
-  tokens = rng.integers(1, config.model.text.vocab_size, (n, length))
   return dict(
-      images=rng.normal(size=(num_devices, per, s, s, 3)).astype(np.float32),
-      tokens=tokens.reshape(num_devices, per, length).astype(np.int32),
-      labels=labels.reshape(num_devices, per).astype(np.int32))
+      images=rng.normal(size=(n, s, s, 3)).astype(np.float32),
+      tokens=rng.integers(1, config.model.text.vocab_size, (n, length)).astype(np.int32),
+      labels=labels.astype(np.int32))
+
+
+def run_steps(config, devices, batches, state, steps_per_epoch=10):
+  """Steps from a host train state on a mesh of `devices`; returns (host state with W_share at
+  num_classes, host metrics per step)."""
+  from instance_loss_jax import sharding, train_step as ts  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(devices)
+  step = ts.make_train_step(config, steps_per_epoch, mesh)
+  state = ts.place_state(state, config, mesh)
+  history = []
+  for batch in batches:
+    state, metrics = step(state, batch)
+    history.append(sharding.to_host(metrics))
+  return ts.host_state(state, config), history

@@ -1,9 +1,8 @@
-"""One process of the multi-process test: a few pmapped steps on fixed global batches.
+"""One process of the multi-process test: two steps on fixed global batches.
 
     python multiprocess_worker.py PORT PROCESS_ID NUM_PROCESSES DEVICES_PER_PROCESS OUT.npz
 
-Every process feeds its own devices' share of the same global batches; process 0 saves the
-parameters. One process with all the devices is the reference.
+Every process feeds its own rows of the same global batches; process 0 saves the variables. One process with all the devices is the reference.
 """
 
 import os
@@ -24,20 +23,20 @@ if num_processes > 1:
                              process_id=process_id)
 
 from helpers import random_batch, tiny_config  # noqa: E402
-from instance_loss_jax import train_step as ts  # noqa: E402
+from instance_loss_jax import sharding, train_step as ts  # noqa: E402
+from test_train_step import MULTIPROCESS  # noqa: E402
 
-config = tiny_config(**{"stage": 2, "freeze_backbone": False, "backbone_bn": "train",
-                        "loss.lambdas": (1.0, 1.0, 1.0), "optim.lr": 0.5})
-total_devices = num_processes * local_devices
-state = ts.replicate(ts.create_train_state(config, jax.random.key(0), 10))
-step = ts.make_train_step(config, 10)
-mine = slice(process_id * local_devices, (process_id + 1) * local_devices)
+config = tiny_config(**MULTIPROCESS)
+step = ts.make_train_step(config, 10)  # the mesh of every device of both processes
+state = ts.place_state(ts.create_train_state(config, jax.random.key(0), 10), config, step.mesh)
+rows = config.batch_size // num_processes
+mine = slice(process_id * rows, (process_id + 1) * rows)
 for s in range(2):
-  batch = random_batch(config, total_devices, seed=s)
+  batch = random_batch(config, seed=s)
   state, metrics = step(state, {k: v[mine] for k, v in batch.items()})
-params = ts.unreplicate(state.params)
+variables = ts.variables_of(ts.host_state(state, config))  # every process takes part
 if process_id == 0:
   flat = {jax.tree_util.keystr(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_leaves_with_path(params)}
+          for p, x in jax.tree_util.tree_leaves_with_path(variables)}
   np.savez(out, **flat)
-print("done", process_id, float(ts.unreplicate(metrics)["loss"]))
+print("done", process_id, float(sharding.to_host(metrics)["loss"]))

@@ -197,8 +197,8 @@ def test_train_batches_shapes_values_determinism_and_resume(synth):
   split = pipeline.encode_split(recs, vocab, config.model.text.max_len, for_training=True)
   first = train_batches(config, split, 10)
   batch = first[0]
-  assert batch["images"].shape == (2, 4, 32, 32, 3) and batch["images"].dtype == np.float32
-  assert batch["tokens"].shape == (2, 4, 8) and batch["labels"].shape == (2, 4)
+  assert batch["images"].shape == (8, 32, 32, 3) and batch["images"].dtype == np.float32
+  assert batch["tokens"].shape == (8, 8) and batch["labels"].shape == (8,)
   mean = np.asarray(config.data.mean_rgb, np.float32)
   assert batch["images"].min() >= -mean.max() - 1e-3
   assert batch["images"].max() <= 255 - mean.min() + 1e-3

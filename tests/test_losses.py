@@ -163,3 +163,57 @@ def test_bad_arguments_are_named():
     losses.ranking_loss(x, x, negatives="random")
   with pytest.raises(ValueError, match="mined_txt_emb"):
     losses.ranking_loss(x, x, negatives="mined", rng=jax.random.key(0))
+
+
+def test_class_sharded_instance_loss_and_gradient_equal_numpy():
+  # 13 classes padded to 16 over 8 devices (2 each; the last device holds 1 real class and 1
+  # padded, the one before it 2 real). Rows are split over the devices and all-gathered, as in
+  # the train step; the loss is the mean over the 8 rows of the full 13-way softmax.
+  from instance_loss_jax import sharding
+  mesh = sharding.make_mesh(jax.devices()[:8])
+  rng = np.random.default_rng(0)
+  n, d, c, c_pad = 8, 5, 13, 16
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  w = np.zeros((d, c_pad), np.float32)
+  w[:, :c] = rng.normal(size=(d, c))
+  labels = rng.integers(0, c, n).astype(np.int32)
+  labels[0] = c - 1  # a class on the device that also holds padding
+
+  def per_device(x, w, labels):
+    x, labels = (jax.lax.all_gather(v, sharding.AXIS, axis=0, tiled=True) for v in (x, labels))
+    ce, correct = losses.sharded_instance_loss(x @ w, labels, c, sharding.AXIS)
+    return jnp.mean(ce), jax.lax.pmean(jnp.mean(correct), sharding.AXIS)
+
+  spec = jax.sharding.PartitionSpec
+  fn = jax.shard_map(per_device, mesh=mesh,
+                     in_specs=(spec(sharding.AXIS), spec(None, sharding.AXIS), spec(sharding.AXIS)),
+                     out_specs=(spec(), spec()))
+  (loss, accuracy), (grad_x, grad_w) = jax.jit(jax.value_and_grad(
+      lambda x, w: fn(x, w, labels), argnums=(0, 1), has_aux=True))(x, w)
+
+  logits = x.astype(np.float64) @ w[:, :c]
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  onehot = np.eye(c)[labels]
+  np.testing.assert_allclose(loss, -np.mean(np.log(p[np.arange(n), labels])), rtol=1e-5)
+  # d mean CE / d logits = (softmax - onehot) / n; then through logits = x @ W.
+  dlogits = (p - onehot) / n
+  np.testing.assert_allclose(grad_w[:, :c], x.T @ dlogits, rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(grad_w[:, c:], 0.0)  # padded classes get no gradient
+  np.testing.assert_allclose(grad_x, dlogits @ w[:, :c].T, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(accuracy, np.mean(logits.argmax(1) == labels))
+
+
+def test_class_sharded_top1_breaks_ties_like_argmax():
+  from instance_loss_jax import sharding
+  mesh = sharding.make_mesh(jax.devices()[:4])
+  logits = np.zeros((3, 8), np.float32)
+  logits[0, [1, 6]] = 5.0  # tie across devices: argmax takes class 1
+  logits[1, [5, 6]] = 5.0  # tie on one device: class 5
+  logits[2, 7] = 9.0  # a padded class (num_classes=7) never wins: argmax over 0..6 is 0
+  labels = np.array([1, 5, 0], np.int32)
+  spec = jax.sharding.PartitionSpec
+  fn = jax.shard_map(lambda l: losses.sharded_instance_loss(l, labels, 7, sharding.AXIS)[1],
+                     mesh=mesh, in_specs=spec(None, sharding.AXIS), out_specs=spec(),
+                     check_vma=False)
+  np.testing.assert_array_equal(jax.jit(fn)(logits), [True, True, True])

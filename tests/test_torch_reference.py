@@ -32,7 +32,7 @@ def test_same_losses_as_pytorch(stage):
   config.optim.lr_mult.update(dict(backbone=0.5, word_embedding=2.0, text_cnn=1.0, heads=0.7,
                                    w_share=1.5))
   state = create_train_state(config, jax.random.key(stage), 1000)
-  batch = {k: v[0] for k, v in random_batch(config, 1, seed=stage).items()}
+  batch = random_batch(config, seed=stage)
   torch.manual_seed(0)
   losses = torch_reference.check_equivalence(config, variables_of(state), batch, steps=3,
                                              torch_dtypes=(torch.float32, torch.float64))

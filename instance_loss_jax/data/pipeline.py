@@ -1,4 +1,4 @@
-"""tf.data input pipelines: training batches for the pmapped step and evaluation batches.
+"""tf.data input pipelines: training batches for the train step and evaluation batches.
 
 Training is a pure function of (seed, process, element number): element k of a host's stream is
 image `index_shuffle(k mod n, seed=(seed, epoch, process))` of that host's shard, with its
@@ -150,14 +150,15 @@ def host_shard(num_images: int, process_index: int, process_count: int) -> np.nd
   return np.arange(process_index, num_images, process_count)
 
 
-def train_dataset(split: EncodedSplit, config, num_local_devices: int, start_step: int = 0,
+def train_dataset(split: EncodedSplit, config, num_devices: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
-  """Endless batches {images, tokens, labels} shaped [devices, per_device, ...] for this host."""
+  """Endless batches {images, tokens, labels} of this host's batch_size / process_count rows
+  (the train step assembles the hosts' rows into the global batch over `num_devices`)."""
   data, max_len, size = config.data, config.model.text.max_len, config.image_size
   host_batch = config.batch_size // process_count
-  if config.batch_size % (process_count * num_local_devices):
-    raise DataError(f"batch_size={config.batch_size} does not divide over "
-                    f"{process_count} hosts x {num_local_devices} devices")
+  if config.batch_size % num_devices or num_devices % process_count:
+    raise DataError(f"batch_size={config.batch_size} does not divide over {num_devices} "
+                    f"devices of {process_count} hosts")
   shard = host_shard(split.num_images, process_index, process_count)
   if not len(shard):
     raise DataError(f"process {process_index} has no training image "
@@ -184,15 +185,9 @@ def train_dataset(split: EncodedSplit, config, num_local_devices: int, start_ste
     return dict(images=train_image(paths[i], seeds, size, data), tokens=tokens,
                 labels=labels[i])
 
-  per_device = host_batch // num_local_devices
-
-  def to_devices(batch):
-    return {k: tf.reshape(v, [num_local_devices, per_device] + v.shape[1:].as_list())
-            for k, v in batch.items()}
-
   ds = tf.data.Dataset.range(start_step * host_batch, 2**62)
   ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(host_batch, drop_remainder=True).map(to_devices)
+  ds = ds.batch(host_batch, drop_remainder=True)
   return ds.prefetch(data.prefetch)
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from instance_loss_jax.models.resnet import ResNet
+from instance_loss_jax.optim import frozen_scopes
 from instance_loss_jax.models.text_cnn import TextCNN
 
 
@@ -97,24 +98,38 @@ class DualPath(nn.Module):
   def embed_texts(self, tokens, train: bool = False):
     return l2_normalize(self.text_features(tokens, train))
 
-  def __call__(self, images, tokens, train: bool = False):
+  def encode(self, images, tokens, train: bool = False):
+    """Both branches without W_share: embeddings and the head outputs W_share reads (before
+    dropout). The train step applies dropout and W_share itself, to the global batch's rows
+    against this device's slice of the classes."""
     img = self.image_features(images, train)
     txt = self.text_features(tokens, train)
+    return dict(img_emb=l2_normalize(img), txt_emb=l2_normalize(txt), img_features=img,
+                txt_features=txt)
+
+  def classify(self, features):
+    """W_share logits of head outputs (dropout already applied, if any)."""
+    return self.w_share(features)
+
+  def __call__(self, images, tokens, train: bool = False):
+    out = self.encode(images, tokens, train)
+    img, txt = out.pop("img_features"), out.pop("txt_features")
     # W_share applied once to both branches' rows: one product forward and one for its gradient
     # instead of two of each and a sum (the same function).
     both = jnp.concatenate([img, txt])
-    logits = self.w_share(self.dropout(both, deterministic=not train))
-    return dict(
-        img_emb=l2_normalize(img),
-        txt_emb=l2_normalize(txt),
-        img_logits=logits[:img.shape[0]],
-        txt_logits=logits[img.shape[0]:],
-    )
+    logits = self.classify(self.dropout(both, deterministic=not train))
+    return dict(out, img_logits=logits[:img.shape[0]], txt_logits=logits[img.shape[0]:])
 
 
-def build_model(config: ml_collections.ConfigDict, axis_name: str | None = None) -> DualPath:
-  """The model a run's config describes (stage-dependent freezing included)."""
-  return DualPath(config=config.model, num_classes=config.num_classes,
-                  freeze_backbone=config.freeze_backbone,
+def build_model(config: ml_collections.ConfigDict, axis_name: str | None = None,
+                num_classes: int | None = None) -> DualPath:
+  """The model a run's config describes (stage-dependent freezing included).
+
+  num_classes: W_share's width if not config.num_classes (the train step's per-device model
+  holds its slice of the classes).
+  """
+  return DualPath(config=config.model,
+                  num_classes=config.num_classes if num_classes is None else num_classes,
+                  freeze_backbone="backbone" in frozen_scopes(config),
                   backbone_batch_stats=config.backbone_bn != "running",
                   axis_name=axis_name, dtype=jnp.dtype(config.compute_dtype))

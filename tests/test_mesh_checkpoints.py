@@ -1,0 +1,87 @@
+"""Checkpoints move between meshes: save on 4 devices, resume on 8 and on 2; Stage I on 4
+devices initialises Stage II on 8; the evaluation restores onto 1 device."""
+
+import jax
+import numpy as np
+import pytest
+
+import helpers
+from helpers import random_batch, tiny_config
+from instance_loss_jax import checkpoint, evaluation, sharding, train_step as ts, trainer
+from test_train_step import STAGE2, assert_close_to_scale
+from test_training import data_dir, small_config  # noqa: F401  (a fixture)
+
+STEPS_PER_EPOCH = 10
+
+
+def _steps(config, mesh, state, batches):
+  step = ts.make_train_step(config, STEPS_PER_EPOCH, mesh)
+  for batch in batches:
+    state, _ = step(state, batch)
+  return state
+
+
+@pytest.mark.parametrize("resume_devices", [8, 2])
+def test_save_on_four_devices_resume_on_another_count(tmp_path, resume_devices):
+  # 13 classes: padded to 16 on 4 and 8 devices, to 14 on 2, so the resume pads or cuts.
+  config = tiny_config(**STAGE2, **{"num_classes": 13, "model.dropout": 0.5})
+  batches = [random_batch(config, seed=s) for s in range(4)]
+  devices = jax.local_devices()
+  mesh4 = sharding.make_mesh(devices[:4])
+  init = ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
+  state = _steps(config, mesh4, ts.place_state(init, config, mesh4), batches[:2])
+  mgr = checkpoint.manager(str(tmp_path))
+  checkpoint.save(mgr, 2, state, dict(num_classes=config.num_classes))
+  mgr.wait_until_finished()
+  straight = ts.host_state(_steps(config, mesh4, state, batches[2:]), config)
+
+  mesh = sharding.make_mesh(devices[:resume_devices])
+  template = ts.abstract_train_state(config, STEPS_PER_EPOCH, mesh)
+  restored = checkpoint.restore_state(checkpoint.manager(str(tmp_path), read_only=True), 2,
+                                      template)
+  assert restored.params["w_share"]["kernel"].sharding.mesh.size == resume_devices
+  assert restored.params["w_share"]["kernel"].shape[-1] == (16 if resume_devices == 8 else 14)
+  assert int(restored.step) == 2
+  resumed = ts.host_state(_steps(config, mesh, restored, batches[2:]), config)
+  # Another device count sums in another order: agreement to float tolerance, not bits.
+  for a, b in ((resumed.params, straight.params), (resumed.batch_stats, straight.batch_stats),
+               (resumed.opt_state, straight.opt_state)):
+    assert_close_to_scale(a, b, 1e-3)
+  # The stored W_share has the saving mesh's zero padding; readers see the true 13 classes.
+  variables = checkpoint.restore_variables(checkpoint.manager(str(tmp_path), read_only=True), 2)
+  assert variables["params"]["w_share"]["kernel"].shape[-1] == 13
+
+
+def test_stage1_on_four_devices_initialises_stage2_on_eight(data_dir, tmp_path):  # noqa: F811
+  devices = jax.local_devices()
+  workdir1 = str(tmp_path / "stage1")
+  config1 = small_config("stage1", data_dir, **{"optim.schedule": ((1, 1.0),),
+                                                "eval.at_end": False})
+  trainer.train_and_evaluate(config1, workdir1, sharding.make_mesh(devices[:4]))
+  mgr1 = checkpoint.manager(workdir1, read_only=True)
+  stage1_vars = checkpoint.restore_variables(mgr1, mgr1.latest_step())
+  num_classes = checkpoint.read_meta(mgr1, mgr1.latest_step())["num_classes"]
+  assert stage1_vars["params"]["w_share"]["kernel"].shape[-1] == num_classes == 32
+
+  # Stage II's starting state on 8 devices is Stage I's variables, bit for bit.
+  config2 = small_config("stage2", data_dir, init_from=workdir1)
+  vocab, _ = trainer.prepare_vocab(config2, str(tmp_path / "s2"), [], need_table=False)
+  config2 = evaluation.run_config(config2, vocab, num_classes)
+  meta = checkpoint.run_meta(config2, vocab.fingerprint)
+  mesh8 = sharding.make_mesh(devices[:8])
+  mgr2 = checkpoint.manager(str(tmp_path / "s2"))
+  state, start = trainer.initial_state(config2, str(tmp_path / "s2"), mgr2, meta, None, 4.0,
+                                       mesh8)
+  assert start == 0
+  assert state.params["w_share"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(
+      None, sharding.AXIS)
+  got = ts.variables_of(ts.host_state(state, config2))
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(stage1_vars),
+                          jax.tree_util.tree_leaves(got)):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+  # And the evaluation of Stage I's checkpoint on 1 device gives what 8 devices give.
+  one = evaluation.evaluate(config1, workdir1, "test", write=False, devices=devices[:1])
+  eight = evaluation.evaluate(config1, workdir1, "test", write=False, devices=devices[:8])
+  for key, value in one["metrics"].items():
+    np.testing.assert_allclose(value, eight["metrics"][key], rtol=1e-4, err_msg=key)
