@@ -60,13 +60,14 @@ def main():
   sys.path.insert(0, ROOT)
   import train_step as bench
 
+  from instance_loss_jax import sharding
   from instance_loss_jax import train_step as ts
   config = bench.make_config(args.stage, args.batch_size, 29783, args.dtype)
-  devices = jax.local_devices()[:1]
-  step = ts.make_train_step(config, 1000, devices=devices)
-  state = ts.replicate(ts.create_train_state(config, jax.random.key(0), 1000), devices)
-  batch = bench._shard(bench.host_batch(config), 1)
-  bodies = index_hlo(step.lower(state, batch).compile().as_text())
+  mesh = sharding.make_mesh(jax.local_devices()[:1])
+  step, compiled = bench.compile_step(config, mesh)
+  state = ts.init_train_state(config, jax.random.key(0), 1000, mesh)
+  batch = bench.host_batch(config)
+  bodies = index_hlo(compiled.as_text())
   for _ in range(2):
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)

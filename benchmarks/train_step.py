@@ -23,6 +23,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -65,8 +66,25 @@ def host_batch(config, seed=0):
               labels=rng.choice(config.num_classes, n, replace=False).astype(np.int32))
 
 
-def _shard(batch, num_devices):
-  return {k: v.reshape((num_devices, -1) + v.shape[1:]) for k, v in batch.items()}
+def compile_step(config, mesh):
+  """Our train step for `config` on `mesh`: (step, compiled) with nothing allocated (the state
+  and batch are abstract: shapes and shardings)."""
+  from instance_loss_jax import checkpoint
+  from instance_loss_jax import train_step as ts
+  step = ts.make_train_step(config, 1000, mesh)
+  template = ts.abstract_train_state(config, 1000, mesh)
+  lowered = step.jitted.lower(checkpoint.state_tree(template), ts.abstract_batch(config, mesh))
+  return step, lowered.compile()
+
+
+def memory_account(compiled):
+  """XLA's per-device bytes of a compiled step: arguments + temporaries + outputs that are not
+  donated inputs (None where the backend gives no account)."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  return (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes -
+          mem.alias_size_in_bytes)
 
 
 def _memory_budget(device):
@@ -77,37 +95,34 @@ def _memory_budget(device):
 
 
 def bench_ours(config, devices):
-  """A row for our pmapped step on `devices`: compiled, analysed, and ready to time (`run`),
-  unless it does not fit (then compiled only)."""
+  """A row for our train step on a mesh of `devices`: compiled, analysed, and ready to time
+  (`run`), unless it does not fit (then compiled only)."""
   import jax
-  import numpy as np
 
+  from instance_loss_jax import sharding
   from instance_loss_jax import train_step as ts
   row = dict(framework="jax/xla", stage=config.stage, dtype=config.compute_dtype,
              classes=config.num_classes, batch=config.batch_size)
   n = len(devices)
-  batch = _shard(host_batch(config), n)
-  step = ts.make_train_step(config, 1000, devices=devices)
-  abstract = jax.eval_shape(lambda k: ts.create_train_state(config, k, 1000), jax.random.key(0))
-  abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct((n,) + x.shape, x.dtype), abstract)
+  mesh = sharding.make_mesh(devices)
   start = time.perf_counter()
-  compiled = step.lower(abstract, batch).compile()
+  step, compiled = compile_step(config, mesh)
   row["compile_s"] = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   row["gflop_per_step"] = float(cost.get("flops", 0.0)) * n / 1e9
-  mem = compiled.memory_analysis()
-  if mem is not None:
-    row["xla_bytes_per_device"] = (mem.argument_size_in_bytes + mem.temp_size_in_bytes +
-                                   mem.output_size_in_bytes - mem.alias_size_in_bytes)
-  w_share = 2048 * config.num_classes * 4 + config.num_classes * 4
-  # Replicated on every device: the parameters, the momentum, and the gradient in the step.
-  row["w_share_bytes_per_device"] = 3 * w_share
+  if memory_account(compiled) is not None:
+    row["xla_bytes_per_device"] = memory_account(compiled)
+  classes = sharding.padded_num_classes(config, mesh)
+  # The parameters, the momentum, and the gradient in the step: split over the devices when
+  # W_share's classes are sharded, else on every device.
+  row["w_share_bytes_per_device"] = 3 * (2048 + 1) * classes * 4 // (
+      n if sharding.classes_sharded(config) else 1)
   if row.get("xla_bytes_per_device", 0) > 0.8 * _memory_budget(devices[0]):
     row["note"] = "compiled only: does not fit this device"
     return row
-  state = ts.replicate(ts.create_train_state(config, jax.random.key(0), 1000), devices)
+  state = ts.init_train_state(config, jax.random.key(0), 1000, mesh)
+  batch = host_batch(config)
   holder = [state, None]
 
   def run():
@@ -122,8 +137,8 @@ def bench_ours(config, devices):
     peak = PEAK_TFLOPS.get((devices[0].device_kind, config.compute_dtype))
     if peak:
       row["mfu"] = row["tflop_per_s"] / (peak * n)
-    row["loss"] = float(np.asarray(holder[1]["loss"])[0])
-    if not np.isfinite(row["loss"]):
+    row["loss"] = float(holder[1]["loss"])
+    if not math.isfinite(row["loss"]):
       row["note"] = f"loss {row['loss']}: the timing is of a broken step"
     holder.clear()  # frees the state before the next group's
 

@@ -4,7 +4,8 @@
 #   bash launch/gpu.sh --config=configs/mscoco.py:stage1 --workdir=runs/coco-1 ...
 #   srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 bash launch/gpu.sh ...   (multi-host)
 #
-# One process per host drives all of that host's GPUs (pmap). Under SLURM with more than one
+# One process per host drives all of that host's GPUs (one device mesh over every GPU of every
+# host; W_share split over them by class). Under SLURM with more than one
 # task, JAX reads the coordinator, process count and index from the SLURM variables
 # (jax.distributed.initialize()); every process feeds its own shard of the data.
 INSTALL_EXTRAS=cuda source "$(dirname "$0")/env.sh"

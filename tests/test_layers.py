@@ -54,3 +54,24 @@ def test_pair_conv_is_the_left_padded_1x2_conv(stride, length):
   assert_same_as(layers.PairConv(5, stride),
                  nn.Conv(5, (2,), (stride,), padding=((1, 0),), use_bias=False), x)
 
+
+
+def test_patch_kernel_gradient_under_shard_map_sums_over_devices():
+  # The replicated stem kernel meets per-device images: its custom gradient must be summed over
+  # the mesh like XLA's own convolution's.
+  from instance_loss_jax import sharding
+  mesh = sharding.make_mesh(jax.devices()[:4])
+  spec = jax.sharding.PartitionSpec
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(8, 16, 16, 3)).astype(np.float32)
+  kernel = rng.normal(size=(7, 7, 3, 8)).astype(np.float32)
+
+  def grad(conv):
+    def per_device(k, x):
+      return jax.lax.pmean(jnp.mean(conv(x, k, 2, 3) ** 2), sharding.AXIS)
+    fn = jax.shard_map(per_device, mesh=mesh, in_specs=(spec(), spec(sharding.AXIS)),
+                       out_specs=spec())
+    return jax.jit(jax.grad(lambda k: fn(k, x)))(kernel)
+
+  np.testing.assert_allclose(grad(layers.conv_im2col_wgrad), grad(layers._conv),  # pylint: disable=protected-access
+                             rtol=1e-4, atol=1e-5)

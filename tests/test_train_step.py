@@ -1,4 +1,5 @@
-"""The pmapped train step: data-parallel equivalence, Stage I freezing, learning, bad batches."""
+"""The train step over a device mesh: data-parallel equivalence, Stage I freezing, learning, bad
+batches."""
 
 import os
 

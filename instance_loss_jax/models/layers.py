@@ -72,11 +72,24 @@ def _conv_fwd(x, kernel, stride, pad):
   return _conv(x, kernel, stride, pad), (x, kernel)
 
 
+def _varying_axes(x) -> frozenset:
+  """The shard_map mesh axes over which x's value differs between devices (JAX's type)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)  # jax 0.10; earlier versions call it vma
+  return mat.varying if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
 def _conv_bwd(stride, pad, residuals, dy):
   x, kernel = residuals
   _, input_vjp = jax.vjp(lambda v: _conv(v, kernel, stride, pad), x)
   patches = _patches(x, kernel.shape[0], stride, pad)
   dk = jnp.dot(patches.reshape(-1, patches.shape[-1]).T, dy.reshape(-1, dy.shape[-1]))
+  # Under shard_map a replicated kernel meets per-device inputs: its gradient must be summed
+  # over the mesh axes the product varies over and it does not (what autodiff does for XLA's
+  # own convolution).
+  extra = tuple(sorted(_varying_axes(dk) - _varying_axes(kernel)))
+  if extra:
+    dk = jax.lax.psum(dk, extra)
   return input_vjp(dy)[0], dk.reshape(kernel.shape).astype(kernel.dtype)
 
 

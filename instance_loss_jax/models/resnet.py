@@ -58,7 +58,7 @@ class ResNet(nn.Module):
   stride_variant: str = "v1"
   bn_epsilon: float = 1e-5
   bn_momentum: float = 0.9
-  axis_name: str | None = None  # set to the pmap axis to synchronise BN statistics
+  axis_name: str | None = None  # the mesh axis to synchronise BN statistics over (train step)
   # Activations' and matmuls' dtype; parameters and BN statistics stay float32 (BN reduces in
   # float32 too), so bfloat16 changes the arithmetic, never what a checkpoint holds.
   dtype: Any = jnp.float32
