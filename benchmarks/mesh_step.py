@@ -68,6 +68,7 @@ def _pmap_module(commit):
                           check=True, capture_output=True, text=True).stdout
   spec = importlib.util.spec_from_loader("pmap_train_step", loader=None)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses (TrainState) look their module up
   exec(compile(source, f"{commit}:train_step.py", "exec"), module.__dict__)  # pylint: disable=exec-used
   return module
 

@@ -1,2 +1,12 @@
 """instance_loss_jax: dual-path CNN image-text embeddings with instance loss, in JAX/Flax."""
 __version__ = "0.1.0"
+
+__all__ = ["Index"]
+
+
+def __getattr__(name):
+  # `from instance_loss_jax import Index` without importing JAX for every submodule user.
+  if name == "Index":
+    from instance_loss_jax.retrieval import Index  # pylint: disable=g-import-not-at-top
+    return Index
+  raise AttributeError(f"module 'instance_loss_jax' has no attribute {name!r}")

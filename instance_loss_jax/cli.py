@@ -59,9 +59,11 @@ def user_errors() -> tuple[type[Exception], ...]:
   from instance_loss_jax.config import ConfigError
   from instance_loss_jax.data.records import DataError
   from instance_loss_jax.port import BackboneError
+  from instance_loss_jax.retrieval import RetrievalError
   from instance_loss_jax.train_step import BatchError
   from instance_loss_jax.trainer import TrainingError
-  return BackboneError, CheckpointError, ConfigError, DataError, BatchError, TrainingError
+  return (BackboneError, CheckpointError, ConfigError, DataError, BatchError, TrainingError,
+          RetrievalError)
 
 
 def run(main):

@@ -114,6 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.text_shift_sum = False  # caption feature = sum over all shift offsets (original code)
   c.eval.block_bytes = 256 << 20  # similarity block size: bounds eval memory
   c.eval.coco_1k_folds = 0  # MSCOCO: 5 (the 1K protocol beside 5K)
+  # Queries of each kind (best, worst text->image) on the evaluation's HTML page; 0: no page.
+  c.eval.gallery_queries = 4
   c.eval.s_bins = 100  # histogram bins over [-1, 1] for the separability indicator S
 
   c.optim = ml_collections.ConfigDict()

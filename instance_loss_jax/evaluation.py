@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from instance_loss_jax import checkpoint, metrics, plots, sharding, train_step
+from instance_loss_jax import checkpoint, gallery, metrics, plots, sharding, train_step
 from instance_loss_jax.config import with_input_convention
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data.vocab import Vocabulary
@@ -132,6 +132,14 @@ def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
         plots.similarity_histograms(base + "-similarity.png", edges, pos, neg,
                                     results["metrics"]["S"], f"{split} step {step}"),
         plots.correlation_matrix(base + "-correlation.png", img)]
+    if config.eval.gallery_queries:
+      _, t2i = metrics.retrieval_ranks(img, txt, data.caption_image, config.eval.block_bytes)
+      captions = [" ".join(c) for r in recs for c in r.captions]
+      results["gallery"] = gallery.write_page(
+          base + "-gallery.html", f"{split} step {step}: best and worst text->image queries",
+          gallery.best_and_worst_queries(img, txt, data.caption_image, captions,
+                                         data.image_paths, t2i, config.eval.gallery_queries),
+          subtitle=f"{os.path.abspath(workdir)}; the right image is outlined in green")
     with open(base + ".json", "w", encoding="utf-8") as f:
       json.dump(results, f, indent=1, sort_keys=True)
     with open(base + ".md", "w", encoding="utf-8") as f:

@@ -166,7 +166,7 @@ def _train_loop(config, step_fn, state, batches, mgr, meta, logger, start, total
     pending.append((step, metrics))
     save = step % config.checkpoint_every == 0 or step == total_steps
     if save or step % config.log_every == 0:
-      history = [(s, jax.device_get(m)) for s, m in pending]
+      history = [(s, sharding.to_host(m)) for s, m in pending]
       pending = []
       for s, m in history:
         if not np.isfinite(m["loss"]):

@@ -191,14 +191,20 @@ def train_dataset(split: EncodedSplit, config, num_devices: int, start_step: int
   return ds.prefetch(data.prefetch)
 
 
-def eval_images(split: EncodedSplit, config, batch_size: int) -> tf.data.Dataset:
-  """Every image of the split once, in file order, batched, each with its row `index`."""
+def eval_image_files(paths: Sequence[str], config, batch_size: int) -> tf.data.Dataset:
+  """Image files in order, batched, each with its row `index`: whole images resized to the
+  model's input (the mirror is averaged in at embedding time)."""
   data, size = config.data, config.image_size
   images = tf.data.Dataset.from_tensor_slices(
-      dict(path=split.image_paths, index=np.arange(split.num_images, dtype=np.int32)))
+      dict(path=np.asarray(paths), index=np.arange(len(paths), dtype=np.int32)))
   images = images.map(lambda x: dict(images=eval_image(x["path"], size, data), index=x["index"]),
                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return images.batch(batch_size).prefetch(2)
+
+
+def eval_images(split: EncodedSplit, config, batch_size: int) -> tf.data.Dataset:
+  """Every image of the split once, in file order, batched, each with its row `index`."""
+  return eval_image_files(split.image_paths, config, batch_size)
 
 
 def unreadable_images(paths: Sequence[str], limit: int = 5) -> list[str]:

@@ -1,0 +1,68 @@
+r"""Embed a gallery with a trained run's checkpoint and write a searchable index.
+
+    python -m instance_loss_jax.export --workdir=RUN --images=DIR_OR_GLOB --out=INDEX
+    python -m instance_loss_jax.export --workdir=RUN --split=test [--kind=captions] --out=INDEX \
+        [--config.data.json=... --config.data.image_root=...]
+    python -m instance_loss_jax.export --workdir=RUN --captions=sentences.txt --out=INDEX
+
+The gallery is a folder (or glob) of JPEG/PNG files, a split of the run's recorded dataset
+(`--config.data.*` overrides its fields), or a text file with one sentence per line. The
+newest checkpoint is used unless --step says otherwise. The index (embeddings.npy, items.json,
+index.json) is what `instance_loss_jax.search` and `instance_loss_jax.Index.load` read; paths
+may be local or on an object store (gs://).
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from instance_loss_jax import cli
+from instance_loss_jax.config import _flatten, apply_overrides, base_config  # pylint: disable=protected-access
+
+
+def define_flags():
+  flags.DEFINE_string("workdir", None, "The training run's directory.")
+  flags.DEFINE_string("out", None, "Directory to write the index to.")
+  flags.DEFINE_string("images", None, "Gallery: a folder of JPEG/PNG files, or a glob.")
+  flags.DEFINE_string("split", None, "Gallery: a split of the run's dataset (e.g. test).")
+  flags.DEFINE_enum("kind", "images", ["images", "captions"], "With --split: what to index.")
+  flags.DEFINE_string("captions", None, "Gallery: a text file, one sentence per line.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "Embeddings' storage type.")
+  config_flags.DEFINE_config_dict("config", base_config(), "Overrides of the run's recorded "
+                                  "config, e.g. --config.data.json=... (with --split).")
+  flags.mark_flags_as_required(["workdir", "out"])
+
+
+def config_overrides(flag_config) -> dict:
+  """The fields the command line changed from their defaults (to apply to the run's config)."""
+  defaults = _flatten(base_config())
+  return {k: v for k, v in _flatten(flag_config).items() if defaults.get(k) != v}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logs()
+  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax.retrieval import Index, load_run_config
+  f = flags.FLAGS
+  config = None
+  overrides = config_overrides(f.config)
+  if overrides:
+    config = apply_overrides(load_run_config(f.workdir), overrides)
+  index = Index.from_run(f.workdir, images=f.images, split=f.split, captions=f.captions,
+                         step=f.step, config=config, dtype=f.dtype, split_kind=f.kind)
+  index.save(f.out)
+  logging.info("wrote %s", f.out)
+  print(f"{f.out}: {len(index.items)} {index.kind}, {index.embeddings.shape[1]}-d "
+        f"{index.embeddings.dtype}, {f.workdir} step {index.run['step']}")
+
+
+def run():
+  """Console-script entry point."""
+  define_flags()
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run()

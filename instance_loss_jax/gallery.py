@@ -1,0 +1,107 @@
+"""Self-contained HTML pages of retrieval results: thumbnails (inlined), captions, scores.
+
+One page, no outside file: every thumbnail is a base64 JPEG in the page, so it can be mailed,
+copied off a TPU VM or opened from an object store as it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any, Sequence
+
+import numpy as np
+
+THUMBNAIL = 160
+
+_STYLE = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.3em; } h2 { font-size: 1.05em; margin: 1.6em 0 0.4em; }
+.meta { color: #666; font-size: 0.85em; }
+.query img { max-height: 120px; border: 1px solid #ccc; }
+.hits { display: flex; flex-wrap: wrap; gap: 10px; }
+.hit { width: 170px; font-size: 0.8em; }
+.hit img { width: 160px; height: 160px; object-fit: contain; background: #f4f4f4;
+           border: 3px solid transparent; }
+.hit.right img { border-color: #2a9d3a; } .hit.right .caption { color: #2a9d3a; }
+.caption-hit { padding: 4px 8px; margin: 2px 0; background: #f6f6f6; font-size: 0.9em; }
+.caption-hit.right { background: #e3f4e5; }
+.score { font-family: monospace; color: #555; }
+"""
+
+
+def thumbnail_uri(path: str, size: int = THUMBNAIL) -> str:
+  """A data: URI of the image file shrunk to fit size x size (JPEG), or "" if unreadable."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      image = Image.open(io.BytesIO(f.read())).convert("RGB")
+  except (OSError, tf.errors.OpError):
+    return ""
+  image.thumbnail((size, size))
+  out = io.BytesIO()
+  image.save(out, format="JPEG", quality=85)
+  return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def _hit_html(hit: dict[str, Any], images: bool) -> str:
+  right = " right" if hit.get("right") else ""
+  score = f'<span class="score">#{hit["rank"]} &middot; {hit["score"]:.3f}</span>'
+  if not images:
+    return f'<div class="caption-hit{right}">{score} {html.escape(hit["item"])}</div>'
+  uri = thumbnail_uri(hit["item"])
+  name = html.escape(hit["item"].rsplit("/", 1)[-1])
+  picture = f'<img src="{uri}" alt="{name}">' if uri else f"<div>(unreadable: {name})</div>"
+  return (f'<div class="hit{right}">{picture}<div>{score}</div>'
+          f'<div class="caption" title="{html.escape(hit["item"])}">{name}</div></div>')
+
+
+def write_page(path: str, title: str, sections: Sequence[dict[str, Any]],
+               subtitle: str = "") -> str:
+  """Writes the page. Each section: `query` (text) or `query_image` (a path), optional `note`,
+  and `hits`: dicts with rank, score, item (image path or caption), is_image, optional right
+  (the correct answer, outlined in green)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+           f"</title><style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+  if subtitle:
+    parts.append(f'<p class="meta">{html.escape(subtitle)}</p>')
+  for section in sections:
+    if "query_image" in section:
+      uri = thumbnail_uri(section["query_image"], 240)
+      head = (f'<div class="query"><img src="{uri}" alt="query"> '
+              f'{html.escape(section["query_image"])}</div>')
+    else:
+      head = f'&ldquo;{html.escape(section["query"])}&rdquo;'
+    parts.append(f"<h2>{head}</h2>")
+    if section.get("note"):
+      parts.append(f'<p class="meta">{html.escape(section["note"])}</p>')
+    images = bool(section["hits"]) and section["hits"][0].get("is_image", True)
+    body = "".join(_hit_html(h, images) for h in section["hits"])
+    parts.append(f'<div class="hits">{body}</div>' if images else body)
+  parts.append("</body></html>")
+  with tf.io.gfile.GFile(path, "w") as f:
+    f.write("\n".join(parts))
+  return path
+
+
+def best_and_worst_queries(img, txt, txt_to_img, captions: Sequence[str],
+                           image_paths: Sequence[str], t2i_ranks, count: int = 4, k: int = 5):
+  """Page sections for the `count` best and worst text->image queries of a split: each
+  caption with its top-k images, the right one outlined."""
+  from instance_loss_jax.retrieval import top_k  # pylint: disable=g-import-not-at-top
+  ranks = np.asarray(t2i_ranks)
+  order = np.lexsort((np.arange(len(ranks)), ranks))  # best first, ties by caption order
+  chosen = list(order[:count]) + [q for q in order[::-1][:count] if q not in order[:count]]
+  scores, rows = top_k(np.asarray(txt)[chosen], img, min(k, len(img)))
+  sections = []
+  for n, q in enumerate(chosen):
+    kind = "best" if n < count else "worst"
+    sections.append(dict(
+        query=captions[q], note=f"{kind}: the right image ranks {int(ranks[q])}",
+        hits=[dict(rank=r + 1, score=float(s), item=image_paths[i], is_image=True,
+                   right=int(i) == int(txt_to_img[q]))
+              for r, (s, i) in enumerate(zip(scores[n], rows[n]))]))
+  return sections

@@ -1,0 +1,295 @@
+"""Use a trained run: embed a gallery into an index, then search it with text or an image.
+
+    from instance_loss_jax import Index
+    index = Index.from_run("runs/f30k-2", images="photos/")      # or split="test", captions=FILE
+    index.save("photos.index")
+    for hit in Index.load("photos.index").search_text("a dog runs on the beach", k=5):
+      print(hit.rank, f"{hit.score:.3f}", hit.item)
+
+An index is a directory: `embeddings.npy` ([N, D], L2-normalised, float16 or float32),
+`items.json` (image paths or captions, row by row) and `index.json` (kind, run, step,
+vocabulary fingerprint). Queries are embedded by the run's own model, found through the index's
+record. Search is a blocked top-k on the device (`top_k`): memory stays bounded whatever the
+gallery's size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import logging
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+INDEX_FILE, EMBEDDINGS_FILE, ITEMS_FILE = "index.json", "embeddings.npy", "items.json"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+KINDS = ("images", "captions")
+
+
+class RetrievalError(ValueError):
+  """A query, gallery or index that cannot be used, with the reason."""
+
+
+def _gfile():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.gfile  # local paths and object stores (gs://) alike
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _merge_block(queries, block, valid, offset, best_scores, best_index, *, k):
+  scores = queries @ block.astype(jnp.float32).T
+  scores = jnp.where(jnp.arange(block.shape[0]) < valid, scores, -jnp.inf)
+  scores, index = jax.lax.top_k(scores, min(k, block.shape[0]))
+  index = jnp.where(jnp.isneginf(scores), -1, index + offset)  # padding rows are no hit
+  scores = jnp.concatenate([best_scores, scores], axis=1)
+  index = jnp.concatenate([best_index, index], axis=1)
+  scores, pick = jax.lax.top_k(scores, k)
+  return scores, jnp.take_along_axis(index, pick, axis=1)
+
+
+def top_k(queries, gallery, k: int = 10, block_rows: int = 65536):
+  """The k most similar gallery rows (dot product) of each query: (scores [Q, k], rows [Q, k]).
+
+  The gallery (numpy, any float dtype, in host memory or memory-mapped) goes to the device one
+  block of `block_rows` rows at a time; each block's top-k (jax.lax.top_k) is merged into the
+  running one, so device memory holds one block and Q x block scores whatever the gallery's
+  size. Rows beyond the gallery (k > N) come back with score -inf and row -1.
+  """
+  queries = jnp.asarray(np.asarray(queries, np.float32))
+  n = len(gallery)
+  block_rows = max(1, min(block_rows, n))
+  best_scores = jnp.full((queries.shape[0], k), -jnp.inf, jnp.float32)
+  best_index = jnp.full((queries.shape[0], k), -1, jnp.int32)
+  for lo in range(0, n, block_rows):
+    block = np.asarray(gallery[lo:lo + block_rows])
+    valid = len(block)
+    if valid < block_rows:  # one shape for every block: one compile
+      block = np.concatenate([block, np.zeros((block_rows - valid,) + block.shape[1:],
+                                              block.dtype)])
+    best_scores, best_index = _merge_block(queries, block, valid, lo, best_scores, best_index,
+                                           k=k)
+  return np.asarray(best_scores), np.asarray(best_index)
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run recorded (`config.json`: vocabulary size, class count and input
+  convention resolved)."""
+  path = os.path.join(workdir, "config.json")
+  if not _gfile().exists(path):
+    raise RetrievalError(f"{path}: no such file (is {workdir} a training run's workdir?)")
+  try:
+    with _gfile().GFile(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except json.JSONDecodeError as e:
+    raise RetrievalError(f"{path}: not a run config ({e})") from None
+
+
+def image_files(images: str) -> list[str]:
+  """A folder's JPEG/PNG files (sorted), or the files a glob pattern matches."""
+  gfile = _gfile()
+  if gfile.isdir(images):
+    paths = [os.path.join(images, name) for name in sorted(gfile.listdir(images))]
+  else:
+    paths = sorted(gfile.glob(images)) if any(c in images for c in "*?[") else (
+        [images] if gfile.exists(images) else [])
+  paths = [p for p in paths if p.lower().endswith(IMAGE_SUFFIXES)]
+  if not paths:
+    raise RetrievalError(f"{images}: no JPEG or PNG file there")
+  return paths
+
+
+class RunModel:
+  """A trained run's encoders: its recorded config, vocabulary and a checkpoint (default: the
+  newest), on this process's devices."""
+
+  def __init__(self, workdir: str, step: int | None = None,
+               config: ml_collections.ConfigDict | None = None):
+    # pylint: disable=g-import-not-at-top
+    from instance_loss_jax import checkpoint, sharding, train_step
+    from instance_loss_jax.data.vocab import Vocabulary
+    self.workdir = workdir
+    self.config = config if config is not None else load_run_config(workdir)
+    mgr = checkpoint.manager(workdir, read_only=True)
+    steps = mgr.all_steps()
+    if not steps:
+      raise RetrievalError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    if step is not None and step not in steps:
+      raise RetrievalError(f"no step {step} in {workdir} (have {sorted(steps)})")
+    self.step = int(step if step is not None else max(steps))
+    self.vocab = Vocabulary.load(workdir)
+    self._index = self.vocab.index()
+    mesh = sharding.make_mesh(jax.local_devices())
+    self._rows = max(1, self.config.eval.batch_size // mesh.size) * mesh.size
+    self._embed_images, self._embed_texts = train_step.make_embed_fns(self.config, mesh)
+    self._variables = train_step.place_variables(checkpoint.restore_variables(mgr, self.step),
+                                                 mesh)
+
+  def record(self) -> dict[str, Any]:
+    return dict(workdir=self.workdir, step=self.step, vocab=self.vocab.fingerprint)
+
+  def tokens(self, sentences: Sequence[str]) -> tuple[np.ndarray, list[list[str]]]:
+    """Token rows [n, max_len] (left-aligned, as the evaluation embeds captions) and each
+    sentence's words that the vocabulary does not know. A sentence with no known word is an
+    error naming it."""
+    from instance_loss_jax.data.records import tokenize  # pylint: disable=g-import-not-at-top
+    max_len = self.config.model.text.max_len
+    rows = np.zeros((len(sentences), max_len), np.int32)
+    unknown = []
+    for i, sentence in enumerate(sentences):
+      words = tokenize(sentence)
+      known = [self._index[w] for w in words if w in self._index][:max_len]
+      unknown.append([w for w in words if w not in self._index])
+      if not known:
+        what = f"none of its words ({', '.join(words)})" if words else "it has no word"
+        raise RetrievalError(f"query {sentence!r}: {what} in the run's vocabulary "
+                             f"({len(self.vocab.words)} words)")
+      rows[i, :len(known)] = known
+    return rows, unknown
+
+  def embed_sentences(self, sentences: Sequence[str]) -> tuple[np.ndarray, list[list[str]]]:
+    from instance_loss_jax import evaluation  # pylint: disable=g-import-not-at-top
+    rows, unknown = self.tokens(sentences)
+    emb = evaluation._embed_chunks(  # pylint: disable=protected-access
+        [rows], len(rows), "captions", self._rows,
+        lambda x: self._embed_texts(self._variables, x))
+    return emb, unknown
+
+  def embed_images(self, paths: Sequence[str]) -> np.ndarray:
+    """L2-normalised features of image files (the evaluation's: whole image, mirror averaged
+    when the run's eval.flip_average)."""
+    # pylint: disable=g-import-not-at-top
+    from instance_loss_jax import evaluation
+    from instance_loss_jax.data import pipeline
+    ds = pipeline.eval_image_files(paths, self.config, self._rows)
+    flip = bool(self.config.eval.flip_average)
+    return evaluation._embed_chunks(  # pylint: disable=protected-access
+        (b["images"] for b in pipeline.numpy_batches(ds, paths)), len(paths), "images",
+        self._rows, lambda x: self._embed_images(self._variables, x, flip))
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+  rank: int  # 1-based
+  score: float  # cosine similarity
+  item: str  # image path or caption
+  row: int  # row in the index
+
+
+@dataclasses.dataclass
+class Index:
+  """Embeddings of a gallery (images or captions) with what each row is and the run that made
+  them. Build with `from_run`, keep with `save` / `load`, query with `search_text` (an image
+  index) or `search_image` (a caption index)."""
+  embeddings: np.ndarray  # [N, D], L2-normalised
+  items: list[str]
+  kind: str  # "images" or "captions"
+  run: dict[str, Any]  # workdir, step, vocab (fingerprint)
+  model: RunModel | None = dataclasses.field(default=None, repr=False, compare=False)
+
+  @classmethod
+  def from_run(cls, workdir: str, images: str | None = None, split: str | None = None,
+               captions: str | None = None, step: int | None = None,
+               config: ml_collections.ConfigDict | None = None, dtype: str = "float16",
+               split_kind: str = "images") -> "Index":
+    """Embeds one gallery with the run's checkpoint: a folder or glob of images, a dataset
+    split (the run's recorded dataset, or `config`'s), or a text file of sentences (one per
+    line)."""
+    if sum(x is not None for x in (images, split, captions)) != 1:
+      raise RetrievalError("give exactly one gallery: images, split or captions")
+    model = RunModel(workdir, step, config)
+    if images is not None:
+      kind, items = "images", image_files(images)
+    elif captions is not None:
+      kind, items = "captions", _read_lines(captions)
+    else:
+      kind, items = split_kind, _split_items(model.config, split, split_kind)
+    logging.info("embedding %d %s with %s step %d", len(items), kind, workdir, model.step)
+    emb = model.embed_images(items) if kind == "images" else model.embed_sentences(items)[0]
+    return cls(emb.astype(dtype), list(items), kind, model.record(), model)
+
+  def save(self, path: str) -> str:
+    gfile = _gfile()
+    gfile.makedirs(path)
+    buffer = io.BytesIO()
+    np.save(buffer, self.embeddings)
+    with gfile.GFile(os.path.join(path, EMBEDDINGS_FILE), "wb") as f:
+      f.write(buffer.getvalue())
+    with gfile.GFile(os.path.join(path, ITEMS_FILE), "w") as f:
+      json.dump(self.items, f)
+    with gfile.GFile(os.path.join(path, INDEX_FILE), "w") as f:
+      json.dump(dict(kind=self.kind, count=len(self.items), dim=int(self.embeddings.shape[1]),
+                     dtype=str(self.embeddings.dtype), run=self.run), f, indent=1)
+    return path
+
+  @classmethod
+  def load(cls, path: str) -> "Index":
+    gfile = _gfile()
+    files = [os.path.join(path, name) for name in (INDEX_FILE, EMBEDDINGS_FILE, ITEMS_FILE)]
+    missing = [f for f in files if not gfile.exists(f)]
+    if missing:
+      raise RetrievalError(f"{path}: not an index (missing {', '.join(missing)})")
+    try:
+      with gfile.GFile(files[0]) as f:
+        record = json.load(f)
+      with gfile.GFile(files[1], "rb") as f:
+        embeddings = np.load(io.BytesIO(f.read()))
+      with gfile.GFile(files[2]) as f:
+        items = json.load(f)
+    except (json.JSONDecodeError, ValueError, OSError) as e:
+      raise RetrievalError(f"{path}: unreadable index ({e})") from None
+    if record.get("kind") not in KINDS or len(items) != len(embeddings):
+      raise RetrievalError(f"{path}: inconsistent index ({record.get('kind')!r}, "
+                           f"{len(items)} items, {len(embeddings)} embeddings)")
+    return cls(embeddings, items, record["kind"], record["run"])
+
+  def _model(self, workdir: str | None = None) -> RunModel:
+    if self.model is None or (workdir and workdir != self.model.workdir):
+      self.model = RunModel(workdir or self.run["workdir"], self.run["step"])
+      if self.model.vocab.fingerprint != self.run["vocab"]:
+        raise RetrievalError(f"the run's vocabulary ({self.model.workdir}) is not the one this "
+                             "index was made with")
+    return self.model
+
+  def search_embeddings(self, queries, k: int = 10) -> list[list[Hit]]:
+    scores, rows = top_k(queries, self.embeddings, min(k, len(self.items)))
+    return [[Hit(r + 1, float(s), self.items[i], int(i)) for r, (s, i) in enumerate(zip(ss, ii))]
+            for ss, ii in zip(scores, rows)]
+
+  def search_text(self, query: str, k: int = 10, workdir: str | None = None):
+    """Images of this index most similar to a sentence: (hits, the query's unknown words)."""
+    if self.kind != "images":
+      raise RetrievalError("a text query searches an image index; this one holds captions")
+    emb, unknown = self._model(workdir).embed_sentences([query])
+    return self.search_embeddings(emb, k)[0], unknown[0]
+
+  def search_image(self, path: str, k: int = 10, workdir: str | None = None) -> list[Hit]:
+    """Captions of this index most similar to an image file."""
+    if self.kind != "captions":
+      raise RetrievalError("an image query searches a caption index; this one holds images")
+    paths = image_files(path)
+    return self.search_embeddings(self._model(workdir).embed_images(paths[:1]), k)[0]
+
+
+def _read_lines(path: str) -> list[str]:
+  if not _gfile().exists(path):
+    raise RetrievalError(f"{path}: no such file")
+  with _gfile().GFile(path) as f:
+    lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+  if not lines:
+    raise RetrievalError(f"{path}: no sentence in it")
+  return lines
+
+
+def _split_items(config, split: str, kind: str) -> list[str]:
+  from instance_loss_jax.data import records  # pylint: disable=g-import-not-at-top
+  recs = records.read_split(config, split)
+  if kind == "images":
+    return [r.image_path for r in recs]
+  return [" ".join(c) for r in recs for c in r.captions]
