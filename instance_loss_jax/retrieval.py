@@ -75,6 +75,9 @@ def top_k(queries, gallery, k: int = 10, block_rows: int = 65536):
                                               block.dtype)])
     best_scores, best_index = _merge_block(queries, block, valid, lo, best_scores, best_index,
                                            k=k)
+    # Dispatch is asynchronous: without this wait every block would be copied in before the
+    # first is scored, and memory would grow with the gallery.
+    best_scores.block_until_ready()
   return np.asarray(best_scores), np.asarray(best_index)
 
 
