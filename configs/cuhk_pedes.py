@@ -13,4 +13,5 @@ def get_config(stage="stage1"):
   # Epochs: Stage I ~160; Stage II 40, then 21 at lr/10.
   c.optim.schedule = ((160, 1.0),) if c.stage == 1 else ((40, 1.0), (21, 0.1))
   c.checkpoint_every = 2000
+  c.eval.every_steps = 2000  # val split from memory; the final test uses the best by rsum
   return c

@@ -18,4 +18,5 @@ def get_config(stage="stage1"):
   # Epochs: Stage I 240; Stage II 40, then 20 at lr/10.
   c.optim.schedule = ((240, 1.0),) if c.stage == 1 else ((40, 1.0), (20, 0.1))
   c.checkpoint_every = 2000
+  c.eval.every_steps = 2000  # val split from memory; the final test uses the best by rsum
   return c

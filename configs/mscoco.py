@@ -15,4 +15,5 @@ def get_config(stage="stage1"):
   c.optim.schedule = ((80, 1.0),) if c.stage == 1 else ((15, 1.0), (5, 0.1), (1, 0.01))
   c.eval.coco_1k_folds = 5
   c.checkpoint_every = 5000
+  c.eval.every_steps = 5000  # val split from memory; the final test uses the best by rsum
   return c

@@ -1,5 +1,10 @@
 """instance_loss_jax: dual-path CNN image-text embeddings with instance loss, in JAX/Flax."""
+import os as _os
+
 __version__ = "0.1.0"
+# TensorFlow (tf.data) logs INFO notices (oneDNN, CPU features) from C++ at import: keep the
+# console to warnings and ours. A user's own setting wins.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 __all__ = ["Index"]
 

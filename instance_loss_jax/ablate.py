@@ -11,7 +11,6 @@ Stage II models. Runs are ordinary workdirs: re-running the command resumes or r
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import shutil
 import time
@@ -20,9 +19,10 @@ from typing import Any
 import jax
 import numpy as np
 from absl import flags, logging
+from ml_collections import config_flags
 
 from instance_loss_jax import cli, trainer
-from instance_loss_jax.config import apply_overrides
+from instance_loss_jax import config as config_lib
 from instance_loss_jax.data import synthetic
 
 
@@ -57,10 +57,8 @@ METRICS = ("i2t_r1", "i2t_r10", "t2i_r1", "t2i_r10")
 
 
 def load_config(path: str, stage: int, overrides: dict[str, Any]):
-  spec = importlib.util.spec_from_file_location("ablation_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return apply_overrides(module.get_config(f"stage{stage}"), overrides)
+  """configs/*.py's config for `stage`, with `overrides` (see `config.load_config`)."""
+  return config_lib.load_config(f"{path}:stage{stage}", overrides)
 
 
 def run_row(row: Row, seed: int, config_path: str, workdir: str, data_dir: str,
@@ -143,43 +141,47 @@ def write_report(workdir: str, seeds: list[int], results, command: str, seconds:
   return path
 
 
-_CONFIG = flags.DEFINE_string("config", "configs/demo.py", "Config file with get_config(stage).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the data, runs and report.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: every row is run once per seed.")
-_OVERRIDES = flags.DEFINE_multi_string("override", [], "KEY=VALUE (Python literal) applied to "
-                                       "every run, e.g. --override='optim.schedule=((5, 1.0),)'.")
-_SCENES = flags.DEFINE_integer("scenes", 800, "Synthetic scenes to generate (if DIR/data has none).")
-flags.mark_flags_as_required(["workdir"])
+def define_flags():
+  config_flags.DEFINE_config_file(
+      "config", "configs/demo.py", "Config file with get_config(stage); --config.FIELD=VALUE "
+      "overrides apply to every run (e.g. --config.optim.schedule='((5, 1.0),)').")
+  flags.DEFINE_string("workdir", None, "Directory for the data, runs and report.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: every row is run once per seed.")
+  flags.DEFINE_integer("scenes", 800, "Synthetic scenes to generate (if DIR/data has none).")
+  flags.mark_flags_as_required(["workdir"])
+  cli.define_print_config()
 
 
 def main(argv):
-  import ast  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   del argv
   cli.quiet_library_logs()
+  f = flags.FLAGS
   start = time.time()
-  workdir = _WORKDIR.value
+  workdir = f.workdir
+  config_path = config_flags.get_config_filename(f["config"]).split(":", 1)[0]
+  overrides = config_flags.get_override_values(f["config"])
   # Rows share programs (the init, the evaluation, same-loss steps): compile each once.
   jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
   data_dir = os.path.join(workdir, "data")
   if not os.path.isfile(os.path.join(data_dir, "dataset.json")):
-    synthetic.generate(data_dir, _SCENES.value, seed=0, image_size=64, w2v_dim=32)
-  overrides = {}
-  for item in _OVERRIDES.value:
-    key, value = item.split("=", 1)
-    overrides[key] = ast.literal_eval(value)
-  seeds = [int(s) for s in _SEEDS.value]
+    synthetic.generate(data_dir, f.scenes, seed=0, image_size=64, w2v_dim=32)
+  seeds = [int(s) for s in f.seeds]
   results = {row.name: [] for row in ROWS}
   for seed in seeds:
     for row in ROWS:
       logging.info("seed %d, %s (Table %s: %s, stage %d)", seed, row.name, row.table,
                    row.label, row.stage)
       results[row.name].append(
-          run_row(row, seed, _CONFIG.value, workdir, data_dir, overrides)["metrics"])
+          run_row(row, seed, config_path, workdir, data_dir, overrides)["metrics"])
   command = "python -m instance_loss_jax.ablate " + " ".join(sys.argv[1:])
   path = write_report(workdir, seeds, results, command, time.time() - start)
   print(open(path, encoding="utf-8").read())
 
 
+def run():
+  cli.run(main, define_flags)
+
+
 if __name__ == "__main__":
-  cli.run(main)
+  run()

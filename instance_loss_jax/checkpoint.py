@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from instance_loss_jax.config import input_convention
 
 CHECKPOINT_DIR = "checkpoints"
+BEST_METRIC = "rsum"  # the validation figure the best checkpoint is chosen by
 
 
 class CheckpointError(ValueError):
@@ -62,8 +63,17 @@ def meta_differences(saved: dict[str, Any], current: dict[str, Any],
 
 
 def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                         read_only=read_only)
+  # A reader's options as Orbax wants them for read_only (else it warns about each, every time).
+  # A writer keeps the newest `keep` checkpoints and, beside them, the one whose validation
+  # (saved with metrics, see `save`) has the highest rsum.
+  policies = ocp.checkpoint_managers
+  options = (ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                          save_interval_steps=0) if read_only else
+             ocp.CheckpointManagerOptions(create=True, preservation_policy=(
+                 policies.AnyPreservationPolicy([
+                     policies.LatestN(n=keep),
+                     policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                                    keep_checkpoints_without_metrics=False)]))))
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options,
       item_handlers=dict(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
@@ -75,13 +85,29 @@ def state_tree(state) -> dict[str, Any]:
               step=state.step)
 
 
-def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict[str, Any]) -> None:
+def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict[str, Any],
+         val_metrics: dict[str, float] | None = None) -> None:
   """Saves a train state of global arrays: every process calls this and writes the shards it
   holds. W_share is stored as it lies on the mesh, padded with zero classes up to a multiple
   of the device count; `meta["num_classes"]` is the true count, and every restore pads or cuts
   to what the reader needs (the padding is zeros, so nothing is lost either way)."""
+  metrics = None
+  if val_metrics is not None:
+    metrics = {k: float(v) for k, v in val_metrics.items()}
+    meta = dict(meta, val=metrics)
   mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree(state)),
-                                         meta=ocp.args.JsonSave(meta)))
+                                         meta=ocp.args.JsonSave(meta)), metrics=metrics,
+           force=True)
+
+
+def best_step(mgr: ocp.CheckpointManager) -> int | None:
+  """The kept checkpoint with the highest validation rsum, or None if none was validated."""
+  scored = []
+  for step in mgr.all_steps():
+    val = read_meta(mgr, step).get("val")
+    if val and BEST_METRIC in val:
+      scored.append((val[BEST_METRIC], -step, step))  # ties: the earlier step
+  return max(scored)[2] if scored else None
 
 
 def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:

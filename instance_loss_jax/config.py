@@ -107,7 +107,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.at_end = True  # evaluate when training ends
+  c.eval.at_end = True  # evaluate eval.split when training ends
+  # Every N steps (and at the last), evaluate eval.val_split from memory: metrics and figures to
+  # TensorBoard, a checkpoint saved with them; the best by rsum is kept beside the newest.
+  # 0: no evaluation during training.
+  c.eval.every_steps = 0
+  c.eval.val_split = "val"
+  c.eval.final_checkpoint = "best"  # the end's evaluation: "best" (by val rsum) or "newest"
   c.eval.split = "test"
   c.eval.batch_size = 128
   c.eval.flip_average = True  # image feature = mean of the image's and its mirror's
@@ -156,6 +162,24 @@ def apply_overrides(c: ml_collections.ConfigDict,
       raise KeyError(f"unknown config field {key!r}")
     node[leaf] = value
   return c
+
+
+def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """A config file's `get_config(ARG)` from "path.py[:ARG]", loaded as the binaries' --config
+  flag loads it (ml_collections' parser), with dotted `overrides` applied (unknown fields are
+  errors). The one loader of binaries, benchmarks and tests."""
+  # pylint: disable=g-import-not-at-top
+  from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+  try:
+    config = ConfigFileFlagParser(name="config", lock_config=False).parse(spec)
+  except ValueError as e:  # get_config's own errors, re-raised by the parser with a traceback
+    raise ConfigError(f"{spec}: {str(e).strip().splitlines()[-1]}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{spec}: no config file there (or get_config returned nothing)")
+  try:
+    return apply_overrides(config, overrides or {})
+  except KeyError as e:
+    raise ConfigError(str(e).strip("'\"")) from None
 
 
 def input_convention(c: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -256,6 +280,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   check(all(v >= 0 for v in opt.lr_mult.values()), "optim.lr_mult values must be >= 0")
   check(len(opt.schedule) >= 1 and all(len(p) == 2 and p[0] > 0 for p in opt.schedule),
         f"optim.schedule={opt.schedule}: ((epochs > 0, lr factor), ...)")
+  check(cfg.eval.every_steps >= 0, f"eval.every_steps={cfg.eval.every_steps}: >= 0 (0: off)")
+  check(cfg.eval.final_checkpoint in ("best", "newest"),
+        f"eval.final_checkpoint={cfg.eval.final_checkpoint!r}: 'best' or 'newest'")
   d = cfg.data
   check(d.format in DATA_FORMATS, f"data.format={d.format!r}: one of {DATA_FORMATS}")
   check(len(d.crop_area) == 2 and 0 < d.crop_area[0] <= d.crop_area[1] <= 1,

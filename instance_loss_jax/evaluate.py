@@ -1,10 +1,12 @@
 r"""Evaluate a run's checkpoint on a split: retrieval metrics as JSON and a markdown table.
 
     python -m instance_loss_jax.evaluate --config=configs/flickr30k.py:stage2 --workdir=DIR \
-        [--step=N] [--split=test]
+        [--step=N] [--split=test] [--print_config]
 
-Writes DIR/eval/<split>-<step>.json and .md. The config must describe the model the checkpoint
-holds (it is checked); the vocabulary is the run's own DIR/vocab.json.
+Writes DIR/eval/<split>-<step>.json and .md, the similarity histograms and feature correlation
+as PNG, and a page of the best and worst text->image queries (HTML). The config must describe
+the model the checkpoint holds (it is checked); the vocabulary is the run's own DIR/vocab.json.
+Checkpoints from any number of devices restore here onto this process's devices.
 """
 
 from absl import app, flags, logging
@@ -12,28 +14,31 @@ from ml_collections import config_flags
 
 from instance_loss_jax import cli, evaluation
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: config.eval.split).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def define_flags():
+  config_flags.DEFINE_config_file("config", None, "Config file and stage, e.g. "
+                                  "configs/flickr30k.py:stage2.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "The training run's directory.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  flags.DEFINE_string("split", None, "Split to evaluate (default: config.eval.split).")
+  flags.mark_flags_as_required(["config", "workdir"])
+  cli.define_print_config()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
-  config = _CONFIG.value
-  results = evaluation.evaluate(config, _WORKDIR.value, _SPLIT.value or config.eval.split,
-                                _STEP.value)
+  f = flags.FLAGS
+  config = f.config
+  results = evaluation.evaluate(config, f.workdir, f.split or config.eval.split, f.step)
   logging.info("wrote %s", results["written"])
   print(evaluation.markdown_table(results))
 
 
 def run():
   """Console-script entry point."""
-  cli.run(main)
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,16 @@ from instance_loss_jax.config import with_input_convention
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data.vocab import Vocabulary
 
-def run_config(config, vocab: Vocabulary, num_classes: int):
-  """The config as the model was built: vocabulary size and class count from the data."""
+def run_config(config, vocab: Vocabulary, num_classes: int,
+               convention: dict[str, Any] | None = None):
+  """The config as the model was built, resolved in this one place for the trainer and the
+  evaluation: vocabulary size and class count from the data, and the input convention (channel
+  order, mean, std) the image branch's weights were trained with, when known."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.model.text.vocab_size = vocab.size
     config.num_classes = num_classes
-  return config
+  return with_input_convention(config, convention) if convention else config
 
 
 def _embed_chunks(chunks, total: int, what: str, size: int, embed):
@@ -96,6 +99,56 @@ def markdown_table(results: dict[str, Any]) -> str:
   return head + "\n".join(rows) + "\n"
 
 
+class Evaluator:
+  """One split's evaluation, shared by the eval binary (variables from a checkpoint) and the
+  trainer (variables from memory, every `eval.every_steps`): embeddings, the dataset's
+  retrieval metrics, the indicator S, and with `out_dir` the JSON, markdown, PNG figures and
+  the HTML page of best and worst queries. The split is read and encoded once."""
+
+  def __init__(self, config, vocab: Vocabulary, split: str, devices=None):
+    self.config, self.split, self.devices = config, split, devices
+    self.records = records.read_split(config, split)
+    self.data = pipeline.encode_split(self.records, vocab, config.model.text.max_len,
+                                      for_training=False)
+
+  def __call__(self, variables, step: int, out_dir: str | None = None,
+               workdir: str = "") -> dict[str, Any]:
+    config, data, split = self.config, self.data, self.split
+    img, txt = extract_features(config, variables, data, self.devices,
+                                flip_average=config.eval.flip_average,
+                                text_shift_sum=config.eval.text_shift_sum)
+    edges, pos, neg = metrics.similarity_histograms(img, txt, data.caption_image,
+                                                    config.eval.s_bins, config.eval.block_bytes)
+    results = dict(workdir=os.path.abspath(workdir) if workdir else "", step=int(step),
+                   split=split, num_images=int(data.num_images),
+                   num_captions=int(len(data.tokens)),
+                   captions_without_known_words=int(data.num_empty_captions),
+                   metrics=compute_metrics(config, data, img, txt))
+    results["metrics"]["S"] = metrics.separability(pos, neg)
+    if out_dir is None or jax.process_index() != 0:
+      return results
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"{split}-{step}")
+    results["plots"] = [
+        plots.similarity_histograms(base + "-similarity.png", edges, pos, neg,
+                                    results["metrics"]["S"], f"{split} step {step}"),
+        plots.correlation_matrix(base + "-correlation.png", img)]
+    if config.eval.gallery_queries:
+      _, t2i = metrics.retrieval_ranks(img, txt, data.caption_image, config.eval.block_bytes)
+      captions = [" ".join(c) for r in self.records for c in r.captions]
+      results["gallery"] = gallery.write_page(
+          base + "-gallery.html", f"{split} step {step}: best and worst text->image queries",
+          gallery.best_and_worst_queries(img, txt, data.caption_image, captions,
+                                         data.image_paths, t2i, config.eval.gallery_queries),
+          subtitle=f"{results['workdir']}; the right image is outlined in green")
+    with open(base + ".json", "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=1, sort_keys=True)
+    with open(base + ".md", "w", encoding="utf-8") as f:
+      f.write(markdown_table(results))
+    results["written"] = base + ".json"
+    return results
+
+
 def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
              write: bool = True, devices=None) -> dict[str, Any]:
   """Evaluates `workdir`'s checkpoint (default: newest) on `split` with `devices` (default: this
@@ -106,46 +159,12 @@ def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
   steps = mgr.all_steps()
   vocab = Vocabulary.load(workdir)
   saved = checkpoint.read_meta(mgr, step if step in steps else max(steps))
-  num_classes = config.num_classes or saved["num_classes"]
-  config = run_config(config, vocab, num_classes)
-  if "input" in saved:  # the pixels as the image branch was trained on them
-    config = with_input_convention(config, saved["input"])
+  config = run_config(config, vocab, config.num_classes or saved["num_classes"],
+                      saved.get("input"))
   step = checkpoint.checked_step(mgr, checkpoint.run_meta(config, vocab.fingerprint), step)
-  variables = checkpoint.restore_variables(mgr, step)
-  recs = records.read_split(config, split)
-  data = pipeline.encode_split(recs, vocab, config.model.text.max_len, for_training=False)
-  img, txt = extract_features(config, variables, data, devices,
-                              flip_average=config.eval.flip_average,
-                              text_shift_sum=config.eval.text_shift_sum)
-  edges, pos, neg = metrics.similarity_histograms(img, txt, data.caption_image,
-                                                  config.eval.s_bins, config.eval.block_bytes)
-  results = dict(workdir=os.path.abspath(workdir), step=int(step), split=split,
-                 num_images=int(data.num_images), num_captions=int(len(data.tokens)),
-                 captions_without_known_words=int(data.num_empty_captions),
-                 metrics=compute_metrics(config, data, img, txt))
-  results["metrics"]["S"] = metrics.separability(pos, neg)
-  if write and jax.process_index() == 0:
-    out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, f"{split}-{step}")
-    results["plots"] = [
-        plots.similarity_histograms(base + "-similarity.png", edges, pos, neg,
-                                    results["metrics"]["S"], f"{split} step {step}"),
-        plots.correlation_matrix(base + "-correlation.png", img)]
-    if config.eval.gallery_queries:
-      _, t2i = metrics.retrieval_ranks(img, txt, data.caption_image, config.eval.block_bytes)
-      captions = [" ".join(c) for r in recs for c in r.captions]
-      results["gallery"] = gallery.write_page(
-          base + "-gallery.html", f"{split} step {step}: best and worst text->image queries",
-          gallery.best_and_worst_queries(img, txt, data.caption_image, captions,
-                                         data.image_paths, t2i, config.eval.gallery_queries),
-          subtitle=f"{os.path.abspath(workdir)}; the right image is outlined in green")
-    with open(base + ".json", "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=1, sort_keys=True)
-    with open(base + ".md", "w", encoding="utf-8") as f:
-      f.write(markdown_table(results))
-    results["written"] = base + ".json"
-  return results
+  evaluator = Evaluator(config, vocab, split, devices)
+  return evaluator(checkpoint.restore_variables(mgr, step), step,
+                   os.path.join(workdir, "eval") if write else None, workdir)
 
 
 def comparison_table(named: dict[str, dict[str, Any]]) -> str:

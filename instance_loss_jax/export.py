@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from instance_loss_jax import cli
-from instance_loss_jax.config import _flatten, apply_overrides, base_config  # pylint: disable=protected-access
+from instance_loss_jax.config import apply_overrides, base_config
 
 
 def define_flags():
@@ -33,12 +33,6 @@ def define_flags():
   flags.mark_flags_as_required(["workdir", "out"])
 
 
-def config_overrides(flag_config) -> dict:
-  """The fields the command line changed from their defaults (to apply to the run's config)."""
-  defaults = _flatten(base_config())
-  return {k: v for k, v in _flatten(flag_config).items() if defaults.get(k) != v}
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -47,7 +41,7 @@ def main(argv):
   from instance_loss_jax.retrieval import Index, load_run_config
   f = flags.FLAGS
   config = None
-  overrides = config_overrides(f.config)
+  overrides = config_flags.get_override_values(f["config"])
   if overrides:
     config = apply_overrides(load_run_config(f.workdir), overrides)
   index = Index.from_run(f.workdir, images=f.images, split=f.split, captions=f.captions,
@@ -60,8 +54,7 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
-  define_flags()
-  cli.run(main)
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

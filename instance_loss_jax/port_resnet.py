@@ -225,16 +225,18 @@ def port(source: str, output: str, depth: int | None = None) -> dict[str, Any]:
               unused=unused, output=os.path.abspath(output))
 
 
-_SOURCE = flags.DEFINE_string("source", None, "Keras .h5/.weights.h5 or torch .pth/.safetensors.")
-_OUTPUT = flags.DEFINE_string("output", None, "Backbone directory to create.")
-_DEPTH = flags.DEFINE_integer("depth", None, "50, 101 or 152 (Keras default 50; torch: detected).")
-flags.mark_flags_as_required(["source", "output"])
+def define_flags():
+  flags.DEFINE_string("source", None, "Keras .h5/.weights.h5 or torch .pth/.safetensors.")
+  flags.DEFINE_string("output", None, "Backbone directory to create.")
+  flags.DEFINE_integer("depth", None, "50, 101 or 152 (Keras default 50; torch: detected).")
+  flags.mark_flags_as_required(["source", "output"])
 
 
 def main(argv):
   del argv
-  summary = port(_SOURCE.value, _OUTPUT.value, _DEPTH.value)
-  print(f"ported {_SOURCE.value} ({summary['format']}, ResNet-{summary['depth']}) -> "
+  f = flags.FLAGS
+  summary = port(f.source, f.output, f.depth)
+  print(f"ported {f.source} ({summary['format']}, ResNet-{summary['depth']}) -> "
         f"{summary['output']}: {summary['tensors_read']} tensors read, "
         f"{summary['tensors_written']} written; not used: {summary['unused'] or 'none'}")
 
@@ -242,7 +244,7 @@ def main(argv):
 def run():
   """Console-script entry point."""
   from instance_loss_jax import cli  # pylint: disable=g-import-not-at-top
-  cli.run(main)
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,7 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
-  define_flags()
-  cli.run(main)
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

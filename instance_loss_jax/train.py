@@ -1,9 +1,12 @@
 r"""Train a dual-path model: one stage per run.
 
     python -m instance_loss_jax.train --config=configs/flickr30k.py:stage1 --workdir=DIR \
-        [--config.batch_size=64 ...]
+        [--config.batch_size=64 ...] [--print_config]
 
-Re-running the same command in the same workdir resumes from its newest checkpoint.
+Re-running the same command in the same workdir resumes from its newest checkpoint. On SIGTERM
+(SLURM, a GPU host going down) or a TPU preemption notice the run saves the step it is at and
+exits with status 143; the same command then resumes. Every field of the config can be set with
+--config.FIELD=VALUE; --print_config prints them all with their values.
 """
 
 from absl import app, flags, logging
@@ -11,24 +14,29 @@ from ml_collections import config_flags
 
 from instance_loss_jax import cli, trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, vocabulary.")
-flags.mark_flags_as_required(["config", "workdir"])
-cli.define_flags()
+
+def define_flags():
+  config_flags.DEFINE_config_file("config", None, "Config file and stage, e.g. "
+                                  "configs/flickr30k.py:stage1.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, vocabulary (local or "
+                      "an object store).")
+  flags.mark_flags_as_required(["config", "workdir"])
+  cli.define_flags()
+  cli.define_print_config()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.initialize()
-  logging.info("config:\n%s", _CONFIG.value)
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  config = flags.FLAGS.config
+  logging.info("config:\n%s", config)
+  trainer.train_and_evaluate(config, flags.FLAGS.workdir)
 
 
 def run():
   """Console-script entry point."""
-  cli.run(main)
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

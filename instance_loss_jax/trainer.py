@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -19,8 +21,7 @@ import jax
 import numpy as np
 
 from instance_loss_jax import checkpoint, evaluation, optim, port, sharding, train_step
-from instance_loss_jax.config import (ConfigError, input_convention, validate_config,
-                                      with_input_convention)
+from instance_loss_jax.config import ConfigError, input_convention, validate_config
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data import vocab as vocab_lib
 
@@ -136,6 +137,24 @@ class _Logger:
       self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
     self.last_time, self.last_step = time.time(), None
 
+  def log_eval(self, step: int, results: dict[str, Any]):
+    """Validation figures as TensorBoard scalars (val/...), its PNG figures as images."""
+    m = results["metrics"]
+    logging.info("step %d | %s: rsum %.1f | R@1 i2t %.1f t2i %.1f | S %.4f", step,
+                 results["split"], m.get("rsum", float("nan")), m.get("i2t_r1", float("nan")),
+                 m.get("t2i_r1", float("nan")), m["S"])
+    if self.writer is None:
+      return
+    tf = self.tf
+    with self.writer.as_default():
+      for k, v in m.items():
+        tf.summary.scalar(f"{results['split']}/{k}", float(v), step=step)
+      for path in results.get("plots", []):
+        name = os.path.basename(path).split("-", 2)[-1].removesuffix(".png")  # e.g. similarity
+        image = tf.io.decode_png(tf.io.read_file(path), channels=3)[None]
+        tf.summary.image(f"{results['split']}/{name}", image, step=step)
+    self.writer.flush()
+
   def log(self, history: list[tuple[int, dict[str, Any]]]):
     now = time.time()
     step = history[-1][0]
@@ -159,12 +178,61 @@ class _Logger:
         mean["learning_rate"], rate, _fmt_time(left))
 
 
-def _train_loop(config, step_fn, state, batches, mgr, meta, logger, start, total_steps):
+class Preempted(Exception):
+  """Training stopped when told to (SIGTERM, a TPU preemption notice) after saving that step's
+  checkpoint; re-running the same command resumes from it."""
+
+  def __init__(self, step: int, reason: str):
+    super().__init__(f"stopped at step {step} ({reason}); its checkpoint is saved: re-run the "
+                     "same command to resume")
+    self.step = step
+
+
+class _StopSignal:
+  """SIGTERM (SLURM's and most GPU hosts' stop notice) as a flag the loop reads between steps.
+
+  Only with one process: with several, JAX's preemption service takes the signal on every host
+  and Orbax's `reached_preemption` makes all of them stop at the same step.
+  """
+
+  def __init__(self):
+    self.reason = None
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.reason = signal.Signals(signum).name
+    logging.warning("%s received: saving a checkpoint after this step, then stopping",
+                    self.reason)
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _validate(evaluator, state, step: int, workdir: str, logger) -> dict[str, Any]:
+  """The val split's evaluation from the state in memory (no checkpoint read back)."""
+  variables = train_step.variables_of(state)
+  # Host copies of what the embeddings need: W_share (perhaps huge, sharded) stays behind.
+  variables = sharding.to_host(dict(
+      params={k: v for k, v in variables["params"].items() if k != sharding.W_SHARE},
+      batch_stats=variables["batch_stats"]))
+  results = evaluator(variables, step, os.path.join(workdir, "eval"), workdir)
+  logger.log_eval(step, results)
+  return results
+
+
+def _train_loop(config, step_fn, state, batches, mgr, meta, logger, start, total_steps, stop,
+                validate):
   pending = []  # (step, device metrics) since the last look at the host
+  every = config.eval.every_steps
   for step in range(start + 1, total_steps + 1):
     state, metrics = step_fn(state, next(batches))
     pending.append((step, metrics))
-    save = step % config.checkpoint_every == 0 or step == total_steps
+    reason = stop.reason or ("preemption notice" if mgr.reached_preemption(step) else None)
+    evaluate = validate is not None and (step % every == 0 or step == total_steps)
+    save = step % config.checkpoint_every == 0 or step == total_steps or reason or evaluate
     if save or step % config.log_every == 0:
       history = [(s, sharding.to_host(m)) for s, m in pending]
       pending = []
@@ -175,7 +243,11 @@ def _train_loop(config, step_fn, state, batches, mgr, meta, logger, start, total
                               f"(step {mgr.latest_step()}) is kept")
       logger.log(history)
       if save:
-        checkpoint.save(mgr, step, state, meta)  # global arrays: each process its shards
+        val = validate(state, step)["metrics"] if evaluate else None
+        checkpoint.save(mgr, step, state, meta, val)  # global arrays: each process its shards
+    if reason:
+      mgr.wait_until_finished()
+      raise Preempted(step, reason)
 
 
 def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, Any] | None:
@@ -191,8 +263,7 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, Any] | None
   mgr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
   fresh = not mgr.all_steps() and not config.init_from
   vocab, table = prepare_vocab(config, workdir, train_records, need_table=fresh)
-  config = with_input_convention(config, _input_convention(config, workdir))
-  config = evaluation.run_config(config, vocab, num_classes)
+  config = evaluation.run_config(config, vocab, num_classes, _input_convention(config, workdir))
   meta = checkpoint.run_meta(config, vocab.fingerprint)
   split = pipeline.encode_split(train_records, vocab, config.model.text.max_len, True)
   steps_per_epoch = split.num_images / config.batch_size
@@ -211,13 +282,23 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, Any] | None
       pipeline.train_dataset(split, config, mesh.size, start, jax.process_index(),
                              jax.process_count()), split.image_paths)
   logger = _Logger(workdir, total_steps, config.batch_size)
+  validate = None
+  if config.eval.every_steps:
+    evaluator = evaluation.Evaluator(config, vocab, config.eval.val_split)
+    validate = lambda state, step: _validate(evaluator, state, step, workdir, logger)
+  stop = _StopSignal()  # from here on, SIGTERM stops the run at the next step boundary
   try:
-    _train_loop(config, step_fn, state, batches, mgr, meta, logger, start, total_steps)
+    _train_loop(config, step_fn, state, batches, mgr, meta, logger, start, total_steps, stop,
+                validate)
   finally:
     mgr.wait_until_finished()  # an error must not leave a half-written checkpoint behind
+    stop.restore()
   if not config.eval.at_end:
     return None
-  results = evaluation.evaluate(config, workdir, config.eval.split)
+  step = checkpoint.best_step(mgr) if config.eval.final_checkpoint == "best" else None
+  if step is not None:
+    logging.info("final evaluation of the best checkpoint by val rsum: step %d", step)
+  results = evaluation.evaluate(config, workdir, config.eval.split, step)
   logging.info("evaluation (%s):\n%s", results.get("written", ""),
                evaluation.markdown_table(results))
   return results

@@ -24,8 +24,24 @@ tarball="$(mktemp -d)/src.tar.gz"
 git -C "$ROOT" archive --format=tar.gz -o "$tarball" HEAD
 gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME":src.tar.gz --zone="$ZONE" --worker=all
 args=$(printf '%q ' "$@")
+# jax, flax and orbax need Python >= 3.11; the TPU VM images ship Ubuntu 22.04's Python 3.10
+# (README: "Cloud TPU VM"). Use a python3.11+ found on the VM, else install Ubuntu's python3.11,
+# else a standalone build through uv.
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
   set -e; mkdir -p $REMOTE_DIR && tar -xzf src.tar.gz -C $REMOTE_DIR && cd $REMOTE_DIR
-  [ -x .venv/bin/python ] || python3 -m venv .venv
+  if [ ! -x .venv/bin/python ]; then
+    PY=\$(for p in python3 python3.13 python3.12 python3.11; do
+      command -v \$p >/dev/null && \$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        && echo \$p && break; done || true)
+    if [ -z \"\$PY\" ]; then
+      sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv \
+        && PY=python3.11 || true
+    fi
+    if [ -z \"\$PY\" ]; then
+      python3 -m pip install -q --user uv && ~/.local/bin/uv python install 3.11
+      PY=\$(~/.local/bin/uv python find 3.11)
+    fi
+    \$PY -m venv .venv
+  fi
   .venv/bin/pip install -q -e '.[tpu]'
   .venv/bin/python -m instance_loss_jax.train $args"

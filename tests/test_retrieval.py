@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from instance_loss_jax import Index, retrieval, trainer
-from instance_loss_jax.config import apply_overrides
 from instance_loss_jax.data import records, synthetic
 from test_training import ROOT, load_config
 
@@ -41,7 +40,7 @@ def trained_run(tmp_path_factory):
   data = str(tmp_path_factory.mktemp("scenes"))
   synthetic.generate(data, num_images=160, seed=1, image_size=64, w2v_dim=32, w2v_epochs=5)
   workdir = str(tmp_path_factory.mktemp("run"))
-  config = apply_overrides(load_config("demo", "stage2"), {
+  config = load_config("demo", "stage2", {
       "data.json": os.path.join(data, "dataset.json"),
       "data.image_root": os.path.join(data, "images"),
       "data.word2vec": os.path.join(data, "word2vec.bin"),

@@ -1,6 +1,5 @@
 """The training binary end to end: two stages, resume after SIGKILL, refusals, evaluation."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -13,17 +12,16 @@ import numpy as np
 import pytest
 
 from instance_loss_jax import checkpoint, evaluation, trainer
-from instance_loss_jax.config import ConfigError, apply_overrides
+from instance_loss_jax import config as config_lib
+from instance_loss_jax.config import ConfigError
 from instance_loss_jax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config(name, arg):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+def load_config(name, arg, overrides=None):
+  """configs/NAME.py:ARG through the binaries' loader."""
+  return config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py:{arg}"), overrides)
 
 
 def small_overrides(data_dir, epochs=2):
@@ -41,7 +39,7 @@ def small_overrides(data_dir, epochs=2):
 
 
 def small_config(stage, data_dir, **extra):
-  return apply_overrides(load_config("demo", stage), {**small_overrides(data_dir), **extra})
+  return load_config("demo", stage, {**small_overrides(data_dir), **extra})
 
 
 def flags_for(overrides):
@@ -159,45 +157,86 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(data_dir, tmp_path):
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
 
 
-def run_binary(workdir, overrides, cache_dir, kill_after_first_checkpoint=False):
+def run_binary(workdir, overrides, cache_dir, signal_after_first_checkpoint=None, delay=0.0):
+  """Runs the training binary on 2 devices; with a signal, sends it `delay` seconds after the
+  first checkpoint appears and returns the finished process's (returncode, stderr)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   cmd = [sys.executable, "-m", "instance_loss_jax.train", "--config=configs/demo.py:stage2",
          f"--workdir={workdir}"] + flags_for(overrides)
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
-  if kill_after_first_checkpoint:
+  if signal_after_first_checkpoint is not None:
     ckpt = os.path.join(workdir, "checkpoints")
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
       if os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt)):
-        proc.send_signal(signal.SIGKILL)
+        time.sleep(delay)
+        proc.send_signal(signal_after_first_checkpoint)
         break
       time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    return None
+    _, err = proc.communicate(timeout=600)
+    return proc.returncode, err
   _, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-3000:]
   return err
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(data_dir, tmp_path):
+RESUME_STEPS = 160  # 40 epochs of 4 steps
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+  """A Stage II run of the binary from start to end: what an interrupted one must end with."""
   overrides = {**small_overrides(data_dir, epochs=40), "checkpoint_every": 20, "log_every": 20,
                "eval.at_end": False, "stage": 2, "freeze_backbone": False}
-  cache = str(tmp_path / "cache")
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  run_binary(straight, overrides, cache)
-  run_binary(resumed, overrides, cache, kill_after_first_checkpoint=True)
-  killed_at = sorted(int(d) for d in os.listdir(os.path.join(resumed, "checkpoints"))
-                     if d.isdigit())
-  assert killed_at and killed_at[-1] < 160
-  log = run_binary(resumed, overrides, cache)
-  assert f"resuming from {resumed} step {killed_at[-1]}" in log
-  a = checkpoint.restore_variables(checkpoint.manager(straight, read_only=True), 160)
-  b = checkpoint.restore_variables(checkpoint.manager(resumed, read_only=True), 160)
+  root = tmp_path_factory.mktemp("uninterrupted")
+  cache = str(root / "cache")
+  run_binary(str(root / "run"), overrides, cache)
+  return str(root / "run"), overrides, cache
+
+
+def checkpoint_steps(workdir):
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def assert_same_final_variables(straight, resumed):
+  a = checkpoint.restore_variables(checkpoint.manager(straight, read_only=True), RESUME_STEPS)
+  b = checkpoint.restore_variables(checkpoint.manager(resumed, read_only=True), RESUME_STEPS)
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(uninterrupted, tmp_path):
+  straight, overrides, cache = uninterrupted
+  resumed = str(tmp_path / "resumed")
+  code, _ = run_binary(resumed, overrides, cache, signal.SIGKILL)
+  assert code == -signal.SIGKILL, "the run ended before it could be killed"
+  killed_at = checkpoint_steps(resumed)
+  assert killed_at and killed_at[-1] < RESUME_STEPS
+  log = run_binary(resumed, overrides, cache)
+  assert f"resuming from {resumed} step {killed_at[-1]}" in log
+  assert_same_final_variables(straight, resumed)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_the_resumed_run_ends_the_same(uninterrupted,
+                                                                            tmp_path):
+  # SIGTERM (SLURM, a GPU host going down) at a random moment after the first checkpoint: the
+  # run saves the step it is at (not only every checkpoint_every = 20) and exits with 143.
+  straight, overrides, cache = uninterrupted
+  resumed = str(tmp_path / "resumed")
+  delay = float(np.random.default_rng().uniform(0.0, 1.5))
+  code, err = run_binary(resumed, overrides, cache, signal.SIGTERM, delay)
+  assert code == 143, (delay, err[-2000:])
+  stopped_at = checkpoint_steps(resumed)[-1]
+  assert 0 < stopped_at < RESUME_STEPS
+  assert f"preempted: stopped at step {stopped_at} (SIGTERM)" in err
+  assert "Traceback" not in err
+  log = run_binary(resumed, overrides, cache)
+  assert f"resuming from {resumed} step {stopped_at}" in log
+  assert_same_final_variables(straight, resumed)
 
 
 def test_backbone_init_from_a_backbone_directory(data_dir, stage1, tmp_path):
@@ -258,3 +297,31 @@ def test_text_shift_sum_is_the_sum_over_offsets(data_dir, stage1):
     want = np.asarray(embed(shifted)).sum(0)
     np.testing.assert_allclose(txt[row], want / np.linalg.norm(want), rtol=1e-4, atol=1e-6)
 
+
+
+def test_validation_during_training_keeps_the_best_checkpoint(data_dir, tmp_path):
+  import tensorflow as tf
+  workdir = str(tmp_path / "val")
+  config = small_config("stage1", data_dir, **{"eval.every_steps": 4, "keep_checkpoints": 1,
+                                                "checkpoint_every": 3})
+  results = trainer.train_and_evaluate(config, workdir)
+  mgr = checkpoint.manager(workdir, read_only=True)
+  val = {s: checkpoint.read_meta(mgr, s).get("val") for s in mgr.all_steps()}
+  # Saved at 3, 6 (checkpoint_every) and 4, 8 (validated, with the figures); kept: the newest
+  # and the best of the validated ones.
+  best = checkpoint.best_step(mgr)
+  assert sorted(val) == sorted({8, best}) and all(v and "rsum" in v for v in val.values())
+  assert results["step"] == best and results["split"] == "test"
+  for step in (4, 8):
+    assert os.path.isfile(os.path.join(workdir, "eval", f"val-{step}.json"))
+  scalars, images = {}, set()
+  for name in os.listdir(os.path.join(workdir, "tensorboard")):
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, "tensorboard", name)):
+      for value in event.summary.value:
+        if value.tag == "val/rsum":
+          scalars[event.step] = float(tf.make_ndarray(value.tensor))
+        elif value.tag.startswith("val/") and value.metadata.plugin_data.plugin_name == "images":
+          images.add(value.tag)
+  assert sorted(scalars) == [4, 8]
+  assert scalars[best] == max(scalars.values()) == pytest.approx(val[best]["rsum"])
+  assert images == {"val/similarity", "val/correlation"}

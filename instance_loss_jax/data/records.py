@@ -147,6 +147,11 @@ def read_tfds_coco(data_dir: str, split: str, export_dir: str,
 def read_split(config, split: str, check_files: bool = True) -> list[Record]:
   """The records of `split` for a run's `config.data`."""
   d = config.data
+  needed = ("tfds_data_dir",) if d.format == "tfds_coco" else ("json", "image_root")
+  unset = [f"data.{k}" for k in needed if not d[k]]
+  if unset:
+    raise DataError(f"{' and '.join(unset)} not set (--config.{unset[0]}=PATH): the dataset's "
+                    "files are not known")
   if d.format == "karpathy":
     return read_karpathy(d.json, d.image_root, split, tuple(d.train_splits), check_files)
   if d.format == "cuhk_pedes":

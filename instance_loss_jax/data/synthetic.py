@@ -165,8 +165,8 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
-  _define_flags()
-  app.run(main)
+  from instance_loss_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, _define_flags)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,60 @@
+"""The binaries as a user meets them: --help, --print_config, and one line for each bad input."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # each case starts a Python with JAX and TensorFlow
+
+
+def run(*args, script=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  if script:  # the console script pip installed beside this Python
+    cmd = [os.path.join(os.path.dirname(sys.executable), script)]
+  else:
+    cmd = [sys.executable, "-m", "instance_loss_jax.train"]
+  proc = subprocess.run(cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("script,says,flag", [
+    ("instance-loss-train", "Train a dual-path model", "--workdir"),
+    ("instance-loss-evaluate", "Evaluate a run's checkpoint", "--split"),
+    ("instance-loss-export", "Embed a gallery", "--captions"),
+    ("instance-loss-search", "Search an index", "--query"),
+])
+def test_console_scripts_help_says_what_they_do_and_lists_their_flags(script, says, flag):
+  if not os.path.exists(os.path.join(os.path.dirname(sys.executable), script)):
+    pytest.skip(f"{script} is not installed beside {sys.executable}")
+  code, out, _ = run("--help", script=script)
+  assert code == 0 and says in out and flag in out, out
+
+
+def test_print_config_lists_every_field_with_overrides_applied():
+  code, out, _ = run("--config=configs/demo.py:stage2", "--workdir=unused",
+                     "--config.model.embed_dim=64", "--print_config")
+  assert code == 0
+  assert "embed_dim: 64" in out and "w_share_sharding: classes" in out and "lambdas:" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/demo.py:stage3", "--workdir=w"],
+     "error: flag --config=configs/demo.py:stage3: stage 3: 1 or 2"),
+    (["--config=configs/nothere.py", "--workdir=w"],
+     "error: --config=configs/nothere.py: no config file there"),
+    (["--config=configs/demo.py", "--workdir=w", "--config.model.nope=1"],
+     "error: unknown config field in the overrides"),
+    (["--config=configs/demo.py"], "error: flag --workdir=None"),
+    (["--config=configs/demo.py", "--workdir=WORKDIR"],
+     "error: data.json and data.image_root not set (--config.data.json=PATH)"),
+])
+def test_bad_input_is_one_line_naming_it(tmp_path, args, message):
+  args = [a.replace("WORKDIR", str(tmp_path / "w")) for a in args]
+  code, _, err = run(*args)
+  ours = [line for line in err.splitlines() if line.startswith("error:")]
+  assert code == 1 and len(ours) == 1 and ours[0].startswith(message), err[-2000:]
+  assert "Traceback" not in err
