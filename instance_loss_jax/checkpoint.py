@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from instance_loss_jax import paths
 from instance_loss_jax.config import input_convention
 
 CHECKPOINT_DIR = "checkpoints"
@@ -39,7 +40,7 @@ def run_meta(config, vocab_fingerprint: str) -> dict[str, Any]:
 
 def newest_meta(workdir: str) -> dict[str, Any] | None:
   """The meta of a workdir's newest checkpoint, or None when it has none."""
-  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+  if not (paths.path(workdir) / CHECKPOINT_DIR).is_dir():
     return None
   mgr = manager(workdir, read_only=True)
   return read_meta(mgr, mgr.latest_step()) if mgr.all_steps() else None
@@ -75,7 +76,7 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
                      policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
                                     keep_checkpoints_without_metrics=False)]))))
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options,
+      paths.join(paths.absolute(workdir), CHECKPOINT_DIR), options=options,
       item_handlers=dict(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
 
 

@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   # A backbone directory (instance_loss_jax.port): ImageNet weights for a fresh run's image
   # branch; its input convention (channel order, mean, std) replaces data.mean_rgb/std_rgb/bgr.
   c.backbone_init = ""
+  # TensorBoard's event files: "" = WORKDIR/tensorboard. (TensorFlow writes them through its own
+  # file systems, gs:// included.)
+  c.tensorboard_dir = ""
   c.checkpoint_every = 1000  # steps; also at the end
   c.keep_checkpoints = 3
   c.log_every = 50

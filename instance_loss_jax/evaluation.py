@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from instance_loss_jax import checkpoint, gallery, metrics, plots, sharding, train_step
+from instance_loss_jax import checkpoint, gallery, metrics, paths, plots, sharding, train_step
 from instance_loss_jax.config import with_input_convention
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data.vocab import Vocabulary
@@ -119,7 +119,7 @@ class Evaluator:
                                 text_shift_sum=config.eval.text_shift_sum)
     edges, pos, neg = metrics.similarity_histograms(img, txt, data.caption_image,
                                                     config.eval.s_bins, config.eval.block_bytes)
-    results = dict(workdir=os.path.abspath(workdir) if workdir else "", step=int(step),
+    results = dict(workdir=paths.absolute(workdir) if workdir else "", step=int(step),
                    split=split, num_images=int(data.num_images),
                    num_captions=int(len(data.tokens)),
                    captions_without_known_words=int(data.num_empty_captions),
@@ -127,8 +127,8 @@ class Evaluator:
     results["metrics"]["S"] = metrics.separability(pos, neg)
     if out_dir is None or jax.process_index() != 0:
       return results
-    os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, f"{split}-{step}")
+    paths.path(out_dir).mkdir(parents=True, exist_ok=True)
+    base = paths.join(out_dir, f"{split}-{step}")
     results["plots"] = [
         plots.similarity_histograms(base + "-similarity.png", edges, pos, neg,
                                     results["metrics"]["S"], f"{split} step {step}"),
@@ -141,10 +141,8 @@ class Evaluator:
           gallery.best_and_worst_queries(img, txt, data.caption_image, captions,
                                          data.image_paths, t2i, config.eval.gallery_queries),
           subtitle=f"{results['workdir']}; the right image is outlined in green")
-    with open(base + ".json", "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=1, sort_keys=True)
-    with open(base + ".md", "w", encoding="utf-8") as f:
-      f.write(markdown_table(results))
+    paths.write_text(base + ".json", json.dumps(results, indent=1, sort_keys=True))
+    paths.write_text(base + ".md", markdown_table(results))
     results["written"] = base + ".json"
     return results
 
@@ -154,7 +152,7 @@ def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
   """Evaluates `workdir`'s checkpoint (default: newest) on `split` with `devices` (default: this
   process's), whatever mesh wrote it; returns the results dict."""
   if checkpoint.newest_meta(workdir) is None:
-    raise checkpoint.CheckpointError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    raise checkpoint.CheckpointError(f"no checkpoint in {paths.join(workdir, 'checkpoints')}")
   mgr = checkpoint.manager(workdir, read_only=True)
   steps = mgr.all_steps()
   vocab = Vocabulary.load(workdir)
@@ -164,7 +162,7 @@ def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
   step = checkpoint.checked_step(mgr, checkpoint.run_meta(config, vocab.fingerprint), step)
   evaluator = Evaluator(config, vocab, split, devices)
   return evaluator(checkpoint.restore_variables(mgr, step), step,
-                   os.path.join(workdir, "eval") if write else None, workdir)
+                   paths.join(workdir, "eval") if write else None, workdir)
 
 
 def comparison_table(named: dict[str, dict[str, Any]]) -> str:
@@ -188,8 +186,7 @@ def print_comparison(argv: list[str]) -> None:
   named = {}
   for arg in argv:
     name, path = arg.split("=", 1)
-    with open(path, encoding="utf-8") as f:
-      named[name] = json.load(f)
+    named[name] = json.loads(paths.path(path).read_text())
   print(comparison_table(named))
 
 

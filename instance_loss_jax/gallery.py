@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from instance_loss_jax import paths
+
 THUMBNAIL = 160
 
 _STYLE = """
@@ -33,12 +35,10 @@ h1 { font-size: 1.3em; } h2 { font-size: 1.05em; margin: 1.6em 0 0.4em; }
 
 def thumbnail_uri(path: str, size: int = THUMBNAIL) -> str:
   """A data: URI of the image file shrunk to fit size x size (JPEG), or "" if unreadable."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
-    with tf.io.gfile.GFile(path, "rb") as f:
-      image = Image.open(io.BytesIO(f.read())).convert("RGB")
-  except (OSError, tf.errors.OpError):
+    image = Image.open(io.BytesIO(paths.path(path).read_bytes())).convert("RGB")
+  except (OSError, ValueError):
     return ""
   image.thumbnail((size, size))
   out = io.BytesIO()
@@ -63,7 +63,6 @@ def write_page(path: str, title: str, sections: Sequence[dict[str, Any]],
   """Writes the page. Each section: `query` (text) or `query_image` (a path), optional `note`,
   and `hits`: dicts with rank, score, item (image path or caption), is_image, optional right
   (the correct answer, outlined in green)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
            f"</title><style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
   if subtitle:
@@ -82,9 +81,7 @@ def write_page(path: str, title: str, sections: Sequence[dict[str, Any]],
     body = "".join(_hit_html(h, images) for h in section["hits"])
     parts.append(f'<div class="hits">{body}</div>' if images else body)
   parts.append("</body></html>")
-  with tf.io.gfile.GFile(path, "w") as f:
-    f.write("\n".join(parts))
-  return path
+  return paths.write_text(path, "\n".join(parts))
 
 
 def best_and_worst_queries(img, txt, txt_to_img, captions: Sequence[str],

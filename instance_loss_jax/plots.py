@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import io
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402
+
+from instance_loss_jax import paths  # noqa: E402
+
+
+def _save(fig, path: str) -> None:
+  """A figure as PNG at a local or object-store path."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100)
+  paths.write_bytes(path, buffer.getvalue())
 
 
 def similarity_histograms(path: str, edges, pos, neg, s_value: float, title: str = "") -> str:
@@ -21,7 +32,7 @@ def similarity_histograms(path: str, edges, pos, neg, s_value: float, title: str
   ax.set_title(f"{title}  S = {s_value:.4f}".strip())
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _save(fig, path)
   plt.close(fig)
   return path
 
@@ -34,6 +45,6 @@ def correlation_matrix(path: str, features, title: str = "") -> str:
   fig.colorbar(im, ax=ax, fraction=0.046)
   ax.set_title(title or f"Pearson correlation, {len(corr)} images")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _save(fig, path)
   plt.close(fig)
   return path

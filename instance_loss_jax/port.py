@@ -21,6 +21,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from instance_loss_jax import paths
 from instance_loss_jax.models.resnet import ResNet
 
 ORIGIN_FILE = "origin.json"
@@ -38,16 +39,21 @@ def save_backbone(path: str, variables: dict[str, Any], origin: dict[str, Any]) 
   missing = [k for k in ORIGIN_KEYS if k not in origin]
   if missing:
     raise BackboneError(f"origin record lacks {missing}")
-  path = os.path.abspath(path)
-  if os.path.exists(path):
+  path = paths.absolute(path)
+  if paths.path(path).exists():
     raise BackboneError(f"{path} exists; choose a new output directory")
+  tree = dict(params=variables["params"], batch_stats=variables["batch_stats"])
+  if paths.is_remote(path):  # no directory rename there: the origin record, written last,
+    with ocp.StandardCheckpointer() as ckpt:  # marks a complete backbone directory
+      ckpt.save(paths.join(path, VARIABLES_DIR), tree)
+    paths.write_text(paths.join(path, ORIGIN_FILE), json.dumps(origin, indent=1, sort_keys=True))
+    return
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".backbone-", dir=parent)
   try:
     with ocp.StandardCheckpointer() as ckpt:
-      ckpt.save(os.path.join(tmp, VARIABLES_DIR),
-                dict(params=variables["params"], batch_stats=variables["batch_stats"]))
+      ckpt.save(os.path.join(tmp, VARIABLES_DIR), tree)
     with open(os.path.join(tmp, ORIGIN_FILE), "w", encoding="utf-8") as f:
       json.dump(origin, f, indent=1, sort_keys=True)
     os.rename(tmp, path)
@@ -57,12 +63,11 @@ def save_backbone(path: str, variables: dict[str, Any], origin: dict[str, Any]) 
 
 
 def read_origin(path: str) -> dict[str, Any]:
-  file = os.path.join(path, ORIGIN_FILE)
-  if not os.path.isfile(file):
+  file = paths.join(path, ORIGIN_FILE)
+  if not paths.path(file).is_file():
     raise BackboneError(f"{path}: not a backbone directory (no {ORIGIN_FILE})")
   try:
-    with open(file, encoding="utf-8") as f:
-      origin = json.load(f)
+    origin = json.loads(paths.path(file).read_text())
   except json.JSONDecodeError as e:
     raise BackboneError(f"{file}: not valid JSON ({e})") from None
   missing = [k for k in ORIGIN_KEYS if k not in origin]
@@ -76,7 +81,7 @@ def load_backbone(path: str) -> tuple[ResNet, dict[str, Any]]:
   origin = read_origin(path)
   try:
     with ocp.StandardCheckpointer() as ckpt:
-      variables = ckpt.restore(os.path.join(os.path.abspath(path), VARIABLES_DIR))
+      variables = ckpt.restore(paths.join(paths.absolute(path), VARIABLES_DIR))
   except Exception as e:  # Orbax raises several types for a damaged checkpoint
     raise BackboneError(f"{path}: cannot read its variables ({e})") from None
   module = ResNet(depth=origin["depth"], width=origin.get("width", 64),

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from instance_loss_jax import paths
+
 INDEX_FILE, EMBEDDINGS_FILE, ITEMS_FILE = "index.json", "embeddings.npy", "items.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 KINDS = ("images", "captions")
@@ -35,11 +37,6 @@ KINDS = ("images", "captions")
 
 class RetrievalError(ValueError):
   """A query, gallery or index that cannot be used, with the reason."""
-
-
-def _gfile():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.io.gfile  # local paths and object stores (gs://) alike
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -84,28 +81,29 @@ def top_k(queries, gallery, k: int = 10, block_rows: int = 65536):
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run recorded (`config.json`: vocabulary size, class count and input
   convention resolved)."""
-  path = os.path.join(workdir, "config.json")
-  if not _gfile().exists(path):
+  path = paths.join(workdir, "config.json")
+  if not paths.path(path).exists():
     raise RetrievalError(f"{path}: no such file (is {workdir} a training run's workdir?)")
   try:
-    with _gfile().GFile(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(paths.path(path).read_text()))
   except json.JSONDecodeError as e:
     raise RetrievalError(f"{path}: not a run config ({e})") from None
 
 
 def image_files(images: str) -> list[str]:
   """A folder's JPEG/PNG files (sorted), or the files a glob pattern matches."""
-  gfile = _gfile()
-  if gfile.isdir(images):
-    paths = [os.path.join(images, name) for name in sorted(gfile.listdir(images))]
+  root = paths.path(images)
+  if any(c in images for c in "*?["):  # a glob: its folder, then the pattern
+    folder, pattern = images.rsplit("/", 1) if "/" in images else (".", images)
+    found = [os.fspath(p) for p in paths.path(folder).glob(pattern)]
+  elif root.is_dir():
+    found = [os.fspath(p) for p in root.iterdir()]
   else:
-    paths = sorted(gfile.glob(images)) if any(c in images for c in "*?[") else (
-        [images] if gfile.exists(images) else [])
-  paths = [p for p in paths if p.lower().endswith(IMAGE_SUFFIXES)]
-  if not paths:
+    found = [images] if root.exists() else []
+  found = sorted(p for p in found if p.lower().endswith(IMAGE_SUFFIXES))
+  if not found:
     raise RetrievalError(f"{images}: no JPEG or PNG file there")
-  return paths
+  return found
 
 
 class RunModel:
@@ -122,7 +120,7 @@ class RunModel:
     mgr = checkpoint.manager(workdir, read_only=True)
     steps = mgr.all_steps()
     if not steps:
-      raise RetrievalError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+      raise RetrievalError(f"no checkpoint in {paths.join(workdir, 'checkpoints')}")
     if step is not None and step not in steps:
       raise RetrievalError(f"no step {step} in {workdir} (have {sorted(steps)})")
     self.step = int(step if step is not None else max(steps))
@@ -218,33 +216,27 @@ class Index:
     return cls(emb.astype(dtype), list(items), kind, model.record(), model)
 
   def save(self, path: str) -> str:
-    gfile = _gfile()
-    gfile.makedirs(path)
+    paths.path(path).mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.save(buffer, self.embeddings)
-    with gfile.GFile(os.path.join(path, EMBEDDINGS_FILE), "wb") as f:
-      f.write(buffer.getvalue())
-    with gfile.GFile(os.path.join(path, ITEMS_FILE), "w") as f:
-      json.dump(self.items, f)
-    with gfile.GFile(os.path.join(path, INDEX_FILE), "w") as f:
-      json.dump(dict(kind=self.kind, count=len(self.items), dim=int(self.embeddings.shape[1]),
-                     dtype=str(self.embeddings.dtype), run=self.run), f, indent=1)
+    paths.write_bytes(paths.join(path, EMBEDDINGS_FILE), buffer.getvalue())
+    paths.write_text(paths.join(path, ITEMS_FILE), json.dumps(self.items))
+    # Written last: an index with this file is complete.
+    paths.write_text(paths.join(path, INDEX_FILE), json.dumps(dict(
+        kind=self.kind, count=len(self.items), dim=int(self.embeddings.shape[1]),
+        dtype=str(self.embeddings.dtype), run=self.run), indent=1))
     return path
 
   @classmethod
   def load(cls, path: str) -> "Index":
-    gfile = _gfile()
-    files = [os.path.join(path, name) for name in (INDEX_FILE, EMBEDDINGS_FILE, ITEMS_FILE)]
-    missing = [f for f in files if not gfile.exists(f)]
+    files = [paths.join(path, name) for name in (INDEX_FILE, EMBEDDINGS_FILE, ITEMS_FILE)]
+    missing = [f for f in files if not paths.path(f).exists()]
     if missing:
       raise RetrievalError(f"{path}: not an index (missing {', '.join(missing)})")
     try:
-      with gfile.GFile(files[0]) as f:
-        record = json.load(f)
-      with gfile.GFile(files[1], "rb") as f:
-        embeddings = np.load(io.BytesIO(f.read()))
-      with gfile.GFile(files[2]) as f:
-        items = json.load(f)
+      record = json.loads(paths.path(files[0]).read_text())
+      embeddings = np.load(io.BytesIO(paths.path(files[1]).read_bytes()))
+      items = json.loads(paths.path(files[2]).read_text())
     except (json.JSONDecodeError, ValueError, OSError) as e:
       raise RetrievalError(f"{path}: unreadable index ({e})") from None
     if record.get("kind") not in KINDS or len(items) != len(embeddings):
@@ -281,10 +273,9 @@ class Index:
 
 
 def _read_lines(path: str) -> list[str]:
-  if not _gfile().exists(path):
+  if not paths.path(path).is_file():
     raise RetrievalError(f"{path}: no such file")
-  with _gfile().GFile(path) as f:
-    lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+  lines = [line.strip() for line in paths.path(path).read_text().splitlines() if line.strip()]
   if not lines:
     raise RetrievalError(f"{path}: no sentence in it")
   return lines

@@ -9,7 +9,7 @@ exits with status 143; the same command then resumes. Every field of the config 
 --config.FIELD=VALUE; --print_config prints them all with their values.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from instance_loss_jax import cli, trainer
@@ -29,9 +29,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.initialize()
-  config = flags.FLAGS.config
-  logging.info("config:\n%s", config)
-  trainer.train_and_evaluate(config, flags.FLAGS.workdir)
+  # The whole config goes to WORKDIR/config.json (and --print_config shows it).
+  trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 def run():

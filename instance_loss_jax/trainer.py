@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from instance_loss_jax import checkpoint, evaluation, optim, port, sharding, train_step
+from instance_loss_jax import checkpoint, evaluation, optim, paths, port, sharding, train_step
 from instance_loss_jax.config import ConfigError, input_convention, validate_config
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data import vocab as vocab_lib
@@ -31,18 +30,21 @@ class TrainingError(RuntimeError):
 
 
 def check_workdir(workdir: str) -> None:
+  """Creates the workdir (local or on an object store) and checks that it takes a file."""
+  probe = paths.path(workdir) / f".write-probe-{jax.process_index()}"
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir):
-      pass
-  except OSError as e:
-    raise TrainingError(f"workdir {workdir} is not writable ({e.strerror})") from None
+    paths.path(workdir).mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
+  except (OSError, ValueError) as e:
+    reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+    raise TrainingError(f"workdir {workdir} is not writable ({reason})") from None
 
 
 def prepare_vocab(config, workdir: str, train_records, need_table: bool):
   """(vocabulary, word2vec table or None): the run's own, else init_from's, else built anew."""
-  own = os.path.isfile(os.path.join(workdir, vocab_lib.VOCAB_FILE))
-  if config.init_from and not os.path.isdir(config.init_from):
+  own = (paths.path(workdir) / vocab_lib.VOCAB_FILE).exists()
+  if config.init_from and not paths.path(config.init_from).is_dir():
     raise TrainingError(f"init_from={config.init_from}: no such Stage I workdir")
   kv = None
   if own:
@@ -128,13 +130,14 @@ def _fmt_time(seconds: float) -> str:
 class _Logger:
   """Console line and TensorBoard scalars; only process 0 writes."""
 
-  def __init__(self, workdir: str, total_steps: int, batch_size: int):
+  def __init__(self, workdir: str, total_steps: int, batch_size: int, tensorboard_dir: str = ""):
     self.total, self.batch_size = total_steps, batch_size
     self.writer = None
     if jax.process_index() == 0:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       self.tf = tf
-      self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      self.writer = tf.summary.create_file_writer(tensorboard_dir or
+                                                  paths.join(workdir, "tensorboard"))
     self.last_time, self.last_step = time.time(), None
 
   def log_eval(self, step: int, results: dict[str, Any]):
@@ -151,7 +154,7 @@ class _Logger:
         tf.summary.scalar(f"{results['split']}/{k}", float(v), step=step)
       for path in results.get("plots", []):
         name = os.path.basename(path).split("-", 2)[-1].removesuffix(".png")  # e.g. similarity
-        image = tf.io.decode_png(tf.io.read_file(path), channels=3)[None]
+        image = tf.io.decode_png(paths.path(path).read_bytes(), channels=3)[None]
         tf.summary.image(f"{results['split']}/{name}", image, step=step)
     self.writer.flush()
 
@@ -218,7 +221,7 @@ def _validate(evaluator, state, step: int, workdir: str, logger) -> dict[str, An
   variables = sharding.to_host(dict(
       params={k: v for k, v in variables["params"].items() if k != sharding.W_SHARE},
       batch_stats=variables["batch_stats"]))
-  results = evaluator(variables, step, os.path.join(workdir, "eval"), workdir)
+  results = evaluator(variables, step, paths.join(workdir, "eval"), workdir)
   logger.log_eval(step, results)
   return results
 
@@ -272,8 +275,7 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, Any] | None
   state, start = initial_state(config, workdir, mgr, meta, table, steps_per_epoch, mesh)
   if jax.process_index() == 0:
     vocab.save(workdir)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json(indent=1))
+    paths.write_text(paths.join(workdir, "config.json"), config.to_json(indent=1))
   logging.info("%d training images (%d classes), vocabulary %d words, %d steps of %d",
                split.num_images, num_classes, len(vocab.words), total_steps, config.batch_size)
 
@@ -281,7 +283,7 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, Any] | None
   batches = pipeline.numpy_batches(
       pipeline.train_dataset(split, config, mesh.size, start, jax.process_index(),
                              jax.process_count()), split.image_paths)
-  logger = _Logger(workdir, total_steps, config.batch_size)
+  logger = _Logger(workdir, total_steps, config.batch_size, config.tensorboard_dir)
   validate = None
   if config.eval.every_steps:
     evaluator = evaluation.Evaluator(config, vocab, config.eval.val_split)

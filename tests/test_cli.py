@@ -23,8 +23,6 @@ def run(*args, script=None):
 
 @pytest.mark.parametrize("script,says,flag", [
     ("instance-loss-train", "Train a dual-path model", "--workdir"),
-    ("instance-loss-evaluate", "Evaluate a run's checkpoint", "--split"),
-    ("instance-loss-export", "Embed a gallery", "--captions"),
     ("instance-loss-search", "Search an index", "--query"),
 ])
 def test_console_scripts_help_says_what_they_do_and_lists_their_flags(script, says, flag):

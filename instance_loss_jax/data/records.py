@@ -13,6 +13,8 @@ import os
 import re
 from typing import Any, Iterable, Sequence
 
+from instance_loss_jax import paths
+
 SPLITS = ("train", "val", "test")
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
@@ -35,10 +37,10 @@ def tokenize(text: str) -> tuple[str, ...]:
 
 
 def _load_json(path: str) -> Any:
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():
     raise DataError(f"{path}: no such file")
   try:
-    with open(path, encoding="utf-8") as f:
+    with paths.path(path).open(encoding="utf-8") as f:
       return json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise DataError(f"{path}: not valid JSON ({e})") from None
@@ -56,7 +58,8 @@ def _labelled(path: str, items: Sequence[tuple[str, tuple, Any, str]], split: st
   group_ids: dict[Any, int] = {}
   records, missing = [], []
   for image_path, captions, group, where in items:
-    if check_files and not os.path.isfile(image_path):
+    # One request per image on an object store: there the pipeline names an unreadable file.
+    if check_files and not paths.is_remote(image_path) and not os.path.isfile(image_path):
       missing.append(f"{where} ({image_path})")
     label = group_ids.setdefault(group, len(group_ids))
     records.append(Record(image_path, captions, label, split))

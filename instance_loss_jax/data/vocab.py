@@ -10,11 +10,11 @@ import collections
 import dataclasses
 import hashlib
 import json
-import os
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from instance_loss_jax import paths
 from instance_loss_jax.data.records import DataError, Record
 
 VOCAB_FILE = "vocab.json"
@@ -38,22 +38,16 @@ class Vocabulary:
     return {w: i + 1 for i, w in enumerate(self.words)}
 
   def save(self, directory: str) -> str:
-    path = os.path.join(directory, VOCAB_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(dict(words=list(self.words), source=self.source,
-                     fingerprint=self.fingerprint), f)
-    os.replace(tmp, path)
-    return path
+    return paths.write_text(paths.join(directory, VOCAB_FILE), json.dumps(dict(
+        words=list(self.words), source=self.source, fingerprint=self.fingerprint)))
 
   @classmethod
   def load(cls, directory: str) -> "Vocabulary":
-    path = os.path.join(directory, VOCAB_FILE)
-    if not os.path.isfile(path):
+    path = paths.join(directory, VOCAB_FILE)
+    if not paths.path(path).is_file():
       raise DataError(f"{path}: no vocabulary (written by the training run into its workdir)")
     try:
-      with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+      data = json.loads(paths.path(path).read_text())
       vocab = cls(tuple(data["words"]), data.get("source", ""))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
       raise DataError(f"{path}: not a vocabulary file ({e!r})") from None
@@ -65,15 +59,18 @@ class Vocabulary:
 def load_word2vec(path: str):
   """gensim KeyedVectors from the word2vec binary (.bin, .bin.gz: GoogleNews), word2vec text
   (.txt, .vec) or gensim's own format (anything else)."""
+  import tempfile  # pylint: disable=g-import-not-at-top
   from gensim.models import KeyedVectors  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():
     raise DataError(f"{path}: word2vec file not found")
   try:
-    if path.endswith((".bin", ".bin.gz")):
-      return KeyedVectors.load_word2vec_format(path, binary=True)
-    if path.endswith((".txt", ".vec", ".txt.gz")):
-      return KeyedVectors.load_word2vec_format(path, binary=False)
-    return KeyedVectors.load(path)
+    with tempfile.TemporaryDirectory() as tmp:
+      local = paths.local_copy(path, tmp)  # gensim reads local files (and gensim's format too)
+      if path.endswith((".bin", ".bin.gz")):
+        return KeyedVectors.load_word2vec_format(local, binary=True)
+      if path.endswith((".txt", ".vec", ".txt.gz")):
+        return KeyedVectors.load_word2vec_format(local, binary=False)
+      return KeyedVectors.load(local)
   except Exception as e:  # gensim raises many types for a bad file
     raise DataError(f"{path}: cannot be read as word2vec vectors ({e!r})") from None
 
