@@ -7,7 +7,8 @@ r"""Embed a gallery with a trained run's checkpoint and write a searchable index
 
 The gallery is a folder (or glob) of JPEG/PNG files, a split of the run's recorded dataset
 (`--config.data.*` overrides its fields), or a text file with one sentence per line. The
-newest checkpoint is used unless --step says otherwise. The index (embeddings.npy, items.json,
+best checkpoint by validation rsum (runs with eval.every_steps), else the newest, is used unless
+--step says otherwise. The index (embeddings.npy, items.json,
 index.json) is what `instance_loss_jax.search` and `instance_loss_jax.Index.load` read; paths
 may be local or on an object store (gs://).
 """

@@ -108,7 +108,8 @@ def image_files(images: str) -> list[str]:
 
 class RunModel:
   """A trained run's encoders: its recorded config, vocabulary and a checkpoint (default: the
-  newest), on this process's devices."""
+  best by validation rsum if the run validated during training, else the newest), on this
+  process's devices."""
 
   def __init__(self, workdir: str, step: int | None = None,
                config: ml_collections.ConfigDict | None = None):
@@ -123,7 +124,9 @@ class RunModel:
       raise RetrievalError(f"no checkpoint in {paths.join(workdir, 'checkpoints')}")
     if step is not None and step not in steps:
       raise RetrievalError(f"no step {step} in {workdir} (have {sorted(steps)})")
-    self.step = int(step if step is not None else max(steps))
+    if step is None:  # the best by validation rsum when the run validated, else the newest
+      step = checkpoint.best_step(mgr) or max(steps)
+    self.step = int(step)
     self.vocab = Vocabulary.load(workdir)
     self._index = self.vocab.index()
     mesh = sharding.make_mesh(jax.local_devices())

@@ -12,6 +12,7 @@ from test_train_step import STAGE2, assert_close_to_scale
 from test_training import data_dir, small_config  # noqa: F401  (a fixture)
 
 STEPS_PER_EPOCH = 10
+pytestmark = pytest.mark.slow  # several meshes, each its own compile
 
 
 def _steps(config, mesh, state, batches):

@@ -34,7 +34,7 @@ def test_top_k_equals_numpy_brute_force(dtype, n, k, block):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(tmp_path_factory):  # the tests that use it are marked slow
   """configs/demo.py's Stage II, unchanged, on 160 synthetic scenes (128 for training): ~40 s
   on 2 cores, enough to tell scenes apart."""
   data = str(tmp_path_factory.mktemp("scenes"))
@@ -49,6 +49,7 @@ def trained_run(tmp_path_factory):
   return workdir, config
 
 
+@pytest.mark.slow
 def test_export_then_search_finds_the_right_scene(trained_run, tmp_path):
   workdir, config = trained_run
   index = Index.from_run(workdir, split="train", dtype="float32")
@@ -69,6 +70,7 @@ def test_export_then_search_finds_the_right_scene(trained_run, tmp_path):
   assert np.mean(found_at <= 5) >= 0.25 and np.median(found_at) <= 16, found_at
 
 
+@pytest.mark.slow
 def test_captions_index_and_image_query(trained_run, tmp_path):
   workdir, config = trained_run
   lines = tmp_path / "sentences.txt"
@@ -85,6 +87,7 @@ def test_captions_index_and_image_query(trained_run, tmp_path):
     index.search_text("a red circle")
 
 
+@pytest.mark.slow
 def test_unusable_queries_are_named(trained_run, tmp_path):
   workdir, _ = trained_run
   index = Index.from_run(workdir, split="test")
@@ -146,6 +149,7 @@ def test_binaries_and_the_html_page(trained_run, tmp_path):
     assert dom.count("<img") == 3
 
 
+@pytest.mark.slow
 def test_evaluation_writes_a_gallery_page(trained_run):
   from instance_loss_jax import evaluation
   workdir, config = trained_run

@@ -299,6 +299,7 @@ def test_text_shift_sum_is_the_sum_over_offsets(data_dir, stage1):
 
 
 
+@pytest.mark.slow
 def test_validation_during_training_keeps_the_best_checkpoint(data_dir, tmp_path):
   import tensorflow as tf
   workdir = str(tmp_path / "val")
@@ -312,6 +313,8 @@ def test_validation_during_training_keeps_the_best_checkpoint(data_dir, tmp_path
   best = checkpoint.best_step(mgr)
   assert sorted(val) == sorted({8, best}) and all(v and "rsum" in v for v in val.values())
   assert results["step"] == best and results["split"] == "test"
+  from instance_loss_jax.retrieval import RunModel  # export's default: the best one too
+  assert RunModel(workdir).step == best
   for step in (4, 8):
     assert os.path.isfile(os.path.join(workdir, "eval", f"val-{step}.json"))
   scalars, images = {}, set()
