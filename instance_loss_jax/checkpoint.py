@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from instance_loss_jax import paths
+from instance_loss_jax import paths, sharding
 from instance_loss_jax.config import input_convention
 
 CHECKPOINT_DIR = "checkpoints"
@@ -137,15 +137,12 @@ def saved_arrays(mgr: ocp.CheckpointManager, step: int):
   return mgr.item_metadata(step)["state"].tree
 
 
-def _is_w_share(key: str) -> bool:
-  return "/w_share/" in f"/{key}/"
-
-
-def _variables_shapes(tree) -> dict[str, tuple[int, ...]]:
-  """{"params/w_share/kernel": shape, ...} over params and batch_stats (nested dicts)."""
-  flat = flax.traverse_util.flatten_dict(
-      {k: flax.core.unfreeze(tree[k]) for k in ("params", "batch_stats")}, sep="/")
-  return {k: tuple(v.shape) for k, v in flat.items()}
+def _variables_shapes(tree) -> dict[str, tuple[tuple[int, ...], bool]]:
+  """{"params/w_share/kernel": (shape, under W_share), ...} over params and batch_stats."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      {k: tree[k] for k in ("params", "batch_stats")})[0]
+  return {jax.tree_util.keystr(p, simple=True, separator="/"):
+          (tuple(x.shape), sharding.is_w_share(p)) for p, x in leaves}
 
 
 def _check_shapes(mgr, step, target, what: str) -> None:
@@ -154,15 +151,13 @@ def _check_shapes(mgr, step, target, what: str) -> None:
   the parameters."""
   saved = _variables_shapes(saved_arrays(mgr, step))
   problems = []
-  for key, shape in _variables_shapes(target).items():
+  for key, (shape, classes_last) in _variables_shapes(target).items():
     if key not in saved:
       problems.append(f"{key} missing")
       continue
-    want, got = shape, saved[key]
-    if _is_w_share(key):
-      want, got = want[:-1], got[:-1]
-    if want != got:
-      problems.append(f"{key}: checkpoint {saved[key]} vs run {shape}")
+    got = saved[key][0]
+    if (shape[:-1] != got[:-1]) if classes_last else (shape != got):
+      problems.append(f"{key}: checkpoint {got} vs run {shape}")
   if problems:
     raise CheckpointError(f"{what} {mgr.directory}/{step} does not fit this run's state: "
                           + "; ".join(problems))
@@ -182,16 +177,11 @@ def restore_state(mgr: ocp.CheckpointManager, step: int, template):
 def restore_variables(mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   """params and batch_stats of a checkpoint as host numpy arrays, W_share cut to the true class
   count (any model's; whatever mesh wrote it)."""
-  num_classes = read_meta(mgr, step)["num_classes"]
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-  def leaf_target(path, saved):
-    shape = tuple(saved.shape)
-    if _is_w_share(jax.tree_util.keystr(path, simple=True, separator="/")) and shape:
-      shape = shape[:-1] + (num_classes,)
-    return jax.ShapeDtypeStruct(shape, saved.dtype, sharding=device)
-
-  target = jax.tree_util.tree_map_with_path(leaf_target, saved_arrays(mgr, step))
+  target = jax.tree_util.tree_map(
+      lambda saved: jax.ShapeDtypeStruct(saved.shape, saved.dtype, sharding=device),
+      saved_arrays(mgr, step))
+  target = sharding.pad_classes(target, read_meta(mgr, step)["num_classes"])  # cut the padding
   tree = mgr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target, strict=False)))["state"]
   return jax.tree_util.tree_map(np.asarray, dict(params=tree["params"],

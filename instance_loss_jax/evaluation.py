@@ -31,7 +31,7 @@ def run_config(config, vocab: Vocabulary, num_classes: int,
   return with_input_convention(config, convention) if convention else config
 
 
-def _embed_chunks(chunks, total: int, what: str, size: int, embed):
+def embed_chunks(chunks, total: int, what: str, size: int, embed):
   """Embeds numpy chunks of rows in batches of `size` (the last one padded)."""
   out, done, started = [], 0, time.time()
   for chunk in chunks:
@@ -47,23 +47,24 @@ def _embed_chunks(chunks, total: int, what: str, size: int, embed):
 
 
 def extract_features(config, variables, split: pipeline.EncodedSplit, devices=None,
-                     flip_average: bool = True,
-                     text_shift_sum: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                     flip_average: bool = True, text_shift_sum: bool = False,
+                     embed_fns=None) -> tuple[np.ndarray, np.ndarray]:
   """L2-normalised (image, caption) embeddings of a split, in file order.
 
   flip_average: image = normalised mean of the image's and its mirror's embeddings (SPEC.md).
   text_shift_sum: caption = normalised sum over every position-shift offset (the original
-  code); otherwise the caption as stored, left-aligned.
+  code); otherwise the caption as stored, left-aligned. embed_fns: `make_embed_fns` on these
+  devices, for a caller that embeds many times (each new pair compiles anew).
   """
   mesh = sharding.make_mesh(devices or jax.local_devices())
   size = max(1, config.eval.batch_size // mesh.size) * mesh.size
-  embed_images, embed_texts = train_step.make_embed_fns(config, mesh)
+  embed_images, embed_texts = embed_fns or train_step.make_embed_fns(config, mesh)
   placed = train_step.place_variables(variables, mesh)
   images_ds = pipeline.eval_images(split, config, size)
-  img = _embed_chunks((b["images"] for b in pipeline.numpy_batches(images_ds, split.image_paths)),
+  img = embed_chunks((b["images"] for b in pipeline.numpy_batches(images_ds, split.image_paths)),
                       split.num_images, "images", size,
                       lambda x: embed_images(placed, x, flip_average))
-  embed = lambda rows: _embed_chunks([rows], len(rows), "captions", size,
+  embed = lambda rows: embed_chunks([rows], len(rows), "captions", size,
                                      lambda x: embed_texts(placed, x))
   if not text_shift_sum:
     return img, embed(split.tokens)
@@ -110,13 +111,17 @@ class Evaluator:
     self.records = records.read_split(config, split)
     self.data = pipeline.encode_split(self.records, vocab, config.model.text.max_len,
                                       for_training=False)
+    # Built once: the trainer calls this every eval.every_steps, and new functions recompile.
+    self.embed_fns = train_step.make_embed_fns(
+        config, sharding.make_mesh(devices or jax.local_devices()))
 
   def __call__(self, variables, step: int, out_dir: str | None = None,
                workdir: str = "") -> dict[str, Any]:
     config, data, split = self.config, self.data, self.split
     img, txt = extract_features(config, variables, data, self.devices,
                                 flip_average=config.eval.flip_average,
-                                text_shift_sum=config.eval.text_shift_sum)
+                                text_shift_sum=config.eval.text_shift_sum,
+                                embed_fns=self.embed_fns)
     edges, pos, neg = metrics.similarity_histograms(img, txt, data.caption_image,
                                                     config.eval.s_bins, config.eval.block_bytes)
     results = dict(workdir=paths.absolute(workdir) if workdir else "", step=int(step),

@@ -160,7 +160,7 @@ class RunModel:
   def embed_sentences(self, sentences: Sequence[str]) -> tuple[np.ndarray, list[list[str]]]:
     from instance_loss_jax import evaluation  # pylint: disable=g-import-not-at-top
     rows, unknown = self.tokens(sentences)
-    emb = evaluation._embed_chunks(  # pylint: disable=protected-access
+    emb = evaluation.embed_chunks(
         [rows], len(rows), "captions", self._rows,
         lambda x: self._embed_texts(self._variables, x))
     return emb, unknown
@@ -173,7 +173,7 @@ class RunModel:
     from instance_loss_jax.data import pipeline
     ds = pipeline.eval_image_files(paths, self.config, self._rows)
     flip = bool(self.config.eval.flip_average)
-    return evaluation._embed_chunks(  # pylint: disable=protected-access
+    return evaluation.embed_chunks(
         (b["images"] for b in pipeline.numpy_batches(ds, paths)), len(paths), "images",
         self._rows, lambda x: self._embed_images(self._variables, x, flip))
 

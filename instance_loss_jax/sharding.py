@@ -45,14 +45,15 @@ def padded_num_classes(config, mesh: Mesh) -> int:
   return -(-config.num_classes // n) * n
 
 
-def _is_w_share(path) -> bool:
+def is_w_share(path) -> bool:
+  """Whether a tree path (jax.tree_util key path) lies under W_share."""
   return any(getattr(k, "key", getattr(k, "name", None)) == W_SHARE for k in path)
 
 
 def _spec(path, leaf, sharded: bool) -> P:
   """W_share's leaves (parameters and any optimiser state shaped like them) split along their
   last axis, the class axis; every other leaf replicated."""
-  if sharded and _is_w_share(path) and getattr(leaf, "ndim", 0) >= 1:
+  if sharded and is_w_share(path) and getattr(leaf, "ndim", 0) >= 1:
     return P(*([None] * (leaf.ndim - 1)), AXIS)
   return P()
 
@@ -74,10 +75,10 @@ def pad_classes(tree, num_padded: int):
   Works on numpy or jax arrays and ShapeDtypeStructs; other leaves are returned as they are.
   """
   def pad(path, x):
-    if not _is_w_share(path) or getattr(x, "ndim", 0) < 1 or x.shape[-1] == num_padded:
+    if not is_w_share(path) or getattr(x, "ndim", 0) < 1 or x.shape[-1] == num_padded:
       return x
     if isinstance(x, jax.ShapeDtypeStruct):
-      return jax.ShapeDtypeStruct(x.shape[:-1] + (num_padded,), x.dtype)
+      return jax.ShapeDtypeStruct(x.shape[:-1] + (num_padded,), x.dtype, sharding=x.sharding)
     xp = jnp if isinstance(x, jax.Array) else np
     if x.shape[-1] > num_padded:
       return x[..., :num_padded]
@@ -90,9 +91,6 @@ def place(tree, target_shardings):
   """Puts a tree of host arrays (every process holding the same values) or jax.Arrays onto
   `target_shardings` as global arrays; each process builds only the shards it holds."""
   def put(x, sharding):
-    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding),
-                                      impl=jax.random.key_impl(x))
     if isinstance(x, jax.Array) and (x.sharding == sharding or not x.is_fully_addressable):
       return jax.device_put(x, sharding)  # already global: kept, or resharded
     host = np.asarray(x)
