@@ -7,6 +7,9 @@ from instance_loss_jax.config import base_config, set_stage
 
 def get_config(stage="stage1"):
   c = set_stage(base_config(), stage)
+  # loss.lambdas: the paper's, from set_stage (Stage I (0, 1, 1), Stage II (1, 1, 1)). The
+  # original's training script weighted 2/1/0.5; with our averaged losses that is
+  # (1.0, 1.0, 0.5) (config.py explains the factor 1/2 on the ranking term).
   c.data.format = "cuhk_pedes"
   c.model.text.max_len = 56
   c.model.dropout = 0.8

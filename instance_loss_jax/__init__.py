@@ -2,8 +2,8 @@
 import os as _os
 
 __version__ = "0.1.0"
-# TensorFlow (tf.data) logs INFO notices (oneDNN, CPU features) from C++ at import: keep the
-# console to warnings and ours. A user's own setting wins.
+# TensorFlow's C++ INFO logs (tf.data at run time) stay off the console; a user's own setting
+# wins. Its start-up notice (oneDNN) prints anyway: abseil logs it before its initialisation.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 __all__ = ["Index"]

@@ -38,12 +38,17 @@ def run_meta(config, vocab_fingerprint: str) -> dict[str, Any]:
                                     input=input_convention(config))))
 
 
-def newest_meta(workdir: str) -> dict[str, Any] | None:
-  """The meta of a workdir's newest checkpoint, or None when it has none."""
+def reader(workdir: str) -> ocp.CheckpointManager | None:
+  """A read-only manager of a workdir's checkpoints, or None when it has no checkpoint folder.
+  (Orbax logs a warning for each read-only manager: open one per directory and pass it on.)"""
   if not (paths.path(workdir) / CHECKPOINT_DIR).is_dir():
     return None
-  mgr = manager(workdir, read_only=True)
-  return read_meta(mgr, mgr.latest_step()) if mgr.all_steps() else None
+  return manager(workdir, read_only=True)
+
+
+def newest_meta(mgr: ocp.CheckpointManager | None) -> dict[str, Any] | None:
+  """The meta of the manager's newest checkpoint, or None when there is none."""
+  return read_meta(mgr, mgr.latest_step()) if mgr is not None and mgr.all_steps() else None
 
 
 def meta_differences(saved: dict[str, Any], current: dict[str, Any],
@@ -63,7 +68,8 @@ def meta_differences(saved: dict[str, Any], current: dict[str, Any],
   return diffs
 
 
-def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+def manager(workdir: str, keep: int = 3, read_only: bool = False,
+            ocdbt: bool = True) -> ocp.CheckpointManager:
   # A reader's options as Orbax wants them for read_only (else it warns about each, every time).
   # A writer keeps the newest `keep` checkpoints and, beside them, the one whose validation
   # (saved with metrics, see `save`) has the highest rsum.
@@ -77,7 +83,7 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
                                     keep_checkpoints_without_metrics=False)]))))
   return ocp.CheckpointManager(
       paths.join(paths.absolute(workdir), CHECKPOINT_DIR), options=options,
-      item_handlers=dict(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
+      item_handlers=dict(state=ocp.StandardCheckpointHandler(use_ocdbt=ocdbt), meta=ocp.JsonCheckpointHandler()))
 
 
 def state_tree(state) -> dict[str, Any]:

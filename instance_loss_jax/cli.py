@@ -1,12 +1,15 @@
 """What the absl binaries share: multi-host set-up, quiet library logs, clean user errors."""
 
+import logging
 import os
 import re
 import sys
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import app, flags
+from absl import logging as absl_logging
+from absl.logging import converter
 
 _COORDINATOR = "coordinator_address"
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job its signal ended
@@ -16,43 +19,53 @@ def define_flags():
   flags.DEFINE_string(_COORDINATOR, None, "host:port of process 0 (multi-host runs).")
   flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
   flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs).")
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() and let JAX find "
+                    "the cluster (a Cloud TPU VM through its metadata server; SLURM and GKE are "
+                    "found without this flag). launch/tpu_vm.sh passes it.")
   flags.DEFINE_string("cpu_collectives", None, "CPU multi-process collectives, e.g. 'gloo' "
                       "(for testing several processes on one machine).")
 
 
-def quiet_library_logs(prefixes=("orbax", "gensim", "tensorflow")):
-  """Drops the INFO chatter of Orbax, gensim and TF from the log; warnings still show."""
-  import logging as std_logging  # pylint: disable=g-import-not-at-top
+def configure_logging():
+  """Our INFO lines on the console, the libraries' only from WARNING up (Orbax logs INFO through
+  absl's logger, gensim, TF, fsspec through their own).
 
-  def keep(record):
-    return record.levelno >= std_logging.WARNING or not any(
-        f"/{p}/" in record.pathname for p in prefixes)
-
-  std_logging.getLogger().addFilter(keep)
-  for handler in std_logging.getLogger().handlers:
-    handler.addFilter(keep)
+  Levels, not filters: the `instance_loss_jax` logger is set to INFO, absl's verbosity and the
+  root logger (which every other library's logger inherits) to WARNING. `--verbosity=0` (or
+  `-v 1` for debug) shows the libraries' INFO again.
+  """
+  verbosity = flags.FLAGS["verbosity"]
+  if verbosity.present:  # absl has set its own logger's level from it
+    logging.getLogger().setLevel(converter.absl_to_standard(verbosity.value))
+  else:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
+  logging.getLogger("instance_loss_jax").setLevel(logging.INFO)
 
 
 def initialize():
   """Calls jax.distributed.initialize when this is one process of several.
 
-  With --coordinator_address the flags say who is who; on a Cloud TPU VM slice or under SLURM
-  JAX finds out by itself. A single process on one host needs nothing.
+  With --coordinator_address the flags say who is who; with --distributed, under SLURM with
+  several tasks, or on GKE's TPU pods (TPU_WORKER_HOSTNAMES), JAX finds out by itself. A GCE
+  Cloud TPU VM is only found through its metadata server, hence --distributed there. Orbax's
+  multi-host saving and the TPU preemption notice need it; a single process needs nothing.
   """
-  quiet_library_logs()
+  configure_logging()
   f = flags.FLAGS
   if f.cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", f.cpu_collectives)
   if f[_COORDINATOR].value:
     jax.distributed.initialize(f[_COORDINATOR].value, num_processes=f.num_processes,
                                process_id=f.process_id)
-  elif "TPU_WORKER_HOSTNAMES" in os.environ or "SLURM_NTASKS" in os.environ and int(
-      os.environ["SLURM_NTASKS"]) > 1:
+  elif f.distributed or "TPU_WORKER_HOSTNAMES" in os.environ or int(
+      os.environ.get("SLURM_NTASKS", "1")) > 1:
     jax.distributed.initialize()
   else:
     return
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.getLogger(__name__).info("process %d of %d, %d local / %d global devices",
+                                   jax.process_index(), jax.process_count(),
+                                   jax.local_device_count(), jax.device_count())
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -84,8 +97,9 @@ def define_print_config():
 
 
 def _adopt_as_main_module_flags(module_name: str) -> None:
-  """Makes `--help` list the binary's flags when it runs as a console script too (absl shows
-  the flags of the module named by sys.argv[0], which is then the script wrapper)."""
+  """Makes `--help` list the binary's flags and the shared ones defined here (multi-host,
+  --distributed) whether it runs with `python -m` or as a console script (absl shows the key
+  flags of the module named by sys.argv[0], the script wrapper in the second case)."""
   for name in (module_name, __name__):
     for flag in flags.FLAGS.get_key_flags_for_module(name):
       flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
@@ -100,7 +114,7 @@ def run(main, define_flags=None):
     define_flags()
   if main.__module__ != "__main__":  # a console script: its wrapper has no docstring
     sys.modules["__main__"].__doc__ = module.__doc__
-    _adopt_as_main_module_flags(main.__module__)
+  _adopt_as_main_module_flags(main.__module__)
 
   def guarded(argv):
     from instance_loss_jax.trainer import Preempted  # pylint: disable=g-import-not-at-top

@@ -25,6 +25,8 @@ STRIDE_VARIANTS = ("v1", "v1.5")
 BACKBONE_BN_MODES = ("running", "batch", "train")
 DATA_FORMATS = ("karpathy", "cuhk_pedes", "tfds_coco")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+EVAL_FEATURES = ("after_relu", "original")
+FLOAT32_PARTS = ("backbone", "text_cnn", "heads", "batch_norm", "w_share")
 W_SHARE_SHARDINGS = ("classes", "replicated")
 LR_GROUPS = ("backbone", "word_embedding", "text_cnn", "heads", "w_share")
 
@@ -41,6 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Parameters, optimiser state and BN statistics stay float32 either way, so a checkpoint
   # trained in one dtype resumes or evaluates in the other.
   c.compute_dtype = "float32"
+  # With compute_dtype bfloat16, the parts still computed in float32: any of "backbone",
+  # "text_cnn", "heads", "batch_norm" (every BN's normalisation output), "w_share" (the
+  # classifier's logits and their gradients).
+  c.float32_parts = ()
 
   c.data = ml_collections.ConfigDict()
   c.data.format = "karpathy"  # karpathy (Flickr30k, MSCOCO), cuhk_pedes, tfds_coco
@@ -90,7 +96,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.w_share_sharding = "classes"
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.lambdas = (0.0, 1.0, 1.0)  # (rank, visual instance, textual instance), eq. 9
+  # (rank, visual instance, textual instance), eq. 9, on losses averaged over the global batch
+  # (instance: over samples; rank: mean over image anchors + mean over text anchors). The
+  # original code's derOutputs weights (l1, l2, l3) are (l1 / 2, l2, l3) here: MatConvNet sums
+  # vl_nnloss over the B samples and RankLoss.m over the B/2 anchor pairs (both directions), and
+  # cnn_train_dag divides every gradient by B, so its instance terms are means and its ranking
+  # term is half of ours. E.g. its MSCOCO script's 2/1/0.1 is (1.0, 1.0, 0.1) here. Configs use
+  # the paper's (0, 1, 1) and (1, 1, 1), not an original script's.
+  c.loss.lambdas = (0.0, 1.0, 1.0)
   c.loss.margin = 1.0
   c.loss.negatives = "hardest"
   c.loss.num_mined = 256  # candidate captions per step in "mined" mode
@@ -107,6 +120,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.tensorboard_dir = ""
   c.checkpoint_every = 1000  # steps; also at the end
   c.keep_checkpoints = 3
+  # Orbax's OCDBT layout: one small database per process instead of a file set per array (fewer,
+  # larger objects: the fast path on GCS). Readers take either. False for stores that lack what
+  # it needs, such as gcp-storage-emulator (no generation header on downloads).
+  c.checkpoint_ocdbt = True
   c.log_every = 50
 
   c.eval = ml_collections.ConfigDict()
@@ -121,6 +138,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 128
   c.eval.flip_average = True  # image feature = mean of the image's and its mirror's
   c.eval.text_shift_sum = False  # caption feature = sum over all shift offsets (original code)
+  # What is summed over those views before the L2 normalisation: "original" (the last
+  # BatchNorm's raw output, before the ReLU, as the original's test scripts; SPEC.md,
+  # Evaluation) or "after_relu" (each view's head output after its last ReLU, normalised). On
+  # the demo, "original" gave rsum +12 to +33 over "after_relu" in each of 3 seeds (RESULTS.md).
+  c.eval.features = "original"
   c.eval.block_bytes = 256 << 20  # similarity block size: bounds eval memory
   c.eval.coco_1k_folds = 0  # MSCOCO: 5 (the 1K protocol beside 5K)
   # Queries of each kind (best, worst text->image) on the evaluation's HTML page; 0: no page.
@@ -224,6 +246,11 @@ def unknown_keys(cfg: ml_collections.ConfigDict,
   return sorted(p for p in _flatten(cfg) if p not in known and p not in known_prefixes)
 
 
+def float32_parts(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """cfg.float32_parts as names: `--config.float32_parts=w_share,heads` arrives as one string."""
+  return tuple(p.strip() for item in cfg.float32_parts for p in str(item).split(",") if p.strip())
+
+
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ConfigError listing every problem found, or returns None."""
   problems = []
@@ -246,6 +273,10 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1")
   check(cfg.compute_dtype in COMPUTE_DTYPES,
         f"compute_dtype={cfg.compute_dtype!r}: one of {COMPUTE_DTYPES}")
+  check(cfg.eval.features in EVAL_FEATURES,
+        f"eval.features={cfg.eval.features!r}: one of {EVAL_FEATURES}")
+  unknown_parts = sorted(set(float32_parts(cfg)) - set(FLOAT32_PARTS))
+  check(not unknown_parts, f"float32_parts: unknown {unknown_parts}; any of {FLOAT32_PARTS}")
   check(cfg.num_classes >= 0, f"num_classes={cfg.num_classes}: >= 0 (0: from the data)")
   check(m.image.stride_variant in STRIDE_VARIANTS,
         f"model.image.stride_variant={m.image.stride_variant!r}: one of {STRIDE_VARIANTS}")

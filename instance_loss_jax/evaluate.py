@@ -9,10 +9,14 @@ the model the checkpoint holds (it is checked); the vocabulary is the run's own 
 Checkpoints from any number of devices restore here onto this process's devices.
 """
 
-from absl import app, flags, logging
+import logging
+
+from absl import app, flags
 from ml_collections import config_flags
 
 from instance_loss_jax import cli, evaluation
+
+log = logging.getLogger(__name__)
 
 
 def define_flags():
@@ -28,11 +32,11 @@ def define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.quiet_library_logs()
+  cli.configure_logging()
   f = flags.FLAGS
   config = f.config
   results = evaluation.evaluate(config, f.workdir, f.split or config.eval.split, f.step)
-  logging.info("wrote %s", results["written"])
+  log.info("wrote %s", results["written"])
   print(evaluation.markdown_table(results))
 
 

@@ -19,6 +19,8 @@ from instance_loss_jax.config import with_input_convention
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data.vocab import Vocabulary
 
+log = logging.getLogger(__name__)
+
 def run_config(config, vocab: Vocabulary, num_classes: int,
                convention: dict[str, Any] | None = None):
   """The config as the model was built, resolved in this one place for the trainer and the
@@ -41,8 +43,8 @@ def embed_chunks(chunks, total: int, what: str, size: int, embed):
       padded[:len(rows)] = rows
       out.append(np.asarray(embed(padded))[:len(rows)])
       done += len(rows)
-    logging.info("embedded %d/%d %s (%.0f/s)", done, total, what,
-                 done / max(time.time() - started, 1e-9))
+    log.info("embedded %d/%d %s (%.0f/s)", done, total, what,
+             done / max(time.time() - started, 1e-9))
   return np.concatenate(out)
 
 
@@ -51,9 +53,10 @@ def extract_features(config, variables, split: pipeline.EncodedSplit, devices=No
                      embed_fns=None) -> tuple[np.ndarray, np.ndarray]:
   """L2-normalised (image, caption) embeddings of a split, in file order.
 
-  flip_average: image = normalised mean of the image's and its mirror's embeddings (SPEC.md).
-  text_shift_sum: caption = normalised sum over every position-shift offset (the original
-  code); otherwise the caption as stored, left-aligned. embed_fns: `make_embed_fns` on these
+  flip_average: image = normalised sum of the image's and its mirror's summands (SPEC.md).
+  text_shift_sum: caption = normalised sum of its summands over every position-shift offset
+  (the original code); otherwise the caption as stored, left-aligned. What a summand is:
+  `config.eval.features` (train_step.make_embed_fns). embed_fns: `make_embed_fns` on these
   devices, for a caller that embeds many times (each new pair compiles anew).
   """
   mesh = sharding.make_mesh(devices or jax.local_devices())
@@ -64,16 +67,16 @@ def extract_features(config, variables, split: pipeline.EncodedSplit, devices=No
   img = embed_chunks((b["images"] for b in pipeline.numpy_batches(images_ds, split.image_paths)),
                       split.num_images, "images", size,
                       lambda x: embed_images(placed, x, flip_average))
-  embed = lambda rows: embed_chunks([rows], len(rows), "captions", size,
-                                     lambda x: embed_texts(placed, x))
+  embed = lambda rows, summand=False: embed_chunks(
+      [rows], len(rows), "captions", size, lambda x: embed_texts(placed, x, summand))
   if not text_shift_sum:
     return img, embed(split.tokens)
   max_len = split.tokens.shape[1]
   txt = np.zeros((len(split.tokens), img.shape[1]), np.float32)
   for offset in range(max_len - int(split.lengths.min()) + 1):
     fits = split.lengths + offset <= max_len
-    txt[fits] += embed(np.roll(split.tokens[fits], offset, axis=1))
-  return img, txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    txt[fits] += embed(np.roll(split.tokens[fits], offset, axis=1), summand=True)
+  return img, txt / np.maximum(np.linalg.norm(txt, axis=1, keepdims=True), 1e-12)
 
 
 def compute_metrics(config, split: pipeline.EncodedSplit, img, txt) -> dict[str, float]:
@@ -153,12 +156,13 @@ class Evaluator:
 
 
 def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
-             write: bool = True, devices=None) -> dict[str, Any]:
+             write: bool = True, devices=None, mgr=None) -> dict[str, Any]:
   """Evaluates `workdir`'s checkpoint (default: newest) on `split` with `devices` (default: this
-  process's), whatever mesh wrote it; returns the results dict."""
-  if checkpoint.newest_meta(workdir) is None:
+  process's), whatever mesh wrote it; returns the results dict. `mgr`: the workdir's checkpoint
+  manager if the caller has one (the trainer), else a reader is opened."""
+  mgr = checkpoint.reader(workdir) if mgr is None else mgr
+  if checkpoint.newest_meta(mgr) is None:
     raise checkpoint.CheckpointError(f"no checkpoint in {paths.join(workdir, 'checkpoints')}")
-  mgr = checkpoint.manager(workdir, read_only=True)
   steps = mgr.all_steps()
   vocab = Vocabulary.load(workdir)
   saved = checkpoint.read_meta(mgr, step if step in steps else max(steps))

@@ -13,11 +13,15 @@ index.json) is what `instance_loss_jax.search` and `instance_loss_jax.Index.load
 may be local or on an object store (gs://).
 """
 
-from absl import app, flags, logging
+import logging
+
+from absl import app, flags
 from ml_collections import config_flags
 
 from instance_loss_jax import cli
 from instance_loss_jax.config import apply_overrides, base_config
+
+log = logging.getLogger(__name__)
 
 
 def define_flags():
@@ -37,7 +41,7 @@ def define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.quiet_library_logs()
+  cli.configure_logging()
   # pylint: disable=g-import-not-at-top
   from instance_loss_jax.retrieval import Index, load_run_config
   f = flags.FLAGS
@@ -48,7 +52,7 @@ def main(argv):
   index = Index.from_run(f.workdir, images=f.images, split=f.split, captions=f.captions,
                          step=f.step, config=config, dtype=f.dtype, split_kind=f.kind)
   index.save(f.out)
-  logging.info("wrote %s", f.out)
+  log.info("wrote %s", f.out)
   print(f"{f.out}: {len(index.items)} {index.kind}, {index.embeddings.shape[1]}-d "
         f"{index.embeddings.dtype}, {f.workdir} step {index.run['step']}")
 

@@ -30,6 +30,8 @@ import numpy as np
 
 from instance_loss_jax import paths
 
+log = logging.getLogger(__name__)
+
 INDEX_FILE, EMBEDDINGS_FILE, ITEMS_FILE = "index.json", "embeddings.npy", "items.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 KINDS = ("images", "captions")
@@ -214,7 +216,7 @@ class Index:
       kind, items = "captions", _read_lines(captions)
     else:
       kind, items = split_kind, _split_items(model.config, split, split_kind)
-    logging.info("embedding %d %s with %s step %d", len(items), kind, workdir, model.step)
+    log.info("embedding %d %s with %s step %d", len(items), kind, workdir, model.step)
     emb = model.embed_images(items) if kind == "images" else model.embed_sentences(items)[0]
     return cls(emb.astype(dtype), list(items), kind, model.record(), model)
 

@@ -32,7 +32,7 @@ def define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.quiet_library_logs()
+  cli.configure_logging()
   # pylint: disable=g-import-not-at-top
   from instance_loss_jax import gallery
   from instance_loss_jax.retrieval import Index, RetrievalError

@@ -302,28 +302,39 @@ def make_embed_fns(config: ml_collections.ConfigDict, mesh=None):
   """Inference-mode (no dropout, running BN statistics) feature extractors over `mesh` (default:
   this process's devices), the batch split over the devices.
 
-  Returns (embed_images(variables, images, flip_average), embed_texts(variables, tokens)), both
-  giving L2-normalised embeddings [batch, dim]; the batch must divide over the devices. With
-  `flip_average` the image embedding is the normalised mean of the image's and its mirror's.
-  `place_variables` puts host variables on the mesh once (replicated; W_share left out).
+  Returns (embed_images(variables, images, flip_average), embed_texts(variables, tokens,
+  summand=False)). An embedding is the L2-normalised sum of per-view summands: with
+  `flip_average`, the image's and its mirror's; a caption's shift offsets are summed by the
+  caller (`summand=True` returns the summand). `config.eval.features` says what a summand is:
+  "after_relu", the head's output after its last ReLU, L2-normalised; "original", the last
+  BatchNorm's raw output before that ReLU, as the original's test scripts read (SPEC.md). The
+  batch must divide over the devices. `place_variables` puts host variables on the mesh once
+  (replicated; W_share left out).
   """
   model = build_model(config)
   mesh = mesh if mesh is not None else sharding.make_mesh(jax.local_devices())
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  original = config.eval.features == "original"
+
+  def summand(variables, x, method):
+    features = model.apply(variables, x, final_relu=not original, method=method)
+    return features.astype(jnp.float32) if original else l2_normalize(features)
 
   def embed_images(variables, images, flip_average):
-    emb = model.apply(variables, images, method="embed_images")
+    total = summand(variables, images, "image_features")
     if flip_average:
-      emb = emb + model.apply(variables, images[:, :, ::-1], method="embed_images")
-    return l2_normalize(emb)
+      total = total + summand(variables, images[:, :, ::-1], "image_features")
+    return l2_normalize(total)
 
-  def embed_texts(variables, tokens):
-    return model.apply(variables, tokens, method="embed_texts")
+  def embed_texts(variables, tokens, as_summand):
+    one = summand(variables, tokens, "text_features")
+    return one if as_summand else l2_normalize(one)
 
   images_fn = jax.jit(embed_images, static_argnums=(2,), out_shardings=rows)
-  texts_fn = jax.jit(embed_texts, out_shardings=rows)
+  texts_fn = jax.jit(embed_texts, static_argnums=(2,), out_shardings=rows)
   put = lambda x: jax.device_put(np.asarray(x), rows)
-  return (lambda v, x, flip: images_fn(v, put(x), flip), lambda v, x: texts_fn(v, put(x)))
+  return (lambda v, x, flip: images_fn(v, put(x), flip),
+          lambda v, x, summand=False: texts_fn(v, put(x), summand))
 
 
 def place_variables(variables: dict[str, Any], mesh=None) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from instance_loss_jax.config import ConfigError, input_convention, validate_con
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data import vocab as vocab_lib
 
+log = logging.getLogger(__name__)
+
 
 class TrainingError(RuntimeError):
   """A run that cannot start or go on, with the reason."""
@@ -66,17 +68,20 @@ def prepare_vocab(config, workdir: str, train_records, need_table: bool):
   return vocab, vocab_lib.embedding_matrix(vocab, kv, config.model.text.word_dim)
 
 
-def initial_state(config, workdir: str, mgr, meta, table, steps_per_epoch: float, mesh):
-  """(global state on `mesh`, first step) by the resume order. Checkpoints are checked against
-  the run (meta, then names and shapes) before anything is compiled."""
+def initial_state(config, workdir: str, mgr, source, meta, table, steps_per_epoch: float, mesh):
+  """(global state on `mesh`, first step) by the resume order: own checkpoint (`mgr`), then
+  init_from's (`source`). Checkpoints are checked against the run (meta, then names and shapes)
+  before anything is compiled."""
   if mgr.all_steps():
     step = checkpoint.checked_step(mgr, meta, what=f"resuming {workdir}")
     template = train_step.abstract_train_state(config, steps_per_epoch, mesh)
-    logging.info("resuming from %s step %d", workdir, step)
+    log.info("resuming from %s step %d", workdir, step)
     return checkpoint.restore_state(mgr, step, template), step
   loaded, scopes = None, ()
   if config.init_from:
-    source = checkpoint.manager(config.init_from, read_only=True)
+    if source is None:
+      raise checkpoint.CheckpointError(f"init_from={config.init_from}: no checkpoint in "
+                                       f"{paths.join(config.init_from, 'checkpoints')}")
     step = checkpoint.checked_step(source, meta, what=f"init_from={config.init_from}",
                                    keys=("num_classes", "vocab"))
     loaded = checkpoint.restore_variables(source, step)
@@ -96,18 +101,18 @@ def initial_state(config, workdir: str, mgr, meta, table, steps_per_epoch: float
   if loaded is not None:
     loaded = sharding.pad_classes(loaded, sharding.padded_num_classes(config, mesh))
     variables = checkpoint.merge_variables(variables, loaded, name, scopes)
-    logging.info("initialised from %s (fresh optimiser state)", name)
+    log.info("initialised from %s (fresh optimiser state)", name)
   if table is not None:  # only built for a fresh run (no checkpoint, no init_from)
     variables["params"]["text_encoder"]["word_embedding"]["embedding"] = table
   variables = sharding.place(variables, sharding.shardings(variables, config, mesh))
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"]), 0
 
 
-def _input_convention(config, workdir: str) -> dict[str, Any]:
+def _input_convention(config, mgr, source) -> dict[str, Any]:
   """The pixels' channel order, mean and std: those the image branch's weights were trained with
   (own checkpoint, else Stage I's, else the ported backbone's record), else the config's."""
-  for source in (workdir, config.init_from):
-    meta = checkpoint.newest_meta(source) if source else None
+  for m in (mgr, source):
+    meta = checkpoint.newest_meta(m)
     if meta and "input" in meta:
       return meta["input"]
   if config.backbone_init:
@@ -116,7 +121,7 @@ def _input_convention(config, workdir: str) -> dict[str, Any]:
     if mismatches:
       raise port.BackboneError(f"backbone {config.backbone_init} does not fit the config: "
                                + "; ".join(mismatches))
-    logging.info("input convention from %s: %s", config.backbone_init, origin["input"])
+    log.info("input convention from %s: %s", config.backbone_init, origin["input"])
     return origin["input"]
   return input_convention(config)
 
@@ -143,9 +148,9 @@ class _Logger:
   def log_eval(self, step: int, results: dict[str, Any]):
     """Validation figures as TensorBoard scalars (val/...), its PNG figures as images."""
     m = results["metrics"]
-    logging.info("step %d | %s: rsum %.1f | R@1 i2t %.1f t2i %.1f | S %.4f", step,
-                 results["split"], m.get("rsum", float("nan")), m.get("i2t_r1", float("nan")),
-                 m.get("t2i_r1", float("nan")), m["S"])
+    log.info("step %d | %s: rsum %.1f | R@1 i2t %.1f t2i %.1f | S %.4f", step,
+             results["split"], m.get("rsum", float("nan")), m.get("i2t_r1", float("nan")),
+             m.get("t2i_r1", float("nan")), m["S"])
     if self.writer is None:
       return
     tf = self.tf
@@ -174,7 +179,7 @@ class _Logger:
       self.tf.summary.scalar("train/images_per_second", rate, step=step)
     self.writer.flush()
     left = (self.total - step) * self.batch_size / max(rate, 1e-9)
-    logging.info(
+    log.info(
         "step %d/%d | loss %.4f (rank %.4f, visual %.4f, textual %.4f) | acc img %.3f txt %.3f"
         " | lr %.2g | %.1f img/s | %s left", step, self.total, mean["loss"], mean["rank_loss"],
         mean["visual_loss"], mean["textual_loss"], mean["img_accuracy"], mean["txt_accuracy"],
@@ -206,8 +211,8 @@ class _StopSignal:
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.reason = signal.Signals(signum).name
-    logging.warning("%s received: saving a checkpoint after this step, then stopping",
-                    self.reason)
+    log.warning("%s received: saving a checkpoint after this step, then stopping",
+                self.reason)
 
   def restore(self):
     if self._previous is not None:
@@ -263,21 +268,25 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, Any] | None
   if config.num_classes and config.num_classes != num_classes:
     raise ConfigError(f"num_classes={config.num_classes} but the training split has "
                       f"{num_classes} groups (set 0 to take it from the data)")
-  mgr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
+  mgr = checkpoint.manager(workdir, keep=config.keep_checkpoints,
+                           ocdbt=config.checkpoint_ocdbt)
   fresh = not mgr.all_steps() and not config.init_from
   vocab, table = prepare_vocab(config, workdir, train_records, need_table=fresh)
-  config = evaluation.run_config(config, vocab, num_classes, _input_convention(config, workdir))
+  source = checkpoint.reader(config.init_from) if config.init_from else None
+  config = evaluation.run_config(config, vocab, num_classes,
+                                 _input_convention(config, mgr, source))
   meta = checkpoint.run_meta(config, vocab.fingerprint)
   split = pipeline.encode_split(train_records, vocab, config.model.text.max_len, True)
   steps_per_epoch = split.num_images / config.batch_size
   total_steps = optim.num_train_steps(config, steps_per_epoch)
   mesh = mesh if mesh is not None else sharding.make_mesh()
-  state, start = initial_state(config, workdir, mgr, meta, table, steps_per_epoch, mesh)
+  state, start = initial_state(config, workdir, mgr, source, meta, table, steps_per_epoch,
+                               mesh)
   if jax.process_index() == 0:
     vocab.save(workdir)
     paths.write_text(paths.join(workdir, "config.json"), config.to_json(indent=1))
-  logging.info("%d training images (%d classes), vocabulary %d words, %d steps of %d",
-               split.num_images, num_classes, len(vocab.words), total_steps, config.batch_size)
+  log.info("%d training images (%d classes), vocabulary %d words, %d steps of %d",
+           split.num_images, num_classes, len(vocab.words), total_steps, config.batch_size)
 
   step_fn = train_step.make_train_step(config, steps_per_epoch, mesh)
   batches = pipeline.numpy_batches(
@@ -299,8 +308,8 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, Any] | None
     return None
   step = checkpoint.best_step(mgr) if config.eval.final_checkpoint == "best" else None
   if step is not None:
-    logging.info("final evaluation of the best checkpoint by val rsum: step %d", step)
-  results = evaluation.evaluate(config, workdir, config.eval.split, step)
-  logging.info("evaluation (%s):\n%s", results.get("written", ""),
-               evaluation.markdown_table(results))
+    log.info("final evaluation of the best checkpoint by val rsum: step %d", step)
+  results = evaluation.evaluate(config, workdir, config.eval.split, step, mgr=mgr)
+  log.info("evaluation (%s):\n%s", results.get("written", ""),
+           evaluation.markdown_table(results))
   return results

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM (single host or pod slice): create or reuse the VM, copy this checkout
 # to every worker, install with the `tpu` extra, and run the same command on all workers (JAX
-# finds its peers on a TPU VM by itself; each worker feeds its own shard of the data).
+# finds its peers through the TPU VM's metadata server, asked for by --distributed; each worker
+# feeds its own shard of the data).
 #
 #   TPU_NAME=il-v4 ZONE=us-central2-b ACCELERATOR=v4-32 \
 #     bash launch/tpu_vm.sh --config=configs/flickr30k.py:stage1 --workdir=gs://BUCKET/f30k-1 \
@@ -44,4 +45,4 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command
     \$PY -m venv .venv
   fi
   .venv/bin/pip install -q -e '.[tpu]'
-  .venv/bin/python -m instance_loss_jax.train $args"
+  .venv/bin/python -m instance_loss_jax.train --distributed $args"

@@ -225,6 +225,42 @@ def test_train_batches_shapes_values_determinism_and_resume(synth):
                  for row in split.tokens[start:start + count])
 
 
+def test_mined_candidate_pools_follow_seed_and_step_and_resume(synth):
+  out, _ = synth
+  config = synth_config(out, stage=2, **{"loss.lambdas": (1.0, 1.0, 1.0),
+                                         "loss.negatives": "mined", "loss.num_mined": 12})
+  recs = records.read_split(config, "train")
+  vocab = vocab_lib.from_word2vec(recs, vocab_lib.load_word2vec(config.data.word2vec), "w2v")
+  split = pipeline.encode_split(recs, vocab, config.model.text.max_len, for_training=True)
+  first = train_batches(config, split, 6)
+  assert first[0]["mined_tokens"].shape == (12, 8) and first[0]["mined_labels"].shape == (12,)
+  # Each candidate is a stored caption, moved to a random position, with its image's label.
+  offsets = set()
+  for b in first:
+    for tokens, label in zip(b["mined_tokens"], b["mined_labels"]):
+      words, start = tokens[tokens > 0], int(np.argmax(tokens > 0))
+      offsets.add(start)
+      np.testing.assert_array_equal(tokens[start:start + len(words)], words)  # contiguous
+      rows = [i for i, row in enumerate(split.tokens) if np.array_equal(row[row > 0], words)]
+      assert rows and label in split.labels[split.caption_image[rows]]
+  assert len(offsets) > 1
+  assert not np.array_equal(first[0]["mined_tokens"], first[1]["mined_tokens"])
+  # A resumed run draws the pools an unbroken one drew at the same steps.
+  resumed = train_batches(config, split, 2, start_step=4)
+  for a, b in zip(first[4:], resumed):
+    for key in ("mined_tokens", "mined_labels"):
+      np.testing.assert_array_equal(a[key], b[key])
+  # Two hosts hold the two halves of the one-host pool; another seed draws another pool.
+  hosts = [train_batches(config, split, 2, process_index=p, process_count=2) for p in (0, 1)]
+  for step in range(2):
+    np.testing.assert_array_equal(
+        np.concatenate([h[step]["mined_tokens"] for h in hosts]), first[step]["mined_tokens"])
+  other = train_batches(synth_config(out, seed=1, **{"loss.negatives": "mined", "stage": 2,
+                                                     "loss.lambdas": (1.0, 1.0, 1.0),
+                                                     "loss.num_mined": 12}), split, 1)[0]
+  assert not np.array_equal(other["mined_tokens"], first[0]["mined_tokens"])
+
+
 def test_flip_is_a_mirror(synth):
   import tensorflow as tf
   out, _ = synth

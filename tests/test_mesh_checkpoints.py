@@ -78,8 +78,8 @@ def test_stage1_on_four_devices_initialises_stage2_on_eight(data_dir, tmp_path):
   meta = checkpoint.run_meta(config2, vocab.fingerprint)
   mesh8 = sharding.make_mesh(devices[:8])
   mgr2 = checkpoint.manager(str(tmp_path / "s2"))
-  state, start = trainer.initial_state(config2, str(tmp_path / "s2"), mgr2, meta, None, 4.0,
-                                       mesh8)
+  state, start = trainer.initial_state(config2, str(tmp_path / "s2"), mgr2,
+                                       checkpoint.reader(workdir1), meta, None, 4.0, mesh8)
   assert start == 0
   assert state.params["w_share"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(
       None, sharding.AXIS)

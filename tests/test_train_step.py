@@ -11,6 +11,7 @@ import pytest
 import helpers
 from helpers import random_batch, tiny_config
 from instance_loss_jax import losses, sharding, train_step as ts
+from instance_loss_jax.models import build_model
 
 STEPS_PER_EPOCH = 10
 STAGE2 = {"stage": 2, "freeze_backbone": False, "backbone_bn": "train",
@@ -131,17 +132,63 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
   assert dtypes == {jnp.dtype(jnp.bfloat16)}
 
 
-def test_mined_negatives_run_in_the_step():
-  # ("random" differs from "hardest" only inside losses.ranking_loss_against, tested there.)
-  for mode in ("mined",):
-    config = tiny_config(**{"loss.lambdas": (1.0, 1.0, 1.0), "loss.negatives": mode,
-                            "loss.num_mined": 16})
-    batch = random_batch(config, seed=0)
-    rng = np.random.default_rng(1)
-    batch["mined_tokens"] = rng.integers(1, 40, (16, 8)).astype(np.int32)
-    batch["mined_labels"] = rng.integers(0, 16, (16,)).astype(np.int32)
-    _, history = run_steps(config, jax.local_devices()[:2], [batch])
-    assert np.isfinite(history[0]["loss"]) and history[0]["rank_loss"] > 0
+def test_float32_parts_compute_in_float32_under_bfloat16():
+  config = tiny_config(compute_dtype="bfloat16", float32_parts=("w_share", "batch_norm"))
+  batch = random_batch(config)
+  model = build_model(config)
+  variables = ts.variables_of(ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH))
+  out, inter = model.apply(variables, batch["images"], batch["tokens"],
+                           capture_intermediates=True)
+  assert out["img_logits"].dtype == jnp.float32  # W_share
+  flat = jax.tree_util.tree_leaves_with_path(inter["intermediates"])
+  dtypes = lambda word: {x.dtype for p, x in flat if word in jax.tree_util.keystr(p)}
+  assert dtypes("bn") == {jnp.dtype(jnp.float32)}
+  assert dtypes("conv") == {jnp.dtype(jnp.bfloat16)}  # the convolutions stay bfloat16
+
+
+def _np_hinge(margin, pos, neg, has):
+  return float(np.mean(np.where(has, np.maximum(0.0, margin - pos + neg), 0.0)))
+
+
+def test_mined_negatives_match_numpy_on_a_fixed_pool():
+  # 8 devices, 2 anchors and 3 candidates each: the step embeds its candidates in inference mode,
+  # gathers the pool, and every image anchor takes the most similar candidate of another class;
+  # text anchors take a random other image (losses.sample_negatives, the step's key).
+  config = tiny_config(**STAGE2, **{"loss.negatives": "mined", "loss.num_mined": 24,
+                                    "batch_size": 16})
+  batch = random_batch(config, seed=0)
+  rng = np.random.default_rng(1)
+  batch["mined_tokens"] = rng.integers(1, 40, (24, 8)).astype(np.int32)
+  # Half of the candidates are captions of the batch's own classes: never their negatives.
+  batch["mined_labels"] = np.concatenate([batch["labels"][:12], rng.integers(0, 16, 12)]).astype(
+      np.int32)
+  init = ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
+  _, history = run_steps(config, jax.local_devices()[:8], [batch], state=init)
+
+  model = build_model(config)
+  variables = ts.variables_of(init)
+  out, _ = model.apply(variables, batch["images"], batch["tokens"], train=True,
+                       mutable=["batch_stats"], method="encode")
+  img, txt = np.asarray(out["img_emb"], np.float64), np.asarray(out["txt_emb"], np.float64)
+  labels, pos = batch["labels"], np.sum(img * txt, axis=1)
+
+  def reference(candidates_train_mode: bool) -> float:
+    cand = model.apply(variables, batch["mined_tokens"], train=candidates_train_mode,
+                       method="embed_texts", mutable=["batch_stats"])[0]
+    sim = img @ np.asarray(cand, np.float64).T
+    valid = labels[:, None] != batch["mined_labels"][None, :]
+    chosen = np.array([max(np.flatnonzero(v), key=lambda j, s=s: s[j])
+                       for s, v in zip(sim, valid)])
+    i2t = _np_hinge(1.0, pos, sim[np.arange(16), chosen], valid.any(axis=1))
+    key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 0))[1]
+    others = labels[:, None] != labels[None, :]
+    idx = np.asarray(losses.sample_negatives(key, others)[0])
+    t2i = _np_hinge(1.0, pos, (txt @ img.T)[np.arange(16), idx], others.any(axis=1))
+    return i2t + t2i
+
+  np.testing.assert_allclose(history[0]["rank_loss"], reference(False), rtol=1e-5)
+  # The check can tell: candidates embedded in training mode give another loss.
+  assert abs(reference(True) - reference(False)) > 1e-3
 
 
 def test_embed_fns_give_unit_vectors_and_flip_average():

@@ -73,7 +73,9 @@ def test_two_stages_and_evaluation(data_dir, stage1, tmp_path):
   assert os.listdir(os.path.join(workdir1, "tensorboard"))
   assert results1["num_images"] == 4 and results1["num_captions"] == 20
   workdir2 = str(tmp_path / "stage2")
-  config2 = small_config("stage2", data_dir, init_from=workdir1)
+  # Stage II with the original's mined negatives: the pipeline supplies the candidate pools.
+  config2 = small_config("stage2", data_dir, init_from=workdir1,
+                         **{"loss.negatives": "mined", "loss.num_mined": 16})
   results2 = trainer.train_and_evaluate(config2, workdir2)
   assert results2["step"] == 8 and 0 <= results2["metrics"]["t2i_r10"] <= 100
   # Stage II started from Stage I's variables: its text CNN is Stage I's plus 4 steps of SGD
@@ -296,6 +298,28 @@ def test_text_shift_sum_is_the_sum_over_offsets(data_dir, stage1):
     shifted = np.stack([np.roll(split.tokens[row], o) for o in range(12 - n + 1)])
     want = np.asarray(embed(shifted)).sum(0)
     np.testing.assert_allclose(txt[row], want / np.linalg.norm(want), rtol=1e-4, atol=1e-6)
+
+  # The original's features: the text head's BatchNorm output before its ReLU, summed raw over
+  # the offsets, then normalised; images: raw sum of the image's and its mirror's.
+  original = evaluation.run_config(small_config("stage1", data_dir,
+                                                **{"eval.features": "original"}), vocab, 32)
+  img, txt = evaluation.extract_features(original, variables, split, jax.local_devices()[:2],
+                                         text_shift_sum=True)
+  raw_text = jax.jit(lambda t: model.apply(variables, t, final_relu=False,
+                                           method="text_features"))
+  for row in (0, 7, 19):
+    n = int(split.lengths[row])
+    shifted = np.stack([np.roll(split.tokens[row], o) for o in range(12 - n + 1)])
+    want = np.asarray(raw_text(shifted)).sum(0)
+    assert (np.asarray(raw_text(shifted)) < 0).any()  # before the ReLU
+    np.testing.assert_allclose(txt[row], want / np.linalg.norm(want), rtol=1e-4, atol=1e-6)
+  images = next(pipeline.numpy_batches(pipeline.eval_images(split, original, 4),
+                                       split.image_paths))["images"]
+  raw_image = lambda x: np.asarray(model.apply(variables, x, final_relu=False,
+                                               method="image_features"))
+  want = raw_image(images) + raw_image(images[:, :, ::-1])
+  np.testing.assert_allclose(img[:4], want / np.linalg.norm(want, axis=1, keepdims=True),
+                             rtol=1e-4, atol=1e-6)
 
 
 

@@ -19,6 +19,8 @@ import tensorflow as tf
 from instance_loss_jax.data.records import DataError, Record
 from instance_loss_jax.data.vocab import Vocabulary, encode
 
+log = logging.getLogger(__name__)
+
 # The input pipeline is CPU work; keep TensorFlow off the accelerators JAX uses.
 tf.config.set_visible_devices([], "GPU")
 
@@ -61,7 +63,7 @@ def encode_split(records: Sequence[Record], vocab: Vocabulary, max_len: int,
     paths.append(record.image_path)
     labels.append(record.label)
   if empty:
-    logging.warning("%d of %d captions have no word in the vocabulary%s", empty,
+    log.warning("%d of %d captions have no word in the vocabulary%s", empty,
                     sum(len(r.captions) for r in records),
                     ": left out of training" if for_training else ": kept as padding only")
   if not paths or (for_training and not rows):
@@ -153,7 +155,9 @@ def host_shard(num_images: int, process_index: int, process_count: int) -> np.nd
 def train_dataset(split: EncodedSplit, config, num_devices: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
   """Endless batches {images, tokens, labels} of this host's batch_size / process_count rows
-  (the train step assembles the hosts' rows into the global batch over `num_devices`)."""
+  (the train step assembles the hosts' rows into the global batch over `num_devices`); with
+  mined negatives also {mined_tokens, mined_labels}, this host's rows of the step's candidate
+  pool (`mined_candidates`)."""
   data, max_len, size = config.data, config.model.text.max_len, config.image_size
   host_batch = config.batch_size // process_count
   if config.batch_size % num_devices or num_devices % process_count:
@@ -188,7 +192,40 @@ def train_dataset(split: EncodedSplit, config, num_devices: int, start_step: int
   ds = tf.data.Dataset.range(start_step * host_batch, 2**62)
   ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(host_batch, drop_remainder=True)
+  if config.loss.lambdas[0] > 0 and config.loss.negatives == "mined":
+    pools = tf.data.Dataset.range(start_step, 2**62).map(
+        lambda step: mined_candidates(split, config, step, process_index, process_count))
+    ds = tf.data.Dataset.zip(ds, pools).map(lambda batch, pool: {**batch, **pool})
   return ds.prefetch(data.prefetch)
+
+
+def mined_candidates(split: EncodedSplit, config, step, process_index: int = 0,
+                     process_count: int = 1) -> dict[str, tf.Tensor]:
+  """This host's rows of step `step`'s candidate pool for mined negatives (SPEC.md): captions
+  drawn uniformly from the whole training split, each moved to a random position as the
+  original did (`data.position_shift`), with their images' labels. The pool is a function of
+  (seed, step) alone: every host draws the whole pool and keeps its slice, so it does not depend
+  on the number of hosts or devices (the train step splits the global pool over the devices)."""
+  total = config.loss.num_mined
+  if total % process_count:
+    raise DataError(f"loss.num_mined={total} does not divide over {process_count} hosts")
+  seed = tf.random.experimental.stateless_fold_in(
+      tf.constant([config.seed, 1 << 20], tf.int64), tf.cast(step, tf.int64))
+  draw, shift = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  rows = tf.random.stateless_uniform([total], draw, 0, len(split.tokens), dtype=tf.int64)
+  max_len = split.tokens.shape[1]
+  lengths = tf.gather(tf.constant(split.lengths), rows)
+  # Offsets uniform in {0..max_len - length}; rolling a left-aligned row moves only padding.
+  offsets = tf.cast(tf.random.stateless_uniform([total], shift) *
+                    tf.cast(max_len - lengths + 1, tf.float32), tf.int32)
+  if not config.data.position_shift:
+    offsets = tf.zeros_like(offsets)
+  k = total // process_count
+  rows, offsets = (x[process_index * k:(process_index + 1) * k] for x in (rows, offsets))
+  positions = tf.math.floormod(tf.range(max_len)[None, :] - offsets[:, None], max_len)
+  tokens = tf.gather(tf.gather(tf.constant(split.tokens), rows), positions, batch_dims=1)
+  labels = tf.gather(tf.constant(split.labels), tf.gather(tf.constant(split.caption_image), rows))
+  return dict(mined_tokens=tokens, mined_labels=labels)
 
 
 def eval_image_files(paths: Sequence[str], config, batch_size: int) -> tf.data.Dataset:

@@ -31,15 +31,18 @@ class Head(nn.Module):
   bn_momentum: float = 0.9
   axis_name: str | None = None
   dtype: Any = jnp.float32  # compute dtype; parameters and BN statistics stay float32
+  bn_dtype: Any = None  # BatchNorm's output dtype (default: dtype)
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, final_relu: bool = True):
+    """final_relu=False: the last BatchNorm's output (what the original evaluates)."""
     for i in range(self.num_layers):
       x = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name=f"fc{i + 1}")(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                       axis_name=self.axis_name if train else None, dtype=self.dtype,
-                       name=f"bn{i + 1}")(x)
-      x = nn.relu(x)
+                       axis_name=self.axis_name if train else None,
+                       dtype=self.bn_dtype or self.dtype, name=f"bn{i + 1}")(x)
+      if final_relu or i + 1 < self.num_layers:
+        x = nn.relu(x)
     return x
 
 
@@ -57,40 +60,48 @@ class DualPath(nn.Module):
   # Compute dtype of every layer (the run's `compute_dtype`). Parameters, optimiser state and BN
   # statistics stay float32; embeddings are normalised and losses computed in float32.
   dtype: Any = jnp.float32
+  # Parts computed in float32 whatever `dtype` (the run's `float32_parts`, see config.py).
+  float32_parts: tuple[str, ...] = ()
+
+  def _dtype(self, part: str):
+    return jnp.float32 if part in self.float32_parts else self.dtype
 
   def setup(self):
     m = self.config
+    bn_dtype = jnp.float32 if "batch_norm" in self.float32_parts else None
     self.backbone = ResNet(depth=m.image.depth, width=m.image.width,
                            stride_variant=m.image.stride_variant, bn_epsilon=m.image.bn_epsilon,
-                           bn_momentum=m.bn_momentum, axis_name=self.axis_name, dtype=self.dtype)
+                           bn_momentum=m.bn_momentum, axis_name=self.axis_name,
+                           dtype=self._dtype("backbone"), bn_dtype=bn_dtype)
     t = m.text
     self.text_encoder = TextCNN(
         vocab_size=t.vocab_size, word_dim=t.word_dim, blocks=tuple(t.blocks),
         widths=tuple(t.widths), first_mids=tuple(t.first_mids), strides=tuple(t.strides),
         bottleneck_ratio=t.bottleneck_ratio, pooling=t.pooling, bn_momentum=m.bn_momentum,
-        axis_name=self.axis_name, dtype=self.dtype)
+        axis_name=self.axis_name, dtype=self._dtype("text_cnn"), bn_dtype=bn_dtype)
     self.image_head = Head(m.embed_dim, m.image_head_layers, m.bn_momentum, self.axis_name,
-                           self.dtype)
+                           self._dtype("heads"), bn_dtype)
     self.text_head = Head(m.embed_dim, m.text_head_layers, m.bn_momentum, self.axis_name,
-                          self.dtype)
+                          self._dtype("heads"), bn_dtype)
     self.dropout = nn.Dropout(rate=m.dropout)
     # He init x 0.1 (original): variance 2 / fan_in scaled by 0.1^2.
     self.w_share = nn.Dense(
-        self.num_classes, dtype=self.dtype,
+        self.num_classes, dtype=self._dtype("w_share"),
         kernel_init=nn.initializers.variance_scaling(
             2.0 * m.w_share_init_scale**2, "fan_in", "normal"))
 
-  def image_features(self, images, train: bool = False):
-    """Head output (before dropout) of the image branch."""
+  def image_features(self, images, train: bool = False, final_relu: bool = True):
+    """Head output (before dropout) of the image branch; final_relu=False: before its ReLU."""
     x = self.backbone(images, train=train and self.backbone_batch_stats)
     if self.freeze_backbone:
       # No gradient flows into a frozen backbone, so XLA skips its backward pass entirely.
       x = jax.lax.stop_gradient(x)
-    return self.image_head(x, train=train)
+    return self.image_head(x, train=train, final_relu=final_relu)
 
-  def text_features(self, tokens, train: bool = False):
-    """Head output (before dropout) of the text branch."""
-    return self.text_head(self.text_encoder(tokens, train=train), train=train)
+  def text_features(self, tokens, train: bool = False, final_relu: bool = True):
+    """Head output (before dropout) of the text branch; final_relu=False: before its ReLU."""
+    return self.text_head(self.text_encoder(tokens, train=train), train=train,
+                          final_relu=final_relu)
 
   def embed_images(self, images, train: bool = False):
     return l2_normalize(self.image_features(images, train))
@@ -128,8 +139,10 @@ def build_model(config: ml_collections.ConfigDict, axis_name: str | None = None,
   num_classes: W_share's width if not config.num_classes (the train step's per-device model
   holds its slice of the classes).
   """
+  from instance_loss_jax.config import float32_parts  # pylint: disable=g-import-not-at-top
   return DualPath(config=config.model,
                   num_classes=config.num_classes if num_classes is None else num_classes,
                   freeze_backbone="backbone" in frozen_scopes(config),
                   backbone_batch_stats=config.backbone_bn != "running",
-                  axis_name=axis_name, dtype=jnp.dtype(config.compute_dtype))
+                  axis_name=axis_name, dtype=jnp.dtype(config.compute_dtype),
+                  float32_parts=float32_parts(config))

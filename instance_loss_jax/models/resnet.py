@@ -62,12 +62,14 @@ class ResNet(nn.Module):
   # Activations' and matmuls' dtype; parameters and BN statistics stay float32 (BN reduces in
   # float32 too), so bfloat16 changes the arithmetic, never what a checkpoint holds.
   dtype: Any = jnp.float32
+  bn_dtype: Any = None  # BatchNorm's output dtype (default: dtype)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             axis_name=self.axis_name if train else None, dtype=self.dtype)
+                             axis_name=self.axis_name if train else None,
+                             dtype=self.bn_dtype or self.dtype)
     # The patches form of the stem's kernel gradient pays at ResNet-50's width (a Stage II step
     # 3.99 s -> 3.78 s on 2 CPU cores), not at the demo's width 8 (36 -> 50 ms).
     x = SquareConv(self.width, 7, 2, 3, self.dtype, patch_kernel_grad=self.width >= 64,

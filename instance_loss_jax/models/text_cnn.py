@@ -71,12 +71,14 @@ class TextCNN(nn.Module):
   bn_momentum: float = 0.9
   axis_name: str | None = None
   dtype: Any = jnp.float32  # compute dtype; parameters and BN statistics stay float32
+  bn_dtype: Any = None  # BatchNorm's output dtype (default: dtype)
 
   @nn.compact
   def __call__(self, tokens, train: bool = False):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=1e-5,
-                             axis_name=self.axis_name if train else None, dtype=self.dtype)
+                             axis_name=self.axis_name if train else None,
+                             dtype=self.bn_dtype or self.dtype)
     x = WordEmbedding(self.vocab_size, self.word_dim, self.dtype, name="word_embedding")(tokens)
     x = norm(name="embedding_bn")(x)  # the original: BN after the embedding, no ReLU
     for stage, num_blocks in enumerate(self.blocks):
