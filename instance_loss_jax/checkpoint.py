@@ -83,7 +83,8 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False,
                                     keep_checkpoints_without_metrics=False)]))))
   return ocp.CheckpointManager(
       paths.join(paths.absolute(workdir), CHECKPOINT_DIR), options=options,
-      item_handlers=dict(state=ocp.StandardCheckpointHandler(use_ocdbt=ocdbt), meta=ocp.JsonCheckpointHandler()))
+      item_handlers=dict(state=ocp.StandardCheckpointHandler(use_ocdbt=ocdbt),
+                         meta=ocp.JsonCheckpointHandler()))
 
 
 def state_tree(state) -> dict[str, Any]:

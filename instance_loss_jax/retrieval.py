@@ -114,12 +114,16 @@ class RunModel:
   process's devices."""
 
   def __init__(self, workdir: str, step: int | None = None,
-               config: ml_collections.ConfigDict | None = None):
+               config: ml_collections.ConfigDict | None = None, features: str | None = None):
+    """features: `eval.features` to embed with (an index's own), else the run config's."""
     # pylint: disable=g-import-not-at-top
     from instance_loss_jax import checkpoint, sharding, train_step
     from instance_loss_jax.data.vocab import Vocabulary
     self.workdir = workdir
     self.config = config if config is not None else load_run_config(workdir)
+    if features is not None:
+      self.config = ml_collections.ConfigDict(self.config.to_dict())
+      self.config.eval.features = features
     mgr = checkpoint.manager(workdir, read_only=True)
     steps = mgr.all_steps()
     if not steps:
@@ -138,7 +142,8 @@ class RunModel:
                                                  mesh)
 
   def record(self) -> dict[str, Any]:
-    return dict(workdir=self.workdir, step=self.step, vocab=self.vocab.fingerprint)
+    return dict(workdir=self.workdir, step=self.step, vocab=self.vocab.fingerprint,
+                features=self.config.eval.get("features", "after_relu"))
 
   def tokens(self, sentences: Sequence[str]) -> tuple[np.ndarray, list[list[str]]]:
     """Token rows [n, max_len] (left-aligned, as the evaluation embeds captions) and each
@@ -251,7 +256,10 @@ class Index:
 
   def _model(self, workdir: str | None = None) -> RunModel:
     if self.model is None or (workdir and workdir != self.model.workdir):
-      self.model = RunModel(workdir or self.run["workdir"], self.run["step"])
+      # Queries are embedded as the gallery was (an index from before eval.features: after
+      # the ReLU).
+      self.model = RunModel(workdir or self.run["workdir"], self.run["step"],
+                            features=self.run.get("features", "after_relu"))
       if self.model.vocab.fingerprint != self.run["vocab"]:
         raise RetrievalError(f"the run's vocabulary ({self.model.workdir}) is not the one this "
                              "index was made with")

@@ -314,20 +314,21 @@ def make_embed_fns(config: ml_collections.ConfigDict, mesh=None):
   model = build_model(config)
   mesh = mesh if mesh is not None else sharding.make_mesh(jax.local_devices())
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-  original = config.eval.features == "original"
+  # A run config recorded before eval.features existed embedded after the ReLU.
+  original = config.eval.get("features", "after_relu") == "original"
 
-  def summand(variables, x, method):
+  def view_summand(variables, x, method):
     features = model.apply(variables, x, final_relu=not original, method=method)
     return features.astype(jnp.float32) if original else l2_normalize(features)
 
   def embed_images(variables, images, flip_average):
-    total = summand(variables, images, "image_features")
+    total = view_summand(variables, images, "image_features")
     if flip_average:
-      total = total + summand(variables, images[:, :, ::-1], "image_features")
+      total = total + view_summand(variables, images[:, :, ::-1], "image_features")
     return l2_normalize(total)
 
   def embed_texts(variables, tokens, as_summand):
-    one = summand(variables, tokens, "text_features")
+    one = view_summand(variables, tokens, "text_features")
     return one if as_summand else l2_normalize(one)
 
   images_fn = jax.jit(embed_images, static_argnums=(2,), out_shardings=rows)

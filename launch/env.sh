@@ -13,7 +13,8 @@ if [ ! -x .venv/bin/python ]; then
     command -v "$p" >/dev/null && "$p" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
       && echo "$p" && break; done || true)}"
   if [ -z "$PYTHON" ]; then
-    echo "error: no Python 3.11 or later found (jax 0.10 needs it); set PYTHON=/path/to/python3.11" >&2
+    echo "error: no Python 3.11 or later found (jax 0.10 needs it);" \
+      "set PYTHON=/path/to/python3.11" >&2
     exit 1
   fi
   "$PYTHON" -m venv .venv

@@ -5,6 +5,13 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# gs:// in the tests is the storage emulator of tests/test_object_store.py, reached through
+# gcsfs. These settings are read once per process, at a library's first use (etils caches its
+# backend choice at the first path of any kind; google-auth and gcsfs read theirs at import), so
+# they are set here, before any test runs: no test reaches a real object store.
+os.environ["EPATH_USE_TF"] = "false"  # etils.epath: gs:// through gcsfs, not TensorFlow's client
+os.environ["NO_GCE_CHECK"] = "true"  # google-auth (under gcsfs): no metadata-server probe
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # gcsfs: no bucket-layout gRPC calls
 
 import tempfile  # noqa: E402
 

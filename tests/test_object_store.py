@@ -59,11 +59,12 @@ def emulator():
       # The emulator serves one request at a time: TensorStore's default 32 in flight make it
       # time out and back off.
       "TENSORSTORE_GCS_REQUEST_CONCURRENCY": "4",
-      "NO_GCE_CHECK": "true",  # gcsfs: no metadata-server probe
-      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # gcsfs: no bucket-layout calls over gRPC
-      "EPATH_USE_TF": "false",  # etils.epath: gcsfs, not TensorFlow's GCS client
       "GOOGLE_CLOUD_PROJECT": "test",
+      # Read once per process, so conftest.py sets them before any test: etils.epath through
+      # gcsfs (EPATH_USE_TF=false), no metadata-server probe, no bucket-layout gRPC calls.
   }
+  for name in ("EPATH_USE_TF", "NO_GCE_CHECK", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
+    env[name] = os.environ[name]
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   yield env

@@ -191,23 +191,31 @@ def test_mined_negatives_match_numpy_on_a_fixed_pool():
   assert abs(reference(True) - reference(False)) > 1e-3
 
 
-def test_embed_fns_give_unit_vectors_and_flip_average():
-  config = tiny_config()
+@pytest.mark.parametrize("features", ["after_relu", "original"])
+def test_embed_fns_give_unit_vectors_and_flip_average(features):
+  config = tiny_config(**{"eval.features": features})
   state = ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
   mesh = sharding.make_mesh(jax.local_devices()[:2])
   embed_images, embed_texts = ts.make_embed_fns(config, mesh)
-  variables = ts.place_variables(jax.device_get(ts.variables_of(state)), mesh)
+  host_variables = jax.device_get(ts.variables_of(state))
+  variables = ts.place_variables(host_variables, mesh)
   batch = random_batch(config)
   plain = np.asarray(embed_images(variables, batch["images"], False))
-  flipped = np.asarray(embed_images(variables, batch["images"][:, :, ::-1], False))
   averaged = np.asarray(embed_images(variables, batch["images"], True))
   texts = np.asarray(embed_texts(variables, batch["tokens"]))
   assert plain.shape == (8, 32) and texts.shape == (8, 32)
   np.testing.assert_allclose(np.linalg.norm(averaged, axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(texts, axis=-1), 1.0, rtol=1e-5)
-  mean = plain + flipped
-  np.testing.assert_allclose(averaged, mean / np.linalg.norm(mean, axis=-1, keepdims=True),
-                             rtol=1e-4, atol=1e-6)
+  # The image and its mirror: normalised views summed (after_relu), or the raw BatchNorm
+  # outputs before the last ReLU summed (original); then normalised.
+  model = build_model(config)
+  view = lambda x: np.asarray(model.apply(host_variables, x, final_relu=features != "original",
+                                          method="image_features"), np.float64)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  a, b = view(batch["images"]), view(batch["images"][:, :, ::-1])
+  total = unit(a) + unit(b) if features == "after_relu" else a + b
+  assert (features == "original") == bool((a < 0).any())
+  np.testing.assert_allclose(averaged, unit(total), rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
