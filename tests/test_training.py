@@ -286,7 +286,9 @@ def test_text_shift_sum_is_the_sum_over_offsets(data_dir, stage1):
   from instance_loss_jax.models import build_model
   workdir, _ = stage1
   vocab = Vocabulary.load(workdir)
-  config = evaluation.run_config(small_config("stage1", data_dir), vocab, 32)
+  # Features after the ReLU: each offset's normalised embedding, summed, normalised.
+  config = evaluation.run_config(small_config("stage1", data_dir,
+                                              **{"eval.features": "after_relu"}), vocab, 32)
   variables = checkpoint.restore_variables(checkpoint.manager(workdir, read_only=True), 8)
   split = pipeline.encode_split(records.read_split(config, "test"), vocab, 12, False)
   _, txt = evaluation.extract_features(config, variables, split, jax.local_devices()[:2],
