@@ -13,19 +13,11 @@ estimates for this backend (CPU here): a proxy for what the parts cost, not a ti
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
+import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _train_step_bench():
-  spec = importlib.util.spec_from_file_location(
-      "bench_train_step", os.path.join(ROOT, "benchmarks", "train_step.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def main():
@@ -35,9 +27,10 @@ def main():
   parser.add_argument("--parts", default="w_share,batch_norm,heads,text_cnn,backbone")
   args = parser.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import train_step as bench  # pylint: disable=g-import-not-at-top
 
   from instance_loss_jax import sharding  # pylint: disable=g-import-not-at-top
-  bench = _train_step_bench()
   mesh = sharding.make_mesh(jax.devices()[:1])
   variants = [("float32", ()), ("bfloat16", ())] + [
       ("bfloat16", (p,)) for p in args.parts.split(",") if p]

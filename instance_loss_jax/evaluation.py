@@ -21,6 +21,7 @@ from instance_loss_jax.data.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
+
 def run_config(config, vocab: Vocabulary, num_classes: int,
                convention: dict[str, Any] | None = None):
   """The config as the model was built, resolved in this one place for the trainer and the

@@ -85,7 +85,7 @@ def _upload(local: str, uri: str) -> str:
 
 
 def _final_variables(workdir: str, step: int):
-  return checkpoint.restore_variables(checkpoint.manager(workdir, read_only=True), step)
+  return checkpoint.restore_variables(checkpoint.reader(workdir), step)
 
 
 def test_two_stages_resume_and_evaluation_on_gcs(emulator, data_dir, tmp_path):

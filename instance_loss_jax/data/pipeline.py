@@ -64,8 +64,8 @@ def encode_split(records: Sequence[Record], vocab: Vocabulary, max_len: int,
     labels.append(record.label)
   if empty:
     log.warning("%d of %d captions have no word in the vocabulary%s", empty,
-                    sum(len(r.captions) for r in records),
-                    ": left out of training" if for_training else ": kept as padding only")
+                sum(len(r.captions) for r in records),
+                ": left out of training" if for_training else ": kept as padding only")
   if not paths or (for_training and not rows):
     raise DataError("no usable image/caption pair in the split "
                     f"({len(records)} records, {empty} captions without a known word)")
@@ -193,28 +193,32 @@ def train_dataset(split: EncodedSplit, config, num_devices: int, start_step: int
   ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(host_batch, drop_remainder=True)
   if config.loss.lambdas[0] > 0 and config.loss.negatives == "mined":
+    caption_labels = tf.constant(split.labels[split.caption_image])
     pools = tf.data.Dataset.range(start_step, 2**62).map(
-        lambda step: mined_candidates(split, config, step, process_index, process_count))
+        lambda step: mined_candidates(all_tokens, all_lengths, caption_labels, config, step,
+                                      process_index, process_count))
     ds = tf.data.Dataset.zip(ds, pools).map(lambda batch, pool: {**batch, **pool})
   return ds.prefetch(data.prefetch)
 
 
-def mined_candidates(split: EncodedSplit, config, step, process_index: int = 0,
-                     process_count: int = 1) -> dict[str, tf.Tensor]:
+def mined_candidates(tokens: tf.Tensor, lengths: tf.Tensor, caption_labels: tf.Tensor, config,
+                     step, process_index: int = 0, process_count: int = 1) -> dict[str, tf.Tensor]:
   """This host's rows of step `step`'s candidate pool for mined negatives (SPEC.md): captions
-  drawn uniformly from the whole training split, each moved to a random position as the
-  original did (`data.position_shift`), with their images' labels. The pool is a function of
-  (seed, step) alone: every host draws the whole pool and keeps its slice, so it does not depend
-  on the number of hosts or devices (the train step splits the global pool over the devices)."""
+  drawn uniformly from the whole training split (`tokens`, `lengths`, their images' labels
+  `caption_labels`), each moved to a random position as the original did
+  (`data.position_shift`). The pool is a function of (seed, step) alone: every host draws the
+  whole pool and keeps its slice, so it does not depend on the number of hosts or devices (the
+  train step splits the global pool over the devices)."""
   total = config.loss.num_mined
   if total % process_count:
     raise DataError(f"loss.num_mined={total} does not divide over {process_count} hosts")
   seed = tf.random.experimental.stateless_fold_in(
       tf.constant([config.seed, 1 << 20], tf.int64), tf.cast(step, tf.int64))
   draw, shift = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  rows = tf.random.stateless_uniform([total], draw, 0, len(split.tokens), dtype=tf.int64)
-  max_len = split.tokens.shape[1]
-  lengths = tf.gather(tf.constant(split.lengths), rows)
+  rows = tf.random.stateless_uniform([total], draw, 0, tf.shape(tokens, tf.int64)[0],
+                                     dtype=tf.int64)
+  max_len = tokens.shape[1]
+  lengths = tf.gather(lengths, rows)
   # Offsets uniform in {0..max_len - length}; rolling a left-aligned row moves only padding.
   offsets = tf.cast(tf.random.stateless_uniform([total], shift) *
                     tf.cast(max_len - lengths + 1, tf.float32), tf.int32)
@@ -223,9 +227,8 @@ def mined_candidates(split: EncodedSplit, config, step, process_index: int = 0,
   k = total // process_count
   rows, offsets = (x[process_index * k:(process_index + 1) * k] for x in (rows, offsets))
   positions = tf.math.floormod(tf.range(max_len)[None, :] - offsets[:, None], max_len)
-  tokens = tf.gather(tf.gather(tf.constant(split.tokens), rows), positions, batch_dims=1)
-  labels = tf.gather(tf.constant(split.labels), tf.gather(tf.constant(split.caption_image), rows))
-  return dict(mined_tokens=tokens, mined_labels=labels)
+  return dict(mined_tokens=tf.gather(tf.gather(tokens, rows), positions, batch_dims=1),
+              mined_labels=tf.gather(caption_labels, rows))
 
 
 def eval_image_files(paths: Sequence[str], config, batch_size: int) -> tf.data.Dataset:
