@@ -25,7 +25,7 @@ def get_config(stage="stage1"):
   c.model.text.first_mids = (32, 64, 64, 128)
   c.model.embed_dim = 128
   c.model.dropout = 0.2
-  # A few hundred steps instead of SPEC.md's hundreds of epochs: faster rates everywhere.
+  # A few hundred steps instead of the datasets' hundreds of epochs: faster rates everywhere.
   c.optim.lr = 0.05
   c.optim.lr_mult.update(dict(backbone=1.0, word_embedding=1.0, text_cnn=1.0, heads=1.0,
                               w_share=1.0))

@@ -1,4 +1,4 @@
-"""Flickr30k, ResNet-50 both branches (SPEC.md). Stage as the argument:
+"""Flickr30k, ResNet-50 both branches (docs/design.md). Stage as the argument:
 
     python -m instance_loss_jax.train --config=configs/flickr30k.py:stage1 --workdir=runs/f30k-1 \
         --config.data.json=DATA/dataset_flickr30k.json --config.data.image_root=DATA/images \

@@ -168,8 +168,8 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "Directory for the data, runs and report.")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: every row is run once per seed.")
   flags.DEFINE_integer("scenes", 800, "Synthetic scenes to generate (if DIR/data has none).")
-  flags.mark_flags_as_required(["workdir"])
   cli.define_print_config()
+  cli.require_unless_print_config("workdir")
 
 
 def main(argv):

@@ -93,7 +93,16 @@ def _one_line(error: Exception) -> str:
 
 def define_print_config():
   flags.DEFINE_bool("print_config", False, "Print the config (every field with its value, "
-                    "overrides applied) and exit.")
+                    "overrides applied) and exit; needs no other flag than --config.")
+
+
+def require_unless_print_config(*names: str) -> None:
+  """Marks flags as required for a run, but not for `--print_config`, which only reads the
+  config (absl's mark_flags_as_required would refuse it without them)."""
+  for name in names:
+    flags.register_validator(
+        name, lambda value: value is not None or flags.FLAGS["print_config"].value,
+        message=f"--{name} is required")
 
 
 def _adopt_as_main_module_flags(module_name: str) -> None:
@@ -140,11 +149,13 @@ def run(main, define_flags=None):
       sys.exit(1)
 
   def parse(argv):
+    # --help is the binary's own flags and the shared ones (absl's --helpshort); --helpfull
+    # lists every library's too (absl's --help would, 150 lines for export).
+    argv = [("--helpshort" if a in ("-h", "--help", "-?") else a) for a in argv]
     try:
       return flags.FLAGS(argv)
     except SystemExit:
-      if any(a.split("=")[0] in ("-h", "--help", "-?", "--helpshort", "--helpfull")
-             for a in argv[1:]):
+      if any(a.split("=")[0] in ("--helpshort", "--helpfull") for a in argv[1:]):
         sys.exit(0)  # absl exits with 1 after printing the help that was asked for
       raise
     except (AttributeError, KeyError) as e:  # config_flags: an override names no config field

@@ -1,4 +1,5 @@
-"""The configuration schema: every field, its SPEC.md default, and its checks.
+"""The configuration schema: every field, its default (docs/design.md: where each comes from),
+and its checks.
 
 `configs/*.py` files start from `base_config()` and override what their dataset and stage need.
 `validate_config` runs before anything is built or compiled, so a typo or an inconsistent value
@@ -32,7 +33,7 @@ LR_GROUPS = ("backbone", "word_embedding", "text_cnn", "heads", "w_share")
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every field the code reads, with SPEC.md's Flickr30k Stage I values as defaults."""
+  """Every field the code reads, with the Flickr30k Stage I values (docs/design.md) as defaults."""
   c = ml_collections.ConfigDict()
   c.stage = 1
   c.seed = 0
@@ -139,7 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.flip_average = True  # image feature = mean of the image's and its mirror's
   c.eval.text_shift_sum = False  # caption feature = sum over all shift offsets (original code)
   # What is summed over those views before the L2 normalisation: "original" (the last
-  # BatchNorm's raw output, before the ReLU, as the original's test scripts; SPEC.md,
+  # BatchNorm's raw output, before the ReLU, as the original's test scripts; docs/design.md,
   # Evaluation) or "after_relu" (each view's head output after its last ReLU, normalised). On
   # the demo, "original" gave rsum +12 to +33 over "after_relu" in each of 3 seeds (RESULTS.md).
   c.eval.features = "original"
@@ -154,7 +155,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.momentum = 0.9
   c.optim.nesterov = True
   c.optim.weight_decay = 1e-4
-  # Effective rate of a group = lr * multiplier (SPEC.md, from the original code).
+  # Effective rate of a group = lr * multiplier (docs/design.md, from the original code).
   c.optim.lr_mult = ml_collections.ConfigDict(dict(
       backbone=0.02, word_embedding=0.001, text_cnn=0.1, heads=0.1, w_share=0.01))
   # ((epochs, lr factor), ...): piecewise constant; the run's length is the sum of the epochs.
@@ -163,7 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def set_stage(c: ml_collections.ConfigDict, stage: str | int) -> ml_collections.ConfigDict:
-  """Applies SPEC.md's stage defaults: Stage I frozen backbone, instance loss only (lambdas
+  """Applies the paper's stage defaults: Stage I frozen backbone, instance loss only (lambdas
   0, 1, 1); Stage II everything trains, ranking loss on (1, 1, 1). `stage`: 1, 2, "stage1"..."""
   stage = int(str(stage).lower().removeprefix("stage"))
   if stage not in STAGES:

@@ -25,8 +25,9 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "The training run's directory.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
   flags.DEFINE_string("split", None, "Split to evaluate (default: config.eval.split).")
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.mark_flags_as_required(["config"])
   cli.define_print_config()
+  cli.require_unless_print_config("workdir")
 
 
 def main(argv):

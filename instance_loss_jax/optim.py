@@ -1,6 +1,6 @@
 """SGD with per-group learning rates, weight decay and Stage I's frozen backbone.
 
-Groups (SPEC.md): backbone, word_embedding, text_cnn, heads, w_share. Each group's rate is
+Groups (docs/design.md): backbone, word_embedding, text_cnn, heads, w_share. Each group's rate is
 `optim.lr * optim.lr_mult[group] * schedule(step)`.
 """
 

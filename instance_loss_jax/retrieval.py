@@ -221,6 +221,10 @@ class Index:
       kind, items = "captions", _read_lines(captions)
     else:
       kind, items = split_kind, _split_items(model.config, split, split_kind)
+    if kind == "images":
+      # Stored absolute: `search` runs from any directory and reads these files to inline the
+      # thumbnails of its HTML page (relative to export's directory they would not be found).
+      items = [paths.absolute(p) for p in items]
     log.info("embedding %d %s with %s step %d", len(items), kind, workdir, model.step)
     emb = model.embed_images(items) if kind == "images" else model.embed_sentences(items)[0]
     return cls(emb.astype(dtype), list(items), kind, model.record(), model)

@@ -22,7 +22,7 @@ def define_flags():
   flags.DEFINE_string("index", None, "The index directory (instance_loss_jax.export).")
   flags.DEFINE_string("query", None, "A sentence (searches an image index).")
   flags.DEFINE_string("image", None, "An image file (searches a caption index).")
-  flags.DEFINE_integer("k", 10, "How many results.")
+  flags.DEFINE_integer("k", 10, "How many results (1 or more).", lower_bound=1)
   flags.DEFINE_bool("json", False, "One JSON object per result instead of the table.")
   flags.DEFINE_string("html", None, "Also write the results as a self-contained HTML page.")
   flags.DEFINE_string("workdir", None, "The run's directory, if not where the index says.")

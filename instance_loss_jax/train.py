@@ -20,9 +20,10 @@ def define_flags():
                                   "configs/flickr30k.py:stage1.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, vocabulary (local or "
                       "an object store).")
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.mark_flags_as_required(["config"])
   cli.define_flags()
   cli.define_print_config()
+  cli.require_unless_print_config("workdir")
 
 
 def main(argv):

@@ -262,7 +262,21 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, Any] | None
   """Trains (or resumes) the run in `workdir` on `mesh` (default: every device of every
   process); returns the final evaluation's results."""
   validate_config(config)
+  created = not paths.path(workdir).exists()
   check_workdir(workdir)
+  phase = {"training": False}
+  try:
+    return _train_and_evaluate(config, workdir, mesh, phase)
+  except BaseException:
+    # A run that fails before its first step (missing data, a refused checkpoint, a bad
+    # backbone) leaves no workdir behind if it made it: the same command, corrected, then
+    # starts clean, and `ls` shows no run that never ran.
+    if created and not phase["training"] and jax.process_index() == 0:
+      paths.path(workdir).rmtree()
+    raise
+
+
+def _train_and_evaluate(config, workdir: str, mesh, phase: dict[str, bool]):
   train_records = records.read_split(config, "train")
   num_classes = 1 + max(r.label for r in train_records)
   if config.num_classes and config.num_classes != num_classes:
@@ -298,6 +312,7 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, Any] | None
     evaluator = evaluation.Evaluator(config, vocab, config.eval.val_split)
     validate = lambda state, step: _validate(evaluator, state, step, workdir, logger)
   stop = _StopSignal()  # from here on, SIGTERM stops the run at the next step boundary
+  phase["training"] = True
   try:
     _train_loop(config, step_fn, state, batches, mgr, meta, logger, start, total_steps, stop,
                 validate)

@@ -1,7 +1,10 @@
-"""Test setup: 8 CPU devices for the data-parallel tests, TF kept off accelerators."""
+"""Test setup: 8 CPU devices for the data-parallel tests, TF kept off accelerators, one
+compilation cache for all of a run's pytest-xdist workers."""
 import os
+import tempfile
 
-# Must happen before JAX initialises its backends.
+# Must happen before JAX initialises its backends. (LLVM at -O0, tried for faster compiles,
+# gives NaNs and other numbers on XLA:CPU: the flag stays at its default.)
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -13,11 +16,27 @@ os.environ["EPATH_USE_TF"] = "false"  # etils.epath: gs:// through gcsfs, not Te
 os.environ["NO_GCE_CHECK"] = "true"  # google-auth (under gcsfs): no metadata-server probe
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # gcsfs: no bucket-layout gRPC calls
 
-import tempfile  # noqa: E402
-
 import jax  # noqa: E402
 
-# XLA's CPU compiles dominate this suite: many tests build the same tiny model, so identical
-# programs (the init above all) are compiled once per session and then read from this cache.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jax_cache_"))
+
+def _cache_dir() -> str:
+  """XLA's CPU compiles dominate this suite and many tests build the same tiny model: identical
+  programs are compiled once per run and then read from this cache. pytest-xdist's workers (one
+  per core, launch/test.sh) share it through the run's id, so one worker reuses the other's."""
+  run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  if run is None:
+    return tempfile.mkdtemp(prefix="jax_cache_")
+  path = os.path.join(tempfile.gettempdir(), f"jax_cache_{run}")
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                  or _cache_dir())
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_collection_modifyitems(items):
+  """The slow tests first (stable otherwise): with pytest-xdist the long ones start at once and
+  the short ones fill the gaps, instead of one worker finishing a long test alone at the end."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

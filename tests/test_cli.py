@@ -10,12 +10,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow  # each case starts a Python with JAX and TensorFlow
 
 
-def run(*args, script=None):
+def run(*args, script=None, module="instance_loss_jax.train"):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   if script:  # the console script pip installed beside this Python
     cmd = [os.path.join(os.path.dirname(sys.executable), script)]
   else:
-    cmd = [sys.executable, "-m", "instance_loss_jax.train"]
+    cmd = [sys.executable, "-m", module]
   proc = subprocess.run(cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=300)
   return proc.returncode, proc.stdout, proc.stderr
@@ -32,10 +32,20 @@ def test_console_scripts_help_says_what_they_do_and_lists_their_flags(script, sa
   assert code == 0 and says in out and flag in out, out
 
 
+def test_help_is_the_binarys_own_flags_and_helpfull_the_rest():
+  _, out, _ = run("--help", module="instance_loss_jax.export")
+  # export's --config default (every field of a config) is not printed; no library's flags.
+  assert "--workdir" in out and "--images" in out and "--helpfull" in out
+  assert "backbone_bn" not in out and "--verbosity" not in out and len(out.splitlines()) < 50
+  code, full, _ = run("--helpfull", module="instance_loss_jax.export")
+  assert code == 0 and "--verbosity" in full and "--workdir" in full
+
+
 def test_print_config_lists_every_field_with_overrides_applied():
-  code, out, _ = run("--config=configs/demo.py:stage2", "--workdir=unused",
-                     "--config.model.embed_dim=64", "--print_config")
-  assert code == 0
+  # No --workdir: printing the config needs none.
+  code, out, err = run("--config=configs/demo.py:stage2", "--config.model.embed_dim=64",
+                       "--print_config")
+  assert code == 0, err[-2000:]
   assert "embed_dim: 64" in out and "w_share_sharding: classes" in out and "lambdas:" in out
 
 
@@ -46,7 +56,7 @@ def test_print_config_lists_every_field_with_overrides_applied():
      "error: --config=configs/nothere.py: no config file there"),
     (["--config=configs/demo.py", "--workdir=w", "--config.model.nope=1"],
      "error: unknown config field in the overrides"),
-    (["--config=configs/demo.py"], "error: flag --workdir=None"),
+    (["--config=configs/demo.py"], "error: flag --workdir=None: --workdir is required"),
     (["--config=configs/demo.py", "--workdir=WORKDIR"],
      "error: data.json and data.image_root not set (--config.data.json=PATH)"),
 ])
@@ -55,4 +65,13 @@ def test_bad_input_is_one_line_naming_it(tmp_path, args, message):
   code, _, err = run(*args)
   ours = [line for line in err.splitlines() if line.startswith("error:")]
   assert code == 1 and len(ours) == 1 and ours[0].startswith(message), err[-2000:]
+  assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("k", ["-3", "0"])
+def test_search_k_below_one_is_one_line_naming_the_flag(k):
+  code, _, err = run("--index=nowhere", "--query=a dog", f"--k={k}",
+                     module="instance_loss_jax.search")
+  ours = [line for line in err.splitlines() if line.startswith("error:")]
+  assert code == 1 and ours == [f"error: flag --k={k}: {k} is not a positive integer"], err
   assert "Traceback" not in err

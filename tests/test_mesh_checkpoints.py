@@ -39,6 +39,7 @@ def saved_on_four(tmp_path_factory):
   return config, batches, directory, straight
 
 
+@pytest.mark.xdist_group("saved_on_four")
 @pytest.mark.parametrize("resume_devices", [8, 2])
 def test_save_on_four_devices_resume_on_another_count(saved_on_four, resume_devices):
   config, batches, directory, straight = saved_on_four

@@ -49,6 +49,7 @@ def trained_run(tmp_path_factory):  # the tests that use it are marked slow
   return workdir, config
 
 
+@pytest.mark.xdist_group("trained_run")
 @pytest.mark.slow
 def test_export_then_search_finds_the_right_scene(trained_run, tmp_path):
   workdir, config = trained_run
@@ -70,6 +71,7 @@ def test_export_then_search_finds_the_right_scene(trained_run, tmp_path):
   assert np.mean(found_at <= 5) >= 0.25 and np.median(found_at) <= 16, found_at
 
 
+@pytest.mark.xdist_group("trained_run")
 @pytest.mark.slow
 def test_captions_index_and_image_query(trained_run, tmp_path):
   workdir, config = trained_run
@@ -87,6 +89,7 @@ def test_captions_index_and_image_query(trained_run, tmp_path):
     index.search_text("a red circle")
 
 
+@pytest.mark.xdist_group("trained_run")
 @pytest.mark.slow
 def test_unusable_queries_are_named(trained_run, tmp_path):
   workdir, _ = trained_run
@@ -125,6 +128,7 @@ def check_page(path):
   return len(page.images)
 
 
+@pytest.mark.xdist_group("trained_run")
 @pytest.mark.slow
 def test_binaries_and_the_html_page(trained_run, tmp_path):
   workdir, _ = trained_run
@@ -149,6 +153,31 @@ def test_binaries_and_the_html_page(trained_run, tmp_path):
     assert dom.count("<img") == 3
 
 
+@pytest.mark.xdist_group("trained_run")
+@pytest.mark.slow
+def test_relative_image_paths_give_a_page_with_every_thumbnail(trained_run, tmp_path,
+                                                                monkeypatch):
+  from instance_loss_jax import gallery
+  workdir, config = trained_run
+  photos = tmp_path / "made_here" / "photos"
+  photos.mkdir(parents=True)
+  for rec in records.read_split(config, "test")[:3]:
+    shutil.copy(rec.image_path, photos)
+  monkeypatch.chdir(tmp_path / "made_here")
+  index = Index.from_run(workdir, images="photos")  # as `export --images=photos` here
+  assert all(os.path.isabs(item) and os.path.isfile(item) for item in index.items)
+  index.save("photos.index")
+  # `search` run from another directory: the page still finds and inlines every picture.
+  (tmp_path / "elsewhere").mkdir()
+  monkeypatch.chdir(tmp_path / "elsewhere")
+  hits, _ = Index.load(str(tmp_path / "made_here" / "photos.index")).search_text(
+      "a blue square", k=3)
+  gallery.write_page("page.html", "search", [dict(query="a blue square", hits=[
+      dict(rank=h.rank, score=h.score, item=h.item, is_image=True) for h in hits])])
+  assert check_page("page.html") == 3
+
+
+@pytest.mark.xdist_group("trained_run")
 @pytest.mark.slow
 def test_evaluation_writes_a_gallery_page(trained_run):
   from instance_loss_jax import evaluation

@@ -14,7 +14,7 @@ import pytest
 from instance_loss_jax import checkpoint, evaluation, trainer
 from instance_loss_jax import config as config_lib
 from instance_loss_jax.config import ConfigError
-from instance_loss_jax.data import synthetic
+from instance_loss_jax.data import records, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,6 +66,7 @@ def stage1(data_dir, tmp_path_factory):
   return workdir, results
 
 
+@pytest.mark.xdist_group("stage1")
 def test_two_stages_and_evaluation(data_dir, stage1, tmp_path):
   workdir1, results1 = stage1
   assert sorted(os.listdir(os.path.join(workdir1, "checkpoints"))) == ["4", "8"]
@@ -92,6 +93,7 @@ def test_two_stages_and_evaluation(data_dir, stage1, tmp_path):
     assert json.load(a)["words"] == json.load(b)["words"]
 
 
+@pytest.mark.xdist_group("stage1")
 def test_evaluation_is_repeatable_and_refuses_bad_requests(data_dir, stage1):
   workdir, results = stage1
   config = small_config("stage1", data_dir)
@@ -116,6 +118,7 @@ def dir_state(path):
                 for root, _, files in os.walk(path) for f in files)
 
 
+@pytest.mark.xdist_group("stage1")
 def test_refusals_before_training_touch_nothing(data_dir, stage1, tmp_path):
   workdir1, _ = stage1
   before = dir_state(workdir1)
@@ -148,7 +151,13 @@ def test_refusals_before_training_touch_nothing(data_dir, stage1, tmp_path):
   with pytest.raises(ConfigError, match="num_classes=7 but the training split has 32 groups"):
     trainer.train_and_evaluate(small_config("stage1", data_dir, num_classes=7),
                                str(tmp_path / "d"))
+  # Missing data.
+  with pytest.raises(records.DataError, match="nothere.json"):
+    trainer.train_and_evaluate(small_config("stage1", data_dir, **{
+        "data.json": str(tmp_path / "nothere.json")}), str(tmp_path / "e"))
   assert dir_state(workdir1) == before
+  # The runs refused before their first step made their workdirs, and took them away again.
+  assert not any(os.path.exists(tmp_path / name) for name in "abcde")
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(data_dir, tmp_path):
@@ -209,6 +218,7 @@ def assert_same_final_variables(straight, resumed):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.xdist_group("uninterrupted")
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(uninterrupted, tmp_path):
   straight, overrides, cache = uninterrupted
@@ -222,6 +232,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(uninterrupted, tmp_pa
   assert_same_final_variables(straight, resumed)
 
 
+@pytest.mark.xdist_group("uninterrupted")
 @pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_the_resumed_run_ends_the_same(uninterrupted,
                                                                             tmp_path):
@@ -241,6 +252,7 @@ def test_sigterm_saves_the_current_step_and_the_resumed_run_ends_the_same(uninte
   assert_same_final_variables(straight, resumed)
 
 
+@pytest.mark.xdist_group("stage1")
 def test_backbone_init_from_a_backbone_directory(data_dir, stage1, tmp_path):
   from instance_loss_jax import port
   workdir1, _ = stage1
@@ -279,6 +291,7 @@ def test_backbone_init_from_a_backbone_directory(data_dir, stage1, tmp_path):
                                str(tmp_path / "run2"))
 
 
+@pytest.mark.xdist_group("stage1")
 def test_text_shift_sum_is_the_sum_over_offsets(data_dir, stage1):
 
   from instance_loss_jax.data import pipeline, records
