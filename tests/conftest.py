@@ -37,6 +37,10 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def pytest_collection_modifyitems(items):
-  """The slow tests first (stable otherwise): with pytest-xdist the long ones start at once and
-  the short ones fill the gaps, instead of one worker finishing a long test alone at the end."""
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+  """Modules with slow tests first, each module's tests kept together and in order: with
+  pytest-xdist the long ones start at once and the short ones fill the gaps at the end. (Items
+  of different modules interleaved would make pytest tear down and rebuild the modules' trained
+  fixtures.)"""
+  has_slow = {item.module for item in items if item.get_closest_marker("slow") is not None}
+  order = {id(item): n for n, item in enumerate(items)}
+  items.sort(key=lambda item: (item.module not in has_slow, order[id(item)]))
