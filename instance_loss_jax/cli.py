@@ -149,13 +149,11 @@ def run(main, define_flags=None):
       sys.exit(1)
 
   def parse(argv):
-    # --help is the binary's own flags and the shared ones (absl's --helpshort); --helpfull
-    # lists every library's too (absl's --help would, 150 lines for export).
-    argv = [("--helpshort" if a in ("-h", "--help", "-?") else a) for a in argv]
     try:
       return flags.FLAGS(argv)
     except SystemExit:
-      if any(a.split("=")[0] in ("--helpshort", "--helpfull") for a in argv[1:]):
+      if any(a.split("=")[0] in ("-h", "--help", "-?", "--helpshort", "--helpfull")
+             for a in argv[1:]):
         sys.exit(0)  # absl exits with 1 after printing the help that was asked for
       raise
     except (AttributeError, KeyError) as e:  # config_flags: an override names no config field

@@ -54,7 +54,8 @@ def extract_features(config, variables, split: pipeline.EncodedSplit, devices=No
                      embed_fns=None) -> tuple[np.ndarray, np.ndarray]:
   """L2-normalised (image, caption) embeddings of a split, in file order.
 
-  flip_average: image = normalised sum of the image's and its mirror's summands (docs/design.md).
+  flip_average: image = normalised sum of the image's and its mirror's summands
+  (docs/design.md).
   text_shift_sum: caption = normalised sum of its summands over every position-shift offset
   (the original code); otherwise the caption as stored, left-aligned. What a summand is:
   `config.eval.features` (train_step.make_embed_fns). embed_fns: `make_embed_fns` on these

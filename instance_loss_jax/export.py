@@ -31,8 +31,8 @@ def define_flags():
   flags.DEFINE_string("split", None, "Gallery: a split of the run's dataset (e.g. test).")
   flags.DEFINE_enum("kind", "images", ["images", "captions"], "With --split: what to index.")
   flags.DEFINE_string("captions", None, "Gallery: a text file, one sentence per line.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the best by validation rsum if the run "
-                       "validated during training, else the newest).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the best by validation rsum "
+                       "if the run validated during training, else the newest).")
   flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "Embeddings' storage type.")
   config_flags.DEFINE_config_dict("config", base_config(), "Overrides of the run's recorded "
                                   "config, e.g. --config.data.json=... (with --split).")

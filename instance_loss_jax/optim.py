@@ -1,7 +1,7 @@
 """SGD with per-group learning rates, weight decay and Stage I's frozen backbone.
 
-Groups (docs/design.md): backbone, word_embedding, text_cnn, heads, w_share. Each group's rate is
-`optim.lr * optim.lr_mult[group] * schedule(step)`.
+Groups (docs/design.md): backbone, word_embedding, text_cnn, heads, w_share. Each group's rate
+is `optim.lr * optim.lr_mult[group] * schedule(step)`.
 """
 
 from __future__ import annotations

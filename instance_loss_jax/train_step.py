@@ -307,8 +307,8 @@ def make_embed_fns(config: ml_collections.ConfigDict, mesh=None):
   `flip_average`, the image's and its mirror's; a caption's shift offsets are summed by the
   caller (`summand=True` returns the summand). `config.eval.features` says what a summand is:
   "after_relu", the head's output after its last ReLU, L2-normalised; "original", the last
-  BatchNorm's raw output before that ReLU, as the original's test scripts read (docs/design.md). The
-  batch must divide over the devices. `place_variables` puts host variables on the mesh once
+  BatchNorm's raw output before that ReLU, as the original's test scripts read (docs/design.md).
+  The batch must divide over the devices. `place_variables` puts host variables on the mesh once
   (replicated; W_share left out).
   """
   model = build_model(config)

@@ -42,5 +42,4 @@ def pytest_collection_modifyitems(items):
   of different modules interleaved would make pytest tear down and rebuild the modules' trained
   fixtures.)"""
   has_slow = {item.module for item in items if item.get_closest_marker("slow") is not None}
-  order = {id(item): n for n, item in enumerate(items)}
-  items.sort(key=lambda item: (item.module not in has_slow, order[id(item)]))
+  items.sort(key=lambda item: item.module not in has_slow)  # a stable sort

@@ -37,7 +37,8 @@ def test_resnet_50_is_23_508_032():
 
 
 def bottleneck(cin, mid, cout, projection):
-  """Params of one text block written out from docs/design.md: convs without bias, BN scale+offset."""
+  """Params of one text block written out from docs/design.md: convs without bias, BN scale and
+  offset."""
   n = cin * mid + 2 * mid + 2 * mid * mid + 2 * mid + mid * cout + 2 * cout
   return n + (cin * cout + 2 * cout if projection else 0)
 

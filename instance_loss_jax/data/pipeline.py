@@ -203,8 +203,8 @@ def train_dataset(split: EncodedSplit, config, num_devices: int, start_step: int
 
 def mined_candidates(tokens: tf.Tensor, lengths: tf.Tensor, caption_labels: tf.Tensor, config,
                      step, process_index: int = 0, process_count: int = 1) -> dict[str, tf.Tensor]:
-  """This host's rows of step `step`'s candidate pool for mined negatives (docs/design.md): captions
-  drawn uniformly from the whole training split (`tokens`, `lengths`, their images' labels
+  """This host's rows of step `step`'s candidate pool for mined negatives (docs/design.md):
+  captions drawn uniformly from the whole training split (`tokens`, `lengths`, their images' labels
   `caption_labels`), each moved to a random position as the original did
   (`data.position_shift`). The pool is a function of (seed, step) alone: every host draws the
   whole pool and keeps its slice, so it does not depend on the number of hosts or devices (the
