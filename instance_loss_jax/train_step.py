@@ -286,6 +286,27 @@ def init_train_state(config: ml_collections.ConfigDict, rng, steps_per_epoch: fl
   return template.replace(**arrays)
 
 
+def state_from_variables(config: ml_collections.ConfigDict, variables: dict[str, Any],
+                         steps_per_epoch: float, mesh=None) -> TrainState:
+  """A train state at step 0 holding `variables` (host arrays, W_share at num_classes) with a
+  fresh optimiser state, laid out on `mesh`.
+
+  What `init_train_state` gives once every variable is replaced, without drawing the random
+  ones first: Stage II from Stage I's checkpoint skips a whole random init (its compile on XLA:CPU
+  is most of a small run's start-up; on a pod, a W_share of 500k classes drawn to be dropped).
+  The optimiser state depends on the parameters' shapes only (SGD's momentum starts at zero).
+  """
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  template = abstract_train_state(config, steps_per_epoch, mesh)
+  variables = sharding.pad_classes(variables, sharding.padded_num_classes(config, mesh))
+  target = jax.tree_util.tree_map(lambda x: x.sharding, checkpoint.state_tree(template))
+  params = sharding.place(variables["params"], target["params"])
+  batch_stats = sharding.place(variables["batch_stats"], target["batch_stats"])
+  opt_state = jax.jit(template.tx.init, out_shardings=target["opt_state"])(params)
+  step = jax.device_put(jnp.zeros(template.step.shape, template.step.dtype), target["step"])
+  return template.replace(step=step, params=params, batch_stats=batch_stats, opt_state=opt_state)
+
+
 def place_state(state: TrainState, config: ml_collections.ConfigDict, mesh=None) -> TrainState:
   """A train state of host arrays (W_share at num_classes or padded) laid out on `mesh`."""
   mesh = mesh if mesh is not None else sharding.make_mesh()

@@ -91,7 +91,11 @@ def initial_state(config, workdir: str, mgr, source, meta, table, steps_per_epoc
     loaded = {k: {"backbone": backbone[k]} for k in ("params", "batch_stats")}
     name, scopes = f"backbone {config.backbone_init}", ("params/backbone", "batch_stats/backbone")
   if loaded is not None:
-    checkpoint.merge_variables(train_step.abstract_variables(config), loaded, name, scopes)
+    merged = checkpoint.merge_variables(train_step.abstract_variables(config), loaded, name,
+                                        scopes)
+    if not scopes:  # init_from: every variable is Stage I's, so none is drawn at random
+      log.info("initialised from %s (fresh optimiser state)", name)
+      return train_step.state_from_variables(config, merged, steps_per_epoch, mesh), 0
   state = train_step.init_train_state(config, jax.random.key(config.seed), steps_per_epoch, mesh)
   if loaded is None and table is None:
     return state, 0

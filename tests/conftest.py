@@ -31,8 +31,13 @@ def _cache_dir() -> str:
   return path
 
 
-jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR")
-                  or _cache_dir())
+# Set in the environment, not only in this process's config: the binaries that tests start
+# (training runs killed and resumed, export, the object-store run, the two-process workers) read
+# it too, so a program one of them compiled is read back by the next instead of compiled again.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = (os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                                           or _cache_dir())
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
@@ -43,3 +48,27 @@ def pytest_collection_modifyitems(items):
   fixtures.)"""
   has_slow = {item.module for item in items if item.get_closest_marker("slow") is not None}
   items.sort(key=lambda item: item.module not in has_slow)  # a stable sort
+
+
+if os.environ.get("TEST_COMPILE_LOG"):
+  # Opt-in profile of the suite's XLA compiles: one line per compile (test, function, seconds)
+  # appended to $TEST_COMPILE_LOG, to find which programs cost the suite its time.
+  import logging  # noqa: E402
+
+  jax.config.update("jax_log_compiles", True)
+  _current_test = ["(collection)"]
+
+  class _CompileLog(logging.Handler):
+
+    def emit(self, record):
+      message = record.getMessage()
+      if message.startswith("Finished XLA compilation of"):
+        name, seconds = message[len("Finished XLA compilation of "):].rsplit(" in ", 1)
+        with open(os.environ["TEST_COMPILE_LOG"], "a") as f:
+          f.write(f"{_current_test[0]}\t{name}\t{seconds.split()[0]}\n")
+
+  logging.getLogger("jax._src.dispatch").addHandler(_CompileLog())
+  logging.getLogger("jax._src.interpreters.pxla").addHandler(_CompileLog())
+
+  def pytest_runtest_setup(item):
+    _current_test[0] = item.nodeid

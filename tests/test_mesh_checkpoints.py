@@ -88,6 +88,14 @@ def test_stage1_on_four_devices_initialises_stage2_on_eight(data_dir, tmp_path):
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(stage1_vars),
                           jax.tree_util.tree_leaves(got)):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+  # ... at step 0 with a fresh optimiser state (SGD's momentum at zero), every leaf laid out as
+  # a freshly initialised state's would be.
+  template = ts.abstract_train_state(config2, 4.0, mesh8)
+  assert int(state.step) == 0
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(ts.checkpoint.state_tree(state)),
+                          jax.tree_util.tree_leaves(ts.checkpoint.state_tree(template))):
+    assert (x.shape, x.dtype, x.sharding) == (y.shape, y.dtype, y.sharding), path
+  assert all(not np.asarray(x).any() for x in jax.tree_util.tree_leaves(state.opt_state))
 
   # And the evaluation restores the 4-device checkpoint onto 1 device: its features are those
   # of the restored variables (compared above), so its figures are the checkpoint's.

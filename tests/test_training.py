@@ -168,11 +168,10 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(data_dir, tmp_path):
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
 
 
-def run_binary(workdir, overrides, cache_dir, signal_after_first_checkpoint=None, delay=0.0):
+def run_binary(workdir, overrides, signal_after_first_checkpoint=None, delay=0.0):
   """Runs the training binary on 2 devices; with a signal, sends it `delay` seconds after the
   first checkpoint appears and returns the finished process's (returncode, stderr)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   cmd = [sys.executable, "-m", "instance_loss_jax.train", "--config=configs/demo.py:stage2",
          f"--workdir={workdir}"] + flags_for(overrides)
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -202,9 +201,8 @@ def uninterrupted(data_dir, tmp_path_factory):
   overrides = {**small_overrides(data_dir, epochs=40), "checkpoint_every": 20, "log_every": 20,
                "eval.at_end": False, "stage": 2, "freeze_backbone": False}
   root = tmp_path_factory.mktemp("uninterrupted")
-  cache = str(root / "cache")
-  run_binary(str(root / "run"), overrides, cache)
-  return str(root / "run"), overrides, cache
+  run_binary(str(root / "run"), overrides)
+  return str(root / "run"), overrides
 
 
 def checkpoint_steps(workdir):
@@ -221,13 +219,13 @@ def assert_same_final_variables(straight, resumed):
 @pytest.mark.xdist_group("uninterrupted")
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(uninterrupted, tmp_path):
-  straight, overrides, cache = uninterrupted
+  straight, overrides = uninterrupted
   resumed = str(tmp_path / "resumed")
-  code, _ = run_binary(resumed, overrides, cache, signal.SIGKILL)
+  code, _ = run_binary(resumed, overrides, signal.SIGKILL)
   assert code == -signal.SIGKILL, "the run ended before it could be killed"
   killed_at = checkpoint_steps(resumed)
   assert killed_at and killed_at[-1] < RESUME_STEPS
-  log = run_binary(resumed, overrides, cache)
+  log = run_binary(resumed, overrides)
   assert f"resuming from {resumed} step {killed_at[-1]}" in log
   assert_same_final_variables(straight, resumed)
 
@@ -238,16 +236,16 @@ def test_sigterm_saves_the_current_step_and_the_resumed_run_ends_the_same(uninte
                                                                             tmp_path):
   # SIGTERM (SLURM, a GPU host going down) at a random moment after the first checkpoint: the
   # run saves the step it is at (not only every checkpoint_every = 20) and exits with 143.
-  straight, overrides, cache = uninterrupted
+  straight, overrides = uninterrupted
   resumed = str(tmp_path / "resumed")
   delay = float(np.random.default_rng().uniform(0.0, 1.5))
-  code, err = run_binary(resumed, overrides, cache, signal.SIGTERM, delay)
+  code, err = run_binary(resumed, overrides, signal.SIGTERM, delay)
   assert code == 143, (delay, err[-2000:])
   stopped_at = checkpoint_steps(resumed)[-1]
   assert 0 < stopped_at < RESUME_STEPS
   assert f"preempted: stopped at step {stopped_at} (SIGTERM)" in err
   assert "Traceback" not in err
-  log = run_binary(resumed, overrides, cache)
+  log = run_binary(resumed, overrides)
   assert f"resuming from {resumed} step {stopped_at}" in log
   assert_same_final_variables(straight, resumed)
 
