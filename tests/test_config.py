@@ -50,6 +50,7 @@ def test_unfrozen_backbone_needs_trained_statistics():
     validate_config(config)
 
 
+@pytest.mark.slow
 def test_binary_names_an_unknown_override_without_a_traceback(tmp_path):
   import os
   import subprocess

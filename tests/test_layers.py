@@ -10,11 +10,17 @@ import pytest
 from instance_loss_jax.models import layers
 
 
+def normal(seed, shape):
+  # numpy's draws: jax.random's would compile a threefry program for every shape (seconds each
+  # on XLA:CPU) and test nothing more.
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
 def values_and_grads(module, x):
   """Output, d(sum(out * r))/dx and /dkernel for `module`'s own kernel initialisation."""
   params = module.init(jax.random.key(0), x)["params"]
   out = module.apply({"params": params}, x)
-  r = jax.random.normal(jax.random.key(1), out.shape)
+  r = normal(1, out.shape)
   loss = lambda p, v: jnp.sum(module.apply({"params": p}, v) * r)  # noqa: E731
   gp, gx = jax.grad(loss, argnums=(0, 1))(params, x)
   return params, out, gx, gp
@@ -32,17 +38,17 @@ def assert_same_as(ours, reference, x):
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_pointwise_conv_is_a_1x1_conv(stride):
-  x = jax.random.normal(jax.random.key(2), (2, 7, 9, 5))
+  x = normal(2, (2, 7, 9, 5))
   assert_same_as(layers.PointwiseConv(6, stride), nn.Conv(6, (1, 1), (stride, stride),
                                                           padding="VALID", use_bias=False), x)
-  text = jax.random.normal(jax.random.key(3), (2, 7, 5))
+  text = normal(3, (2, 7, 5))
   assert_same_as(layers.PointwiseConv(6, stride), nn.Conv(6, (1,), (stride,), padding="VALID",
                                                           use_bias=False), text)
 
 
 @pytest.mark.parametrize("size,stride,pad", [(3, 1, 1), (3, 2, 1), (7, 2, 3)])
 def test_square_conv_kernel_gradient_is_the_convolutions(size, stride, pad):
-  x = jax.random.normal(jax.random.key(4), (2, 11, 10, 3))
+  x = normal(4, (2, 11, 10, 3))
   assert_same_as(layers.SquareConv(4, size, stride, pad, patch_kernel_grad=True),
                  nn.Conv(4, (size, size), (stride, stride), padding=((pad, pad), (pad, pad)),
                          use_bias=False), x)
@@ -50,7 +56,7 @@ def test_square_conv_kernel_gradient_is_the_convolutions(size, stride, pad):
 
 @pytest.mark.parametrize("stride,length", [(1, 8), (2, 8), (2, 7)])
 def test_pair_conv_is_the_left_padded_1x2_conv(stride, length):
-  x = jax.random.normal(jax.random.key(5), (3, length, 6))
+  x = normal(5, (3, length, 6))
   assert_same_as(layers.PairConv(5, stride),
                  nn.Conv(5, (2,), (stride,), padding=((1, 0),), use_bias=False), x)
 

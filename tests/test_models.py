@@ -9,6 +9,7 @@ import pytest
 
 from instance_loss_jax.config import base_config
 from instance_loss_jax.models import ResNet, build_model
+from instance_loss_jax.train_step import init_compiler_options
 
 
 def count(tree):
@@ -95,7 +96,8 @@ def test_stride_variants_differ():
   feats = {}
   for variant in ("v1", "v1.5"):
     net = ResNet(depth=14, width=4, stride_variant=variant)
-    variables = jax.jit(net.init)(jax.random.key(0), images)
+    variables = jax.jit(net.init, compiler_options=init_compiler_options(jax.default_backend()))(
+        jax.random.key(0), images)
     # Same parameter shapes, different placement of the stride: different features.
     feats[variant] = jax.jit(net.apply)(variables, images)
     assert feats[variant].shape == (2, 128)

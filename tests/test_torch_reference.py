@@ -23,6 +23,7 @@ _spec.loader.exec_module(torch_reference)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.slow
 def test_same_losses_as_pytorch(stage):
   config = set_stage(tiny_config(), stage)
   # Distinct rates per group and a large weight decay, so a parameter in the wrong group or a

@@ -38,6 +38,7 @@ def assert_trees_close(a, b, **tol):
 
 
 @pytest.mark.parametrize("w_share_sharding,num_classes", [("classes", 13), ("replicated", 16)])
+@pytest.mark.slow
 def test_eight_devices_match_one_device(w_share_sharding, num_classes):
   # Stage II with both losses: BN statistics must be synchronised over devices (8 devices hold
   # one example each), the hardest negatives must come from the global batch of 8, and W_share's
@@ -68,7 +69,31 @@ def test_eight_devices_match_one_device(w_share_sharding, num_classes):
   assert moved > 1e-3
 
 
+@pytest.mark.slow
+def test_init_compiled_for_speed_draws_the_same_bits():
+  # train_step.init_compiler_options compiles the random init with less LLVM optimisation on
+  # CPU: the variables must be those of XLA's default compile, bit for bit, both for the plain
+  # init and for the one laid out on a mesh (W_share padded from 13 classes to 14).
+  config = tiny_config(num_classes=13)
+  model = build_model(config)
+  images = np.zeros((1, config.image_size, config.image_size, 3), np.float32)
+  tokens = np.zeros((1, config.model.text.max_len), np.int32)
+  key = jax.random.key(3)
+  default = jax.device_get(jax.jit(lambda k: model.init(k, images, tokens, train=False))(key))
+  assert ts.init_compiler_options("cpu") and ts.init_compiler_options("gpu") is None
+  plain = ts.variables_of(ts.create_train_state(config, key, STEPS_PER_EPOCH))
+  on_mesh = ts.variables_of(ts.host_state(ts.init_train_state(
+      config, key, STEPS_PER_EPOCH, sharding.make_mesh(jax.local_devices()[:2])), config))
+  for got in (plain, on_mesh):
+    flat_got = jax.tree_util.tree_leaves_with_path(jax.device_get(got))
+    flat_want = jax.tree_util.tree_leaves_with_path(default)
+    assert [p for p, _ in flat_got] == [p for p, _ in flat_want]
+    for (path, x), (_, y) in zip(flat_got, flat_want):
+      assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), jax.tree_util.keystr(path)
+
+
 @pytest.mark.parametrize("backbone_bn", ["running", "batch"])
+@pytest.mark.slow
 def test_stage1_backbone_is_frozen(backbone_bn):
   config = tiny_config(**{"backbone_bn": backbone_bn})
   assert config.freeze_backbone and config.stage == 1
@@ -93,6 +118,7 @@ def test_stage1_backbone_is_frozen(backbone_bn):
   assert all(text_stats_changed)
 
 
+@pytest.mark.slow
 def test_both_losses_go_down_on_a_fixed_batch():
   config = tiny_config(**{**STAGE2, "optim.lr": 1.0, "optim.lr_mult.word_embedding": 1.0})
   batch = random_batch(config, seed=0)
@@ -103,6 +129,7 @@ def test_both_losses_go_down_on_a_fixed_batch():
   assert last["img_accuracy"] == 1.0 and last["txt_accuracy"] == 1.0
 
 
+@pytest.mark.slow
 def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
   # compute_dtype changes the arithmetic only: the state (params, momentum, BN statistics) stays
   # float32, and the step's losses stay close to float32's from the same start.
@@ -150,6 +177,7 @@ def _np_hinge(margin, pos, neg, has):
   return float(np.mean(np.where(has, np.maximum(0.0, margin - pos + neg), 0.0)))
 
 
+@pytest.mark.slow
 def test_mined_negatives_match_numpy_on_a_fixed_pool():
   # 8 devices, 2 anchors and 3 candidates each: the step embeds its candidates in inference mode,
   # gathers the pool, and every image anchor takes the most similar candidate of another class;

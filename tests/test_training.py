@@ -67,6 +67,7 @@ def stage1(data_dir, tmp_path_factory):
 
 
 @pytest.mark.xdist_group("stage1")
+@pytest.mark.slow
 def test_two_stages_and_evaluation(data_dir, stage1, tmp_path):
   workdir1, results1 = stage1
   assert sorted(os.listdir(os.path.join(workdir1, "checkpoints"))) == ["4", "8"]
@@ -94,6 +95,7 @@ def test_two_stages_and_evaluation(data_dir, stage1, tmp_path):
 
 
 @pytest.mark.xdist_group("stage1")
+@pytest.mark.slow
 def test_evaluation_is_repeatable_and_refuses_bad_requests(data_dir, stage1):
   workdir, results = stage1
   config = small_config("stage1", data_dir)
@@ -119,6 +121,7 @@ def dir_state(path):
 
 
 @pytest.mark.xdist_group("stage1")
+@pytest.mark.slow
 def test_refusals_before_training_touch_nothing(data_dir, stage1, tmp_path):
   workdir1, _ = stage1
   before = dir_state(workdir1)
@@ -160,6 +163,7 @@ def test_refusals_before_training_touch_nothing(data_dir, stage1, tmp_path):
   assert not any(os.path.exists(tmp_path / name) for name in "abcde")
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(data_dir, tmp_path):
   workdir = str(tmp_path / "nan")
   config = small_config("stage1", data_dir, **{"optim.schedule": ((1, 1.0), (1, 1e30))})
@@ -251,6 +255,7 @@ def test_sigterm_saves_the_current_step_and_the_resumed_run_ends_the_same(uninte
 
 
 @pytest.mark.xdist_group("stage1")
+@pytest.mark.slow
 def test_backbone_init_from_a_backbone_directory(data_dir, stage1, tmp_path):
   from instance_loss_jax import port
   workdir1, _ = stage1
@@ -290,6 +295,7 @@ def test_backbone_init_from_a_backbone_directory(data_dir, stage1, tmp_path):
 
 
 @pytest.mark.xdist_group("stage1")
+@pytest.mark.slow
 def test_text_shift_sum_is_the_sum_over_offsets(data_dir, stage1):
 
   from instance_loss_jax.data import pipeline, records
