@@ -172,21 +172,22 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(data_dir, tmp_path):
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
 
 
-def run_binary(workdir, overrides, signal_after_first_checkpoint=None, delay=0.0):
-  """Runs the training binary on 2 devices; with a signal, sends it `delay` seconds after the
-  first checkpoint appears and returns the finished process's (returncode, stderr)."""
+def run_binary(workdir, overrides, signal_after_checkpoint=None, delay=0.0, after_step=-1):
+  """Runs the training binary on 2 devices; with a signal, sends it `delay` seconds after a
+  checkpoint newer than `after_step` appears and returns the finished process's (returncode,
+  stderr)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   cmd = [sys.executable, "-m", "instance_loss_jax.train", "--config=configs/demo.py:stage2",
          f"--workdir={workdir}"] + flags_for(overrides)
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
-  if signal_after_first_checkpoint is not None:
+  if signal_after_checkpoint is not None:
     ckpt = os.path.join(workdir, "checkpoints")
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-      if os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt)):
+      if os.path.isdir(ckpt) and any(d.isdigit() and int(d) > after_step for d in os.listdir(ckpt)):
         time.sleep(delay)
-        proc.send_signal(signal_after_first_checkpoint)
+        proc.send_signal(signal_after_checkpoint)
         break
       time.sleep(0.02)
     _, err = proc.communicate(timeout=600)
@@ -222,22 +223,8 @@ def assert_same_final_variables(straight, resumed):
 
 @pytest.mark.xdist_group("uninterrupted")
 @pytest.mark.slow
-def test_resume_after_sigkill_matches_an_uninterrupted_run(uninterrupted, tmp_path):
-  straight, overrides = uninterrupted
-  resumed = str(tmp_path / "resumed")
-  code, _ = run_binary(resumed, overrides, signal.SIGKILL)
-  assert code == -signal.SIGKILL, "the run ended before it could be killed"
-  killed_at = checkpoint_steps(resumed)
-  assert killed_at and killed_at[-1] < RESUME_STEPS
-  log = run_binary(resumed, overrides)
-  assert f"resuming from {resumed} step {killed_at[-1]}" in log
-  assert_same_final_variables(straight, resumed)
-
-
-@pytest.mark.xdist_group("uninterrupted")
-@pytest.mark.slow
-def test_sigterm_saves_the_current_step_and_the_resumed_run_ends_the_same(uninterrupted,
-                                                                            tmp_path):
+def test_sigterm_then_sigkill_then_the_resumed_run_ends_as_an_uninterrupted_one(uninterrupted,
+                                                                                tmp_path):
   # SIGTERM (SLURM, a GPU host going down) at a random moment after the first checkpoint: the
   # run saves the step it is at (not only every checkpoint_every = 20) and exits with 143.
   straight, overrides = uninterrupted
@@ -249,8 +236,16 @@ def test_sigterm_saves_the_current_step_and_the_resumed_run_ends_the_same(uninte
   assert 0 < stopped_at < RESUME_STEPS
   assert f"preempted: stopped at step {stopped_at} (SIGTERM)" in err
   assert "Traceback" not in err
+  # The next launch resumes from that step; SIGKILL (no chance to save) once it has written a
+  # checkpoint of its own.
+  code, err = run_binary(resumed, overrides, signal.SIGKILL, after_step=stopped_at)
+  assert f"resuming from {resumed} step {stopped_at}" in err
+  assert code == -signal.SIGKILL, "the run ended before it could be killed"
+  killed_at = checkpoint_steps(resumed)
+  assert killed_at[-1] > stopped_at and killed_at[-1] < RESUME_STEPS
+  # The third launch resumes from the newest checkpoint and ends as the uninterrupted run did.
   log = run_binary(resumed, overrides)
-  assert f"resuming from {resumed} step {stopped_at}" in log
+  assert f"resuming from {resumed} step {killed_at[-1]}" in log
   assert_same_final_variables(straight, resumed)
 
 
