@@ -72,3 +72,25 @@ if os.environ.get("TEST_COMPILE_LOG"):
 
   def pytest_runtest_setup(item):
     _current_test[0] = item.nodeid
+
+
+if os.environ.get("TEST_CPU_LOG"):
+  # Opt-in CPU accounting: per test phase, the CPU seconds of this process and of the processes
+  # it started and waited for (binaries, workers), appended to $TEST_CPU_LOG. Wall-clock
+  # durations under pytest-xdist depend on what the other worker runs meanwhile; CPU does not.
+  import resource  # noqa: E402
+
+  import pytest  # noqa: E402
+
+  def _cpu():
+    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                          resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+  @pytest.hookimpl(hookwrapper=True)
+  def pytest_runtest_protocol(item, nextitem):
+    before = _cpu()
+    yield
+    own, children = (b - a for a, b in zip(before, _cpu()))
+    with open(os.environ["TEST_CPU_LOG"], "a") as f:
+      f.write(f"{item.nodeid}\t{own:.1f}\t{children:.1f}\n")

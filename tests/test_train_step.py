@@ -1,6 +1,7 @@
 """The train step over a device mesh: data-parallel equivalence, Stage I freezing, learning, bad
 batches."""
 
+import functools
 import os
 
 import jax
@@ -22,6 +23,12 @@ def run_steps(config, devices, batches, seed=0, state=None):
   if state is None:
     state = ts.create_train_state(config, jax.random.key(seed), STEPS_PER_EPOCH)
   return helpers.run_steps(config, devices, batches, state, STEPS_PER_EPOCH)
+
+
+def jit_apply(model, **kwargs):
+  """model.apply with fixed keyword arguments, compiled whole: run eagerly, every primitive of
+  the model would be compiled on its own (hundreds of small XLA:CPU compiles)."""
+  return jax.jit(functools.partial(model.apply, **kwargs))
 
 
 def assert_close_to_scale(a, b, rel, floor=1e-5):
@@ -153,8 +160,8 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
                          state32.params["text_head"]["fc1"]["kernel"], rtol=1e-6, atol=0)
   # The activations really are bfloat16 (a float32 run would show no bf16 values).
   model = ts.build_model(bf16)
-  _, inter = model.apply(ts.variables_of(state16), batches[0]["images"],
-                         batches[0]["tokens"], capture_intermediates=True)
+  _, inter = jit_apply(model, capture_intermediates=True)(
+      ts.variables_of(state16), batches[0]["images"], batches[0]["tokens"])
   dtypes = {x.dtype for x in jax.tree_util.tree_leaves(inter["intermediates"]["backbone"])}
   assert dtypes == {jnp.dtype(jnp.bfloat16)}
 
@@ -164,8 +171,8 @@ def test_float32_parts_compute_in_float32_under_bfloat16():
   batch = random_batch(config)
   model = build_model(config)
   variables = ts.variables_of(ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH))
-  out, inter = model.apply(variables, batch["images"], batch["tokens"],
-                           capture_intermediates=True)
+  out, inter = jit_apply(model, capture_intermediates=True)(variables, batch["images"],
+                                                            batch["tokens"])
   assert out["img_logits"].dtype == jnp.float32  # W_share
   flat = jax.tree_util.tree_leaves_with_path(inter["intermediates"])
   dtypes = lambda word: {x.dtype for p, x in flat if word in jax.tree_util.keystr(p)}
@@ -195,14 +202,14 @@ def test_mined_negatives_match_numpy_on_a_fixed_pool():
 
   model = build_model(config)
   variables = ts.variables_of(init)
-  out, _ = model.apply(variables, batch["images"], batch["tokens"], train=True,
-                       mutable=["batch_stats"], method="encode")
+  out, _ = jit_apply(model, train=True, mutable=["batch_stats"], method="encode")(
+      variables, batch["images"], batch["tokens"])
   img, txt = np.asarray(out["img_emb"], np.float64), np.asarray(out["txt_emb"], np.float64)
   labels, pos = batch["labels"], np.sum(img * txt, axis=1)
 
   def reference(candidates_train_mode: bool) -> float:
-    cand = model.apply(variables, batch["mined_tokens"], train=candidates_train_mode,
-                       method="embed_texts", mutable=["batch_stats"])[0]
+    cand = jit_apply(model, train=candidates_train_mode, method="embed_texts",
+                     mutable=["batch_stats"])(variables, batch["mined_tokens"])[0]
     sim = img @ np.asarray(cand, np.float64).T
     valid = labels[:, None] != batch["mined_labels"][None, :]
     chosen = np.array([max(np.flatnonzero(v), key=lambda j, s=s: s[j])
@@ -237,8 +244,8 @@ def test_embed_fns_give_unit_vectors_and_flip_average(features):
   # The image and its mirror: normalised views summed (after_relu), or the raw BatchNorm
   # outputs before the last ReLU summed (original); then normalised.
   model = build_model(config)
-  view = lambda x: np.asarray(model.apply(host_variables, x, final_relu=features != "original",
-                                          method="image_features"), np.float64)
+  apply = jit_apply(model, final_relu=features != "original", method="image_features")
+  view = lambda x: np.asarray(apply(host_variables, x), np.float64)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   a, b = view(batch["images"]), view(batch["images"][:, :, ::-1])
   total = unit(a) + unit(b) if features == "after_relu" else a + b
