@@ -62,21 +62,25 @@ def abstract_variables(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return jax.eval_shape(init, jax.random.key(0))
 
 
-def create_train_state(config: ml_collections.ConfigDict, rng, steps_per_epoch: float,
-                       num_padded: int | None = None) -> TrainState:
-  """Initialises the model and optimiser on the default device (see `init_train_state` for a
-  mesh). num_padded: W_share's width, zero columns after num_classes (the random ones are those
-  of a num_classes-wide W_share, so every padding starts from the same model)."""
-  model, init = _init_fn(config)
-  if isinstance(rng, jax.core.Tracer):  # inside init_train_state's jit or an eval_shape
-    variables = init(rng)
-  else:
-    variables = jax.jit(init, compiler_options=init_compiler_options(jax.default_backend()))(rng)
+def _new_state(model, config: ml_collections.ConfigDict, variables: dict[str, Any],
+               steps_per_epoch: float, num_padded: int | None) -> TrainState:
+  """A step-0 state holding `variables` and a fresh optimiser state. num_padded: W_share's width,
+  zero columns after num_classes (the random ones are those of a num_classes-wide W_share, so
+  every padding starts from the same model)."""
   if num_padded is not None:
     variables = sharding.pad_classes(variables, num_padded)
   tx = optim.make_optimizer(config, steps_per_epoch, variables["params"])
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables["batch_stats"])
+
+
+def create_train_state(config: ml_collections.ConfigDict, rng, steps_per_epoch: float,
+                       num_padded: int | None = None) -> TrainState:
+  """Initialises the model and optimiser on the default device (see `init_train_state` for a
+  mesh); num_padded as in `_new_state`."""
+  model, init = _init_fn(config)
+  variables = jax.jit(init, compiler_options=init_compiler_options(jax.default_backend()))(rng)
+  return _new_state(model, config, variables, steps_per_epoch, num_padded)
 
 
 def variables_of(state: TrainState) -> dict[str, Any]:
@@ -279,8 +283,10 @@ def abstract_train_state(config: ml_collections.ConfigDict, steps_per_epoch: flo
   its sharding (a restore target; no compute)."""
   mesh = mesh if mesh is not None else sharding.make_mesh()
   num_padded = sharding.padded_num_classes(config, mesh)
+  model, init = _init_fn(config)
   abstract = jax.eval_shape(
-      lambda k: create_train_state(config, k, steps_per_epoch, num_padded), jax.random.key(0))
+      lambda k: _new_state(model, config, init(k), steps_per_epoch, num_padded),
+      jax.random.key(0))
   return jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
       sharding.shardings(abstract, config, mesh))
@@ -293,8 +299,10 @@ def init_train_state(config: ml_collections.ConfigDict, rng, steps_per_epoch: fl
   mesh = mesh if mesh is not None else sharding.make_mesh()
   num_padded = sharding.padded_num_classes(config, mesh)
   template = abstract_train_state(config, steps_per_epoch, mesh)
+  model, init = _init_fn(config)
   arrays = jax.jit(
-      lambda k: checkpoint.state_tree(create_train_state(config, k, steps_per_epoch, num_padded)),
+      lambda k: checkpoint.state_tree(_new_state(model, config, init(k), steps_per_epoch,
+                                                 num_padded)),
       out_shardings=jax.tree_util.tree_map(lambda x: x.sharding,
                                            checkpoint.state_tree(template)),
       compiler_options=init_compiler_options(mesh.devices.flat[0].platform))(rng)

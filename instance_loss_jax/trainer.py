@@ -102,10 +102,9 @@ def initial_state(config, workdir: str, mgr, source, meta, table, steps_per_epoc
   # The replaced leaves come from the host; the others stay on the mesh as they are. The
   # optimiser state is the fresh one of the init (SGD's momentum: zeros whatever the params).
   variables = train_step.variables_of(state)
-  if loaded is not None:
-    loaded = sharding.pad_classes(loaded, sharding.padded_num_classes(config, mesh))
+  if loaded is not None:  # backbone_init: the backbone's leaves only
     variables = checkpoint.merge_variables(variables, loaded, name, scopes)
-    log.info("initialised from %s (fresh optimiser state)", name)
+    log.info("initialised %s from %s", ", ".join(scopes), name)
   if table is not None:  # only built for a fresh run (no checkpoint, no init_from)
     variables["params"]["text_encoder"]["word_embedding"]["embedding"] = table
   variables = sharding.place(variables, sharding.shardings(variables, config, mesh))

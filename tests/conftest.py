@@ -67,8 +67,7 @@ if os.environ.get("TEST_COMPILE_LOG"):
         with open(os.environ["TEST_COMPILE_LOG"], "a") as f:
           f.write(f"{_current_test[0]}\t{name}\t{seconds.split()[0]}\n")
 
-  logging.getLogger("jax._src.dispatch").addHandler(_CompileLog())
-  logging.getLogger("jax._src.interpreters.pxla").addHandler(_CompileLog())
+  logging.getLogger("jax._src.dispatch").addHandler(_CompileLog())  # dispatch.log_elapsed_time
 
   def pytest_runtest_setup(item):
     _current_test[0] = item.nodeid

@@ -92,8 +92,8 @@ def test_stage1_on_four_devices_initialises_stage2_on_eight(data_dir, tmp_path):
   # a freshly initialised state's would be.
   template = ts.abstract_train_state(config2, 4.0, mesh8)
   assert int(state.step) == 0
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(ts.checkpoint.state_tree(state)),
-                          jax.tree_util.tree_leaves(ts.checkpoint.state_tree(template))):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(checkpoint.state_tree(state)),
+                          jax.tree_util.tree_leaves(checkpoint.state_tree(template))):
     assert (x.shape, x.dtype, x.sharding) == (y.shape, y.dtype, y.sharding), path
   assert all(not np.asarray(x).any() for x in jax.tree_util.tree_leaves(state.opt_state))
 
