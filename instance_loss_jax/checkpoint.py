@@ -16,10 +16,13 @@ import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src.metadata import array_metadata_store  # not exported by Orbax
+# Not exported by Orbax (orbax-checkpoint is pinned below 0.13 in setup.cfg): see the handler below.
+from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.serialization import type_handler_registry
 
 from instance_loss_jax import paths, sharding
 from instance_loss_jax.config import input_convention
+from instance_loss_jax.errors import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_METRIC = "rsum"  # the validation figure the best checkpoint is chosen by
@@ -30,13 +33,10 @@ BEST_METRIC = "rsum"  # the validation figure the best checkpoint is chosen by
 # slice. Below this size a slice is not worth its compile: one replica writes the array whole.
 # Large replicated arrays (word embeddings, wide kernels) keep the shared write.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, ocp.type_handlers.ArrayHandler(
     array_metadata_store=array_metadata_store.Store(),  # as in Orbax's default handler
-    min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that is missing or does not fit the run, with the reasons."""
+    min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True,
+    ignore_warnings=True)  # else each run logs a warning about the override
 
 
 def run_meta(config, vocab_fingerprint: str) -> dict[str, Any]:

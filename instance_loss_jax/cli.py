@@ -11,6 +11,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from absl.logging import converter
 
+from instance_loss_jax import errors
+
 _COORDINATOR = "coordinator_address"
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job its signal ended
 
@@ -68,20 +70,6 @@ def initialize():
                                    jax.local_device_count(), jax.device_count())
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-  """Errors caused by the user's input: reported in one line, without a traceback."""
-  # pylint: disable=g-import-not-at-top
-  from instance_loss_jax.checkpoint import CheckpointError
-  from instance_loss_jax.config import ConfigError
-  from instance_loss_jax.data.records import DataError
-  from instance_loss_jax.port import BackboneError
-  from instance_loss_jax.retrieval import RetrievalError
-  from instance_loss_jax.train_step import BatchError
-  from instance_loss_jax.trainer import TrainingError
-  return (BackboneError, CheckpointError, ConfigError, DataError, BatchError, TrainingError,
-          RetrievalError)
-
-
 def _one_line(error: Exception) -> str:
   """A flag error's message without the traceback config_flags puts into it."""
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -126,7 +114,6 @@ def run(main, define_flags=None):
   _adopt_as_main_module_flags(main.__module__)
 
   def guarded(argv):
-    from instance_loss_jax.trainer import Preempted  # pylint: disable=g-import-not-at-top
     f = flags.FLAGS
     if "config" in f and f.config is not None and not isinstance(f.config,
                                                                  ml_collections.ConfigDict):
@@ -140,11 +127,11 @@ def run(main, define_flags=None):
       return 0
     try:
       return main(argv)
-    except Preempted as e:
+    except errors.Preempted as e:
       # Not an error, not a success: a job script must not go on to the next stage.
       print(f"preempted: {e}", file=sys.stderr)
       sys.exit(PREEMPTED_EXIT_CODE)
-    except user_errors() as e:
+    except errors.USER_ERRORS as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections
 
+from instance_loss_jax.errors import ConfigError
 from instance_loss_jax.losses import NEGATIVE_MODES
 from instance_loss_jax.models.resnet import STAGE_SIZES
 
@@ -222,10 +223,6 @@ def with_input_convention(c: ml_collections.ConfigDict,
     c.data.std_rgb = tuple(convention["std_rgb"])
     c.data.bgr = bool(convention["bgr"])
   return c
-
-
-class ConfigError(ValueError):
-  """A configuration value that cannot work, named by its dotted path."""
 
 
 def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:

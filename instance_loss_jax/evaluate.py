@@ -14,7 +14,7 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-from instance_loss_jax import cli, evaluation
+from instance_loss_jax import cli
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.configure_logging()
+  # Imported here: TensorFlow (under the evaluation's input pipeline) takes seconds to import,
+  # which --help, --print_config and a flag error do not need.
+  from instance_loss_jax import evaluation  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   config = f.config
   results = evaluation.evaluate(config, f.workdir, f.split or config.eval.split, f.step)

@@ -22,15 +22,12 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from instance_loss_jax import paths
+from instance_loss_jax.errors import BackboneError
 from instance_loss_jax.models.resnet import ResNet
 
 ORIGIN_FILE = "origin.json"
 VARIABLES_DIR = "variables"
 ORIGIN_KEYS = ("source", "format", "depth", "stride_variant", "bn_epsilon", "input")
-
-
-class BackboneError(ValueError):
-  """A backbone directory that is missing, incomplete or does not fit the run."""
 
 
 def save_backbone(path: str, variables: dict[str, Any], origin: dict[str, Any]) -> None:

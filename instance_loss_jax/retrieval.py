@@ -29,16 +29,13 @@ import ml_collections
 import numpy as np
 
 from instance_loss_jax import paths
+from instance_loss_jax.errors import RetrievalError
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE, EMBEDDINGS_FILE, ITEMS_FILE = "index.json", "embeddings.npy", "items.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 KINDS = ("images", "captions")
-
-
-class RetrievalError(ValueError):
-  """A query, gallery or index that cannot be used, with the reason."""
 
 
 @functools.partial(jax.jit, static_argnames=("k",))

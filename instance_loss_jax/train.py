@@ -12,7 +12,7 @@ exits with status 143; the same command then resumes. Every field of the config 
 from absl import app, flags
 from ml_collections import config_flags
 
-from instance_loss_jax import cli, trainer
+from instance_loss_jax import cli
 
 
 def define_flags():
@@ -30,6 +30,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.initialize()
+  # Imported here, not at the top: TensorFlow (tf.data, under the trainer) takes seconds to
+  # import, which --help, --print_config and a flag error do not need.
+  from instance_loss_jax import trainer  # pylint: disable=g-import-not-at-top
   # The whole config goes to WORKDIR/config.json (and --print_config shows it).
   trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 

@@ -22,6 +22,7 @@ from flax.training import train_state
 
 from instance_loss_jax import checkpoint, losses, optim, sharding
 from instance_loss_jax.config import validate_config
+from instance_loss_jax.errors import BatchError
 from instance_loss_jax.models import build_model, l2_normalize
 
 AXIS = sharding.AXIS
@@ -29,10 +30,6 @@ AXIS = sharding.AXIS
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
-
-
-class BatchError(ValueError):
-  """A batch whose shapes or values do not fit the config, named field by field."""
 
 
 def _init_fn(config: ml_collections.ConfigDict):

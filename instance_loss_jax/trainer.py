@@ -23,12 +23,9 @@ from instance_loss_jax import checkpoint, evaluation, optim, paths, port, shardi
 from instance_loss_jax.config import ConfigError, input_convention, validate_config
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data import vocab as vocab_lib
+from instance_loss_jax.errors import Preempted, TrainingError
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-  """A run that cannot start or go on, with the reason."""
 
 
 def check_workdir(workdir: str) -> None:
@@ -187,16 +184,6 @@ class _Logger:
         " | lr %.2g | %.1f img/s | %s left", step, self.total, mean["loss"], mean["rank_loss"],
         mean["visual_loss"], mean["textual_loss"], mean["img_accuracy"], mean["txt_accuracy"],
         mean["learning_rate"], rate, _fmt_time(left))
-
-
-class Preempted(Exception):
-  """Training stopped when told to (SIGTERM, a TPU preemption notice) after saving that step's
-  checkpoint; re-running the same command resumes from it."""
-
-  def __init__(self, step: int, reason: str):
-    super().__init__(f"stopped at step {step} ({reason}); its checkpoint is saved: re-run the "
-                     "same command to resume")
-    self.step = step
 
 
 class _StopSignal:

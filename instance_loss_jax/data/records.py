@@ -14,13 +14,10 @@ import re
 from typing import Any, Iterable, Sequence
 
 from instance_loss_jax import paths
+from instance_loss_jax.errors import DataError
 
 SPLITS = ("train", "val", "test")
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-
-
-class DataError(ValueError):
-  """Unusable input data, naming the file and the entry."""
 
 
 @dataclasses.dataclass(frozen=True)
