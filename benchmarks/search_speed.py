@@ -4,7 +4,7 @@ r"""Top-10 search over a large gallery: our blocked device top-k against numpy's
 
 Each (gallery size, method) runs in a fresh subprocess that builds the same random gallery
 (float16 rows, L2-normalised, as `instance_loss_jax.export` stores them) and then searches it:
-- ours: `instance_loss_jax.retrieval.top_k` (blocks of 65,536 rows to the device,
+- ours: `instance_loss_jax.inference.top_k` (blocks of 65,536 rows to the device,
   jax.lax.top_k per block, merged);
 - numpy: the scores of every row in float32 (computed in blocks of the same size), then
   `np.argsort` of each query's full row, the top 10 taken.
@@ -54,7 +54,7 @@ def child(method, n, dim, k):
   sys.path.insert(0, ROOT)
   if method == "ours":
     import jax
-    from instance_loss_jax.retrieval import top_k
+    from instance_loss_jax.inference import top_k
     jax.numpy.zeros(1).block_until_ready()  # the runtime's start-up is not the search's
     search = lambda: top_k(queries, gallery, k, block_rows=BLOCK)[1]
   else:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from instance_loss_jax.models.resnet import STAGE_SIZES
+from instance_loss_jax.config import STAGE_SIZES
 
 
 def _bn(channels, momentum, eps=1e-5, dims=2):

@@ -10,8 +10,9 @@ __all__ = ["Index"]
 
 
 def __getattr__(name):
-  # `from instance_loss_jax import Index` without importing JAX for every submodule user.
   if name == "Index":
+    # Imported on first use: `import instance_loss_jax.config` (a config file) or any other
+    # submodule does not import JAX, Flax and Orbax with the Index.
     from instance_loss_jax.retrieval import Index  # pylint: disable=g-import-not-at-top
     return Index
   raise AttributeError(f"module 'instance_loss_jax' has no attribute {name!r}")

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -173,7 +174,6 @@ def define_flags():
 
 
 def main(argv):
-  import sys  # pylint: disable=g-import-not-at-top
   del argv
   cli.configure_logging()
   f = flags.FLAGS

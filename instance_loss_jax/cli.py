@@ -10,6 +10,7 @@ import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 from absl.logging import converter
+from ml_collections import config_flags
 
 from instance_loss_jax import errors
 
@@ -118,7 +119,6 @@ def run(main, define_flags=None):
     if "config" in f and f.config is not None and not isinstance(f.config,
                                                                  ml_collections.ConfigDict):
       # config_flags defers a missing or unloadable file's error to the config's first use.
-      from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
       print(f"error: --config={config_flags.get_config_filename(f['config'])}: no config file "
             "there (a .py file with get_config())", file=sys.stderr)
       sys.exit(1)

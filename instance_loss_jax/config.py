@@ -12,12 +12,23 @@ import math
 from typing import Any
 
 import ml_collections
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 from instance_loss_jax.errors import ConfigError
-from instance_loss_jax.losses import NEGATIVE_MODES
-from instance_loss_jax.models.resnet import STAGE_SIZES
 
 STAGES = (1, 2)
+# Bottleneck blocks per ResNet stage by depth (depth = 3 * sum + 2); 14 and 26 are small variants
+# for tests.
+STAGE_SIZES = {
+    14: (1, 1, 1, 1),
+    26: (2, 2, 2, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
+# The ranking loss's negatives (losses.ranking_loss): the batch's hardest, a random one, or the
+# original code's mined captions.
+NEGATIVE_MODES = ("hardest", "random", "mined")
 POOLINGS = ("max", "mean")
 STRIDE_VARIANTS = ("v1", "v1.5")
 # How the frozen backbone's BatchNorm behaves in Stage I:
@@ -195,8 +206,6 @@ def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collec
   """A config file's `get_config(ARG)` from "path.py[:ARG]", loaded as the binaries' --config
   flag loads it (ml_collections' parser), with dotted `overrides` applied (unknown fields are
   errors). The one loader of binaries, benchmarks and tests."""
-  # pylint: disable=g-import-not-at-top
-  from ml_collections.config_flags.config_flags import ConfigFileFlagParser
   try:
     config = ConfigFileFlagParser(name="config", lock_config=False).parse(spec)
   except ValueError as e:  # get_config's own errors, re-raised by the parser with a traceback
@@ -242,6 +251,16 @@ def unknown_keys(cfg: ml_collections.ConfigDict,
   known = _flatten(reference if reference is not None else base_config())
   known_prefixes = {p.rsplit(".", 1)[0] for p in known if "." in p}
   return sorted(p for p in _flatten(cfg) if p not in known and p not in known_prefixes)
+
+
+def frozen_scopes(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The top-level modules that do not train: the one declaration of Stage I's freezing.
+
+  The optimiser labels their parameters FROZEN (no update), the model stops the gradient at
+  their output (no backward pass through them), and the train step keeps their parameters and
+  BN statistics bit-identical. `cfg.freeze_backbone` is the switch.
+  """
+  return ("backbone",) if cfg.freeze_backbone else ()
 
 
 def float32_parts(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:

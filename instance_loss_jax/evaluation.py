@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
-from typing import Any
+import sys
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -18,6 +18,7 @@ from instance_loss_jax import checkpoint, gallery, metrics, paths, plots, shardi
 from instance_loss_jax.config import with_input_convention
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data.vocab import Vocabulary
+from instance_loss_jax.inference import embed_chunks, top_k
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +35,23 @@ def run_config(config, vocab: Vocabulary, num_classes: int,
   return with_input_convention(config, convention) if convention else config
 
 
-def embed_chunks(chunks, total: int, what: str, size: int, embed):
-  """Embeds numpy chunks of rows in batches of `size` (the last one padded)."""
-  out, done, started = [], 0, time.time()
-  for chunk in chunks:
-    for lo in range(0, len(chunk), size):
-      rows = chunk[lo:lo + size]
-      padded = np.zeros((size,) + rows.shape[1:], rows.dtype)
-      padded[:len(rows)] = rows
-      out.append(np.asarray(embed(padded))[:len(rows)])
-      done += len(rows)
-    log.info("embedded %d/%d %s (%.0f/s)", done, total, what,
-             done / max(time.time() - started, 1e-9))
-  return np.concatenate(out)
+def best_and_worst_queries(img, txt, txt_to_img, captions: Sequence[str],
+                           image_paths: Sequence[str], t2i_ranks, count: int = 4, k: int = 5):
+  """Page sections for the `count` best and worst text->image queries of a split: each
+  caption with its top-k images, the right one outlined."""
+  ranks = np.asarray(t2i_ranks)
+  order = np.lexsort((np.arange(len(ranks)), ranks))  # best first, ties by caption order
+  chosen = list(order[:count]) + [q for q in order[::-1][:count] if q not in order[:count]]
+  scores, rows = top_k(np.asarray(txt)[chosen], img, min(k, len(img)))
+  sections = []
+  for n, q in enumerate(chosen):
+    kind = "best" if n < count else "worst"
+    sections.append(dict(
+        query=captions[q], note=f"{kind}: the right image ranks {int(ranks[q])}",
+        hits=[dict(rank=r + 1, score=float(s), item=image_paths[i], is_image=True,
+                   right=int(i) == int(txt_to_img[q]))
+              for r, (s, i) in enumerate(zip(scores[n], rows[n]))]))
+  return sections
 
 
 def extract_features(config, variables, split: pipeline.EncodedSplit, devices=None,
@@ -148,7 +153,7 @@ class Evaluator:
       captions = [" ".join(c) for r in self.records for c in r.captions]
       results["gallery"] = gallery.write_page(
           base + "-gallery.html", f"{split} step {step}: best and worst text->image queries",
-          gallery.best_and_worst_queries(img, txt, data.caption_image, captions,
+          best_and_worst_queries(img, txt, data.caption_image, captions,
                                          data.image_paths, t2i, config.eval.gallery_queries),
           subtitle=f"{results['workdir']}; the right image is outlined in green")
     paths.write_text(base + ".json", json.dumps(results, indent=1, sort_keys=True))
@@ -202,5 +207,4 @@ def print_comparison(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  import sys  # pylint: disable=g-import-not-at-top
   print_comparison(sys.argv[1:])

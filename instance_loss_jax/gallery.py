@@ -11,7 +11,7 @@ import html
 import io
 from typing import Any, Sequence
 
-import numpy as np
+from PIL import Image
 
 from instance_loss_jax import paths
 
@@ -35,7 +35,6 @@ h1 { font-size: 1.3em; } h2 { font-size: 1.05em; margin: 1.6em 0 0.4em; }
 
 def thumbnail_uri(path: str, size: int = THUMBNAIL) -> str:
   """A data: URI of the image file shrunk to fit size x size (JPEG), or "" if unreadable."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     image = Image.open(io.BytesIO(paths.path(path).read_bytes())).convert("RGB")
   except (OSError, ValueError):
@@ -82,23 +81,3 @@ def write_page(path: str, title: str, sections: Sequence[dict[str, Any]],
     parts.append(f'<div class="hits">{body}</div>' if images else body)
   parts.append("</body></html>")
   return paths.write_text(path, "\n".join(parts))
-
-
-def best_and_worst_queries(img, txt, txt_to_img, captions: Sequence[str],
-                           image_paths: Sequence[str], t2i_ranks, count: int = 4, k: int = 5):
-  """Page sections for the `count` best and worst text->image queries of a split: each
-  caption with its top-k images, the right one outlined."""
-  from instance_loss_jax.retrieval import top_k  # pylint: disable=g-import-not-at-top
-  ranks = np.asarray(t2i_ranks)
-  order = np.lexsort((np.arange(len(ranks)), ranks))  # best first, ties by caption order
-  chosen = list(order[:count]) + [q for q in order[::-1][:count] if q not in order[:count]]
-  scores, rows = top_k(np.asarray(txt)[chosen], img, min(k, len(img)))
-  sections = []
-  for n, q in enumerate(chosen):
-    kind = "best" if n < count else "worst"
-    sections.append(dict(
-        query=captions[q], note=f"{kind}: the right image ranks {int(ranks[q])}",
-        hits=[dict(rank=r + 1, score=float(s), item=image_paths[i], is_image=True,
-                   right=int(i) == int(txt_to_img[q]))
-              for r, (s, i) in enumerate(zip(scores[n], rows[n]))]))
-  return sections

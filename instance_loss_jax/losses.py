@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from instance_loss_jax.config import NEGATIVE_MODES
 from instance_loss_jax.models.dual_path import l2_normalize
-
-NEGATIVE_MODES = ("hardest", "random", "mined")
 
 
 def instance_loss(logits, labels):

@@ -11,6 +11,8 @@ import jax
 import ml_collections
 import optax
 
+from instance_loss_jax.config import frozen_scopes
+
 FROZEN = "frozen"
 
 
@@ -26,16 +28,6 @@ def param_group(path: tuple[str, ...]) -> str:
   if top == "w_share":
     return "w_share"
   raise ValueError(f"parameter {'/'.join(path)} belongs to no learning-rate group")
-
-
-def frozen_scopes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The top-level modules that do not train: the one declaration of Stage I's freezing.
-
-  The optimiser labels their parameters FROZEN (no update), the model stops the gradient at
-  their output (no backward pass through them), and the train step keeps their parameters and
-  BN statistics bit-identical. `config.freeze_backbone` is the switch.
-  """
-  return ("backbone",) if config.freeze_backbone else ()
 
 
 def param_labels(params, frozen: tuple[str, ...] = ()):

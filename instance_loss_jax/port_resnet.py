@@ -24,7 +24,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from instance_loss_jax.models.resnet import STAGE_SIZES
+from instance_loss_jax import cli
+from instance_loss_jax.config import STAGE_SIZES
 from instance_loss_jax.port import BackboneError, save_backbone
 
 KERAS_EPSILON = 1.001e-5
@@ -60,6 +61,7 @@ def _bn_path(conv_path: str) -> str:
 
 
 def _read_h5(path: str) -> dict[str, np.ndarray]:
+  # Imported here: only for Keras .h5 weights.
   import h5py  # pylint: disable=g-import-not-at-top
   tensors = {}
   try:
@@ -137,12 +139,14 @@ def _put(tree, path: str, leaves: dict[str, np.ndarray]):
 def read_torch(path: str) -> dict[str, np.ndarray]:
   """A torchvision/timm state dict as numpy arrays."""
   if path.endswith(".safetensors"):
+    # Imported here: only for .safetensors weights.
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     try:
       return dict(load_file(path))
     except Exception as e:  # safetensors raises its own error types
       raise BackboneError(f"{path}: not a readable safetensors file ({e})") from None
   try:
+    # Imported here: PyTorch is optional (not a dependency), only for .pth files.
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise BackboneError(f"{path}: reading .pth needs PyTorch (pip install torch), or convert "
@@ -243,7 +247,6 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
-  from instance_loss_jax import cli  # pylint: disable=g-import-not-at-top
   cli.run(main, define_flags)
 
 

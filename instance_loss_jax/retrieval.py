@@ -16,7 +16,6 @@ gallery's size.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import json
 import logging
@@ -24,57 +23,20 @@ import os
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instance_loss_jax import paths
+from instance_loss_jax import checkpoint, paths, sharding, train_step
+from instance_loss_jax.data import records
+from instance_loss_jax.data.vocab import Vocabulary
 from instance_loss_jax.errors import RetrievalError
+from instance_loss_jax.inference import embed_chunks, top_k
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE, EMBEDDINGS_FILE, ITEMS_FILE = "index.json", "embeddings.npy", "items.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 KINDS = ("images", "captions")
-
-
-@functools.partial(jax.jit, static_argnames=("k",))
-def _merge_block(queries, block, valid, offset, best_scores, best_index, *, k):
-  scores = queries @ block.astype(jnp.float32).T
-  scores = jnp.where(jnp.arange(block.shape[0]) < valid, scores, -jnp.inf)
-  scores, index = jax.lax.top_k(scores, min(k, block.shape[0]))
-  index = jnp.where(jnp.isneginf(scores), -1, index + offset)  # padding rows are no hit
-  scores = jnp.concatenate([best_scores, scores], axis=1)
-  index = jnp.concatenate([best_index, index], axis=1)
-  scores, pick = jax.lax.top_k(scores, k)
-  return scores, jnp.take_along_axis(index, pick, axis=1)
-
-
-def top_k(queries, gallery, k: int = 10, block_rows: int = 65536):
-  """The k most similar gallery rows (dot product) of each query: (scores [Q, k], rows [Q, k]).
-
-  The gallery (numpy, any float dtype, in host memory or memory-mapped) goes to the device one
-  block of `block_rows` rows at a time; each block's top-k (jax.lax.top_k) is merged into the
-  running one, so device memory holds one block and Q x block scores whatever the gallery's
-  size. Rows beyond the gallery (k > N) come back with score -inf and row -1.
-  """
-  queries = jnp.asarray(np.asarray(queries, np.float32))
-  n = len(gallery)
-  block_rows = max(1, min(block_rows, n))
-  best_scores = jnp.full((queries.shape[0], k), -jnp.inf, jnp.float32)
-  best_index = jnp.full((queries.shape[0], k), -1, jnp.int32)
-  for lo in range(0, n, block_rows):
-    block = np.asarray(gallery[lo:lo + block_rows])
-    valid = len(block)
-    if valid < block_rows:  # one shape for every block: one compile
-      block = np.concatenate([block, np.zeros((block_rows - valid,) + block.shape[1:],
-                                              block.dtype)])
-    best_scores, best_index = _merge_block(queries, block, valid, lo, best_scores, best_index,
-                                           k=k)
-    # Dispatch is asynchronous: without this wait every block would be copied in before the
-    # first is scored, and memory would grow with the gallery.
-    best_scores.block_until_ready()
-  return np.asarray(best_scores), np.asarray(best_index)
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -113,9 +75,6 @@ class RunModel:
   def __init__(self, workdir: str, step: int | None = None,
                config: ml_collections.ConfigDict | None = None, features: str | None = None):
     """features: `eval.features` to embed with (an index's own), else the run config's."""
-    # pylint: disable=g-import-not-at-top
-    from instance_loss_jax import checkpoint, sharding, train_step
-    from instance_loss_jax.data.vocab import Vocabulary
     self.workdir = workdir
     self.config = config if config is not None else load_run_config(workdir)
     if features is not None:
@@ -146,12 +105,11 @@ class RunModel:
     """Token rows [n, max_len] (left-aligned, as the evaluation embeds captions) and each
     sentence's words that the vocabulary does not know. A sentence with no known word is an
     error naming it."""
-    from instance_loss_jax.data.records import tokenize  # pylint: disable=g-import-not-at-top
     max_len = self.config.model.text.max_len
     rows = np.zeros((len(sentences), max_len), np.int32)
     unknown = []
     for i, sentence in enumerate(sentences):
-      words = tokenize(sentence)
+      words = records.tokenize(sentence)
       known = [self._index[w] for w in words if w in self._index][:max_len]
       unknown.append([w for w in words if w not in self._index])
       if not known:
@@ -162,9 +120,8 @@ class RunModel:
     return rows, unknown
 
   def embed_sentences(self, sentences: Sequence[str]) -> tuple[np.ndarray, list[list[str]]]:
-    from instance_loss_jax import evaluation  # pylint: disable=g-import-not-at-top
     rows, unknown = self.tokens(sentences)
-    emb = evaluation.embed_chunks(
+    emb = embed_chunks(
         [rows], len(rows), "captions", self._rows,
         lambda x: self._embed_texts(self._variables, x))
     return emb, unknown
@@ -172,12 +129,12 @@ class RunModel:
   def embed_images(self, paths: Sequence[str]) -> np.ndarray:
     """L2-normalised features of image files (the evaluation's: whole image, mirror averaged
     when the run's eval.flip_average)."""
-    # pylint: disable=g-import-not-at-top
-    from instance_loss_jax import evaluation
-    from instance_loss_jax.data import pipeline
+    # Imported here: tf.data (TensorFlow, seconds to import) reads image files; a text search
+    # never loads it.
+    from instance_loss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     ds = pipeline.eval_image_files(paths, self.config, self._rows)
     flip = bool(self.config.eval.flip_average)
-    return evaluation.embed_chunks(
+    return embed_chunks(
         (b["images"] for b in pipeline.numpy_batches(ds, paths)), len(paths), "images",
         self._rows, lambda x: self._embed_images(self._variables, x, flip))
 
@@ -296,7 +253,6 @@ def _read_lines(path: str) -> list[str]:
 
 
 def _split_items(config, split: str, kind: str) -> list[str]:
-  from instance_loss_jax.data import records  # pylint: disable=g-import-not-at-top
   recs = records.read_split(config, split)
   if kind == "images":
     return [r.image_path for r in recs]

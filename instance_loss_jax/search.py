@@ -33,6 +33,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.configure_logging()
+  # Imported here: the Index imports JAX, Flax and Orbax (seconds), which --help and a flag
+  # error do not need.
   # pylint: disable=g-import-not-at-top
   from instance_loss_jax import gallery
   from instance_loss_jax.retrieval import Index, RetrievalError

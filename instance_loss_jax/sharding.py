@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "batch"
@@ -109,8 +110,6 @@ def global_batch(local_batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array
 
 def to_host(tree):
   """Global arrays as numpy arrays holding the whole value, on every process."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
   def get(x):
     if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
       return np.asarray(x)

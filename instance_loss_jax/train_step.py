@@ -21,7 +21,7 @@ import numpy as np
 from flax.training import train_state
 
 from instance_loss_jax import checkpoint, losses, optim, sharding
-from instance_loss_jax.config import validate_config
+from instance_loss_jax.config import frozen_scopes, validate_config
 from instance_loss_jax.errors import BatchError
 from instance_loss_jax.models import build_model, l2_normalize
 
@@ -172,7 +172,7 @@ def _train_step(arrays: dict[str, Any], batch: dict[str, Any], *, config, tx, sc
   (total, (metrics, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  for scope in optim.frozen_scopes(config):
+  for scope in frozen_scopes(config):
     # set_to_zero already leaves it unchanged; restoring it keeps it bit-identical (-0.0 + 0).
     new_state = new_state.replace(params={**new_state.params, scope: state.params[scope]})
   if config.backbone_bn != "train":

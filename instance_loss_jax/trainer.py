@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import tensorflow as tf
 
 from instance_loss_jax import checkpoint, evaluation, optim, paths, port, sharding, train_step
 from instance_loss_jax.config import ConfigError, input_convention, validate_config
@@ -139,8 +140,6 @@ class _Logger:
     self.total, self.batch_size = total_steps, batch_size
     self.writer = None
     if jax.process_index() == 0:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self.tf = tf
       self.writer = tf.summary.create_file_writer(tensorboard_dir or
                                                   paths.join(workdir, "tensorboard"))
     self.last_time, self.last_step = time.time(), None
@@ -153,7 +152,6 @@ class _Logger:
              m.get("t2i_r1", float("nan")), m["S"])
     if self.writer is None:
       return
-    tf = self.tf
     with self.writer.as_default():
       for k, v in m.items():
         tf.summary.scalar(f"{results['split']}/{k}", float(v), step=step)
@@ -175,8 +173,8 @@ class _Logger:
     with self.writer.as_default():
       for s, m in history:
         for k, v in m.items():
-          self.tf.summary.scalar(f"train/{k}", float(v), step=s)
-      self.tf.summary.scalar("train/images_per_second", rate, step=step)
+          tf.summary.scalar(f"train/{k}", float(v), step=s)
+      tf.summary.scalar("train/images_per_second", rate, step=step)
     self.writer.flush()
     left = (self.total - step) * self.batch_size / max(rate, 1e-9)
     log.info(

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from instance_loss_jax import Index, retrieval, sharding, trainer
+from instance_loss_jax import Index, inference, retrieval, sharding, trainer
 from instance_loss_jax.data import records, synthetic
 from test_training import ROOT, load_config
 
@@ -25,7 +25,7 @@ def test_top_k_equals_numpy_brute_force(dtype, n, k, block):
   rng = np.random.default_rng(0)
   gallery_emb = rng.normal(size=(n, 16)).astype(dtype)
   queries = rng.normal(size=(7, 16)).astype(np.float32)
-  scores, rows = retrieval.top_k(queries, gallery_emb, k, block_rows=block)
+  scores, rows = inference.top_k(queries, gallery_emb, k, block_rows=block)
   full = queries @ gallery_emb.astype(np.float32).T
   want = np.argsort(-full, axis=1, kind="stable")[:, :k]
   found = min(k, n)

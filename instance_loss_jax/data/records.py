@@ -117,6 +117,7 @@ def read_tfds_coco(data_dir: str, split: str, export_dir: str,
   re-encoded), so the same tf.data pipeline reads every dataset; later runs reuse the files.
   MSCOCO's training split is TFDS's train + restval.
   """
+  # Imported here: TensorFlow Datasets (and TensorFlow) only for the tfds_coco format.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds_split = {"train": "train+restval"}.get(split, split) if name == "coco_captions" else split
   try:

@@ -135,6 +135,7 @@ def generate(out: str, num_images: int, seed: int = 0, image_size: int = 96,
   with open(os.path.join(out, "dataset.json"), "w", encoding="utf-8") as f:
     json.dump(dict(dataset="synthetic", images=images), f)
 
+  # Imported here: gensim (and SciPy) take seconds to import, for the vectors only.
   from gensim.models import Word2Vec  # pylint: disable=g-import-not-at-top
   logging.getLogger("gensim").setLevel(logging.WARNING)
   w2v = Word2Vec(sentences=train_sentences, vector_size=w2v_dim, min_count=1, window=5,
@@ -165,6 +166,7 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
+  # Imported here: cli imports JAX, which the generator (tests, the ablation) does not need.
   from instance_loss_jax import cli  # pylint: disable=g-import-not-at-top
   cli.run(main, _define_flags)
 

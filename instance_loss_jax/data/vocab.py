@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -59,7 +60,7 @@ class Vocabulary:
 def load_word2vec(path: str):
   """gensim KeyedVectors from the word2vec binary (.bin, .bin.gz: GoogleNews), word2vec text
   (.txt, .vec) or gensim's own format (anything else)."""
-  import tempfile  # pylint: disable=g-import-not-at-top
+  # Imported here: gensim (and SciPy) take seconds to import, only for a word2vec file.
   from gensim.models import KeyedVectors  # pylint: disable=g-import-not-at-top
   if not paths.path(path).is_file():
     raise DataError(f"{path}: word2vec file not found")

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from instance_loss_jax.config import float32_parts, frozen_scopes
 from instance_loss_jax.models.resnet import ResNet
-from instance_loss_jax.optim import frozen_scopes
 from instance_loss_jax.models.text_cnn import TextCNN
 
 
@@ -139,7 +139,6 @@ def build_model(config: ml_collections.ConfigDict, axis_name: str | None = None,
   num_classes: W_share's width if not config.num_classes (the train step's per-device model
   holds its slice of the classes).
   """
-  from instance_loss_jax.config import float32_parts  # pylint: disable=g-import-not-at-top
   return DualPath(config=config.model,
                   num_classes=config.num_classes if num_classes is None else num_classes,
                   freeze_backbone="backbone" in frozen_scopes(config),

@@ -15,16 +15,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from instance_loss_jax.config import STAGE_SIZES
 from instance_loss_jax.models.layers import PointwiseConv, SquareConv
 
-# Bottleneck blocks per stage; depth = 3 * sum + 2. 14 and 26 are small variants for tests.
-STAGE_SIZES = {
-    14: (1, 1, 1, 1),
-    26: (2, 2, 2, 2),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
-}
 
 
 class Bottleneck(nn.Module):
