@@ -5,7 +5,8 @@ Public API:
   sharded_instance_loss(logits, labels, num_classes, axis_name=None)  (W_share split over classes)
   ranking_loss(img_emb, txt_emb, margin=1.0, negatives="hardest", rng=None, labels=None,
                mined_txt_emb=None, mined_labels=None)
-  total_loss(outputs, labels, lambdas, margin=1.0, negatives="hardest", rng=None, ...)
+  total_loss(lambdas, rank, visual, textual)  (eq. 9: what the train step sums)
+  batch_loss(outputs, labels, lambdas, margin=1.0, negatives="hardest", rng=None, ...)
 
 Ranking conventions. Row i of `img_emb` and `txt_emb` is a positive pair. A negative of anchor i
 is any item whose label differs from label i (labels default to the row index, so "any other
@@ -152,10 +153,18 @@ def ranking_loss(img_emb, txt_emb, margin: float = 1.0, negatives: str = "hardes
                               negatives, rng, mined_txt_emb, mined_labels)
 
 
-def total_loss(outputs: dict[str, Any], labels, lambdas: Sequence[float], margin: float = 1.0,
+def total_loss(lambdas: Sequence[float], rank, visual, textual):
+  """lambda1 * L_rank + lambda2 * L_visual + lambda3 * L_textual (eq. 9): the train step's
+  objective, from its three terms (global means)."""
+  l_rank, l_vis, l_txt = (float(x) for x in lambdas)
+  return l_rank * rank + l_vis * visual + l_txt * textual
+
+
+def batch_loss(outputs: dict[str, Any], labels, lambdas: Sequence[float], margin: float = 1.0,
                negatives: str = "hardest", rng=None, pool: dict[str, Any] | None = None,
                mined_txt_emb=None, mined_labels=None):
-  """lambda1 * L_rank + lambda2 * L_visual + lambda3 * L_textual (eq. 9).
+  """Eq. 9 of one batch on one device from the model's outputs: the three terms, then
+  `total_loss`.
 
   outputs: the model's dict (img_emb, txt_emb, img_logits, txt_logits). pool: optional dict
   (img_emb, txt_emb, labels) to draw ranking negatives from; default: this batch. A zero lambda
@@ -171,5 +180,5 @@ def total_loss(outputs: dict[str, Any], labels, lambdas: Sequence[float], margin
                                 negatives, rng, mined_txt_emb, mined_labels)
   visual = instance_loss(outputs["img_logits"], labels) if l_vis else zero
   textual = instance_loss(outputs["txt_logits"], labels) if l_txt else zero
-  total = l_rank * rank + l_vis * visual + l_txt * textual
-  return total, dict(rank=rank, visual=visual, textual=textual)
+  return total_loss(lambdas, rank, visual, textual), dict(rank=rank, visual=visual,
+                                                          textual=textual)

@@ -23,7 +23,7 @@ from flax.training import train_state
 from instance_loss_jax import checkpoint, losses, optim, sharding
 from instance_loss_jax.config import frozen_scopes, validate_config
 from instance_loss_jax.errors import BatchError
-from instance_loss_jax.models import build_model, l2_normalize
+from instance_loss_jax.models import build_model, dropout_mask, l2_normalize
 
 AXIS = sharding.AXIS
 
@@ -84,13 +84,6 @@ def variables_of(state: TrainState) -> dict[str, Any]:
   return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def _dropout_mask(rng, rate: float, global_rows: int, dim: int):
-  """Keep-mask of W_share's input rows, [2 * global_rows, dim]: rows of the global batch's
-  images, then of its captions. Drawn whole from the step's key on every device, so each row's
-  mask depends on its position in the global batch, not on how the batch is split."""
-  return jax.random.bernoulli(rng, 1.0 - rate, (2 * global_rows, dim))
-
-
 def _train_step(arrays: dict[str, Any], batch: dict[str, Any], *, config, tx, schedule,
                 num_padded: int, collectives: bool):
   """One SGD step: the per-device program (under shard_map when `collectives`, else the whole
@@ -115,7 +108,7 @@ def _train_step(arrays: dict[str, Any], batch: dict[str, Any], *, config, tx, sc
       lambda x: x)
   mean = (lambda x: jax.lax.pmean(x, AXIS)) if collectives else (lambda x: x)
 
-  l_rank, l_vis, l_txt = (float(x) for x in config.loss.lambdas)
+  l_rank = float(config.loss.lambdas[0])  # 0: no ranking term, nothing of it computed
   negatives = config.loss.negatives
   rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
   dropout_rng, negatives_rng = jax.random.split(rng)
@@ -137,7 +130,7 @@ def _train_step(arrays: dict[str, Any], batch: dict[str, Any], *, config, tx, sc
     out, updates = model.apply(variables, batch["images"], batch["tokens"], train=True,
                                mutable=["batch_stats"], method="encode")
     img, txt = out["img_features"], out["txt_features"]
-    mask = _dropout_mask(dropout_rng, config.model.dropout, global_rows, img.shape[-1])
+    mask = dropout_mask(dropout_rng, config.model.dropout, 2 * global_rows, img.shape[-1])
     if split_classes:
       # Every device scores the whole global batch against its slice of the classes.
       img, txt, row_labels = gather(img), gather(txt), all_labels
@@ -146,10 +139,7 @@ def _train_step(arrays: dict[str, Any], batch: dict[str, Any], *, config, tx, sc
       pick = lambda m: jax.lax.dynamic_slice_in_dim(m, device * rows, rows)
       mask = jnp.concatenate([pick(mask[:global_rows]), pick(mask[global_rows:])])
       row_labels = labels
-    both = jnp.concatenate([img, txt])
-    keep = 1.0 - config.model.dropout
-    both = jnp.where(mask, both / jnp.asarray(keep, both.dtype), jnp.zeros_like(both))
-    logits = model.apply(variables, both, method="classify")
+    logits = model.apply(variables, jnp.concatenate([img, txt]), mask, method="classify")
     cross_entropy, correct = losses.sharded_instance_loss(
         logits, jnp.concatenate([row_labels, row_labels]), config.num_classes,
         AXIS if split_classes else None)
@@ -165,8 +155,8 @@ def _train_step(arrays: dict[str, Any], batch: dict[str, Any], *, config, tx, sc
           out["img_emb"], out["txt_emb"], labels, gather(out["img_emb"]), gather(out["txt_emb"]),
           all_labels, config.loss.margin, negatives, negatives_rng, mined_emb, mined_labels,
           anchor_rows=(device * rows, global_rows)))
-    total = (l_rank * terms["rank_loss"] + l_vis * terms["visual_loss"] +
-             l_txt * terms["textual_loss"])
+    total = losses.total_loss(config.loss.lambdas, terms["rank_loss"], terms["visual_loss"],
+                              terms["textual_loss"])
     return total, (terms, updates["batch_stats"])
 
   (total, (metrics, batch_stats)), grads = jax.value_and_grad(

@@ -139,19 +139,25 @@ def test_inputs_are_normalised_inside():
   np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
-def test_total_loss_weights_terms():
+def test_total_loss_is_eq_9():
+  # What the train step calls with its three global terms.
+  total = losses.total_loss((2.0, 1.0, 0.5), jnp.float32(0.3), jnp.float32(4.0), jnp.float32(6.0))
+  np.testing.assert_allclose(total, 2.0 * 0.3 + 1.0 * 4.0 + 0.5 * 6.0, rtol=1e-6)
+
+
+def test_batch_loss_weights_terms():
   rng = np.random.default_rng(0)
   outputs = dict(img_emb=rng.normal(size=(4, 3)), txt_emb=rng.normal(size=(4, 3)),
                  img_logits=rng.normal(size=(4, 6)), txt_logits=rng.normal(size=(4, 6)))
   outputs = {k: jnp.asarray(v, jnp.float32) for k, v in outputs.items()}
   labels = jnp.arange(4)
-  total, terms = losses.total_loss(outputs, labels, (2.0, 1.0, 0.5))
+  total, terms = losses.batch_loss(outputs, labels, (2.0, 1.0, 0.5))
   want = (2.0 * np_ranking_loss(np.asarray(outputs["img_emb"]), np.asarray(outputs["txt_emb"]),
                                 np.arange(4), 1.0, hardest, hardest)
           + np_instance_loss(np.asarray(outputs["img_logits"]), np.arange(4))
           + 0.5 * np_instance_loss(np.asarray(outputs["txt_logits"]), np.arange(4)))
   np.testing.assert_allclose(total, want, rtol=1e-5)
-  _, terms = losses.total_loss(outputs, labels, (0.0, 1.0, 1.0))
+  _, terms = losses.batch_loss(outputs, labels, (0.0, 1.0, 1.0))
   assert float(terms["rank"]) == 0.0  # skipped when its lambda is zero
 
 

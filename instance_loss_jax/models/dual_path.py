@@ -83,7 +83,6 @@ class DualPath(nn.Module):
                            self._dtype("heads"), bn_dtype)
     self.text_head = Head(m.embed_dim, m.text_head_layers, m.bn_momentum, self.axis_name,
                           self._dtype("heads"), bn_dtype)
-    self.dropout = nn.Dropout(rate=m.dropout)
     # He init x 0.1 (original): variance 2 / fan_in scaled by 0.1^2.
     self.w_share = nn.Dense(
         self.num_classes, dtype=self._dtype("w_share"),
@@ -111,15 +110,20 @@ class DualPath(nn.Module):
 
   def encode(self, images, tokens, train: bool = False):
     """Both branches without W_share: embeddings and the head outputs W_share reads (before
-    dropout). The train step applies dropout and W_share itself, to the global batch's rows
-    against this device's slice of the classes."""
+    dropout). The train step then calls `classify` with its own `dropout_mask`, on the global
+    batch's rows against this device's slice of the classes."""
     img = self.image_features(images, train)
     txt = self.text_features(tokens, train)
     return dict(img_emb=l2_normalize(img), txt_emb=l2_normalize(txt), img_features=img,
                 txt_features=txt)
 
-  def classify(self, features):
-    """W_share logits of head outputs (dropout already applied, if any)."""
+  def classify(self, features, keep_mask=None):
+    """W_share logits of head outputs; with `keep_mask` (`dropout_mask`) after dropout: kept
+    values scaled by 1 / (1 - dropout), the others zero. The model's one dropout."""
+    if keep_mask is not None:
+      keep = 1.0 - self.config.dropout
+      features = jnp.where(keep_mask, features / jnp.asarray(keep, features.dtype),
+                           jnp.zeros_like(features))
     return self.w_share(features)
 
   def __call__(self, images, tokens, train: bool = False):
@@ -128,8 +132,19 @@ class DualPath(nn.Module):
     # W_share applied once to both branches' rows: one product forward and one for its gradient
     # instead of two of each and a sum (the same function).
     both = jnp.concatenate([img, txt])
-    logits = self.classify(self.dropout(both, deterministic=not train))
+    mask = None
+    if train and self.config.dropout:
+      mask = dropout_mask(self.make_rng("dropout"), self.config.dropout, *both.shape)
+    logits = self.classify(both, mask)
     return dict(out, img_logits=logits[:img.shape[0]], txt_logits=logits[img.shape[0]:])
+
+
+def dropout_mask(rng, rate: float, rows: int, dim: int):
+  """Keep-mask [rows, dim] of W_share's input (True: kept) for `DualPath.classify`. The train
+  step draws it whole for the global batch (images' rows, then captions') from its own key on
+  every device, so each row's mask depends on its position in the global batch, not on how the
+  batch is split."""
+  return jax.random.bernoulli(rng, 1.0 - rate, (rows, dim))
 
 
 def build_model(config: ml_collections.ConfigDict, axis_name: str | None = None,
