@@ -133,16 +133,32 @@ def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def checked_step(mgr: ocp.CheckpointManager, meta: dict[str, Any], step: int | None = None,
-                 what: str = "checkpoint", keys=("model", "num_classes", "vocab")) -> int:
-  """`step` (default: the newest) after checking its meta against `meta` on `keys`."""
+STEP_PREFERENCES = ("newest", "best")
+
+
+def resolve_step(mgr: ocp.CheckpointManager, step: int | None = None, prefer: str = "newest",
+                 what: str = "checkpoint") -> int:
+  """The one rule for which checkpoint a reader uses (resume, init_from, the evaluation, the
+  index): `step` when given, which must exist; else the newest, or with prefer="best" the kept
+  one with the best validation rsum (`best_step`) when the run validated, else the newest."""
+  if prefer not in STEP_PREFERENCES:
+    raise ValueError(f"prefer={prefer!r}: one of {STEP_PREFERENCES}")
   steps = mgr.all_steps()
   if not steps:
     raise CheckpointError(f"{what}: no checkpoint in {mgr.directory}")
-  if step is None:
-    step = max(steps)
-  elif step not in steps:
-    raise CheckpointError(f"{what}: no step {step} in {mgr.directory} (have {sorted(steps)})")
+  if step is not None:
+    if step not in steps:
+      raise CheckpointError(f"{what}: no step {step} in {mgr.directory} (have {sorted(steps)})")
+    return int(step)
+  best = best_step(mgr) if prefer == "best" else None
+  return int(best if best is not None else max(steps))
+
+
+def checked_step(mgr: ocp.CheckpointManager, meta: dict[str, Any], step: int | None = None,
+                 what: str = "checkpoint", keys=("model", "num_classes", "vocab"),
+                 prefer: str = "newest") -> int:
+  """`resolve_step`'s step after checking its meta against `meta` on `keys`."""
+  step = resolve_step(mgr, step, prefer, what)
   diffs = meta_differences(read_meta(mgr, step), meta, keys)
   if diffs:
     raise CheckpointError(f"{what} {mgr.directory}/{step} does not match this run: "

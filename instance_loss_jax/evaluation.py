@@ -163,19 +163,21 @@ class Evaluator:
 
 
 def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
-             write: bool = True, devices=None, mgr=None) -> dict[str, Any]:
-  """Evaluates `workdir`'s checkpoint (default: newest) on `split` with `devices` (default: this
-  process's), whatever mesh wrote it; returns the results dict. `mgr`: the workdir's checkpoint
-  manager if the caller has one (the trainer), else a reader is opened."""
+             write: bool = True, devices=None, mgr=None, prefer: str = "newest"
+             ) -> dict[str, Any]:
+  """Evaluates `workdir`'s checkpoint (`checkpoint.resolve_step(step, prefer)`: default the
+  newest) on `split` with `devices` (default: this process's), whatever mesh wrote it; returns
+  the results dict. `mgr`: the workdir's checkpoint manager if the caller has one (the
+  trainer), else a reader is opened."""
   mgr = checkpoint.reader(workdir) if mgr is None else mgr
-  if checkpoint.newest_meta(mgr) is None:
+  if mgr is None:
     raise checkpoint.CheckpointError(f"no checkpoint in {paths.join(workdir, 'checkpoints')}")
-  steps = mgr.all_steps()
+  step = checkpoint.resolve_step(mgr, step, prefer, what=f"evaluating {workdir}")
   vocab = Vocabulary.load(workdir)
-  saved = checkpoint.read_meta(mgr, step if step in steps else max(steps))
+  saved = checkpoint.read_meta(mgr, step)
   config = run_config(config, vocab, config.num_classes or saved["num_classes"],
                       saved.get("input"))
-  step = checkpoint.checked_step(mgr, checkpoint.run_meta(config, vocab.fingerprint), step)
+  checkpoint.checked_step(mgr, checkpoint.run_meta(config, vocab.fingerprint), step)
   evaluator = Evaluator(config, vocab, split, devices)
   return evaluator(checkpoint.restore_variables(mgr, step), step,
                    paths.join(workdir, "eval") if write else None, workdir)

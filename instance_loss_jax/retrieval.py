@@ -81,14 +81,7 @@ class RunModel:
       self.config = ml_collections.ConfigDict(self.config.to_dict())
       self.config.eval.features = features
     mgr = checkpoint.manager(workdir, read_only=True)
-    steps = mgr.all_steps()
-    if not steps:
-      raise RetrievalError(f"no checkpoint in {paths.join(workdir, 'checkpoints')}")
-    if step is not None and step not in steps:
-      raise RetrievalError(f"no step {step} in {workdir} (have {sorted(steps)})")
-    if step is None:  # the best by validation rsum when the run validated, else the newest
-      step = checkpoint.best_step(mgr) or max(steps)
-    self.step = int(step)
+    self.step = checkpoint.resolve_step(mgr, step, prefer="best", what=f"run {workdir}")
     self.vocab = Vocabulary.load(workdir)
     self._index = self.vocab.index()
     mesh = sharding.make_mesh(jax.local_devices())

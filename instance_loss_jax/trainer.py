@@ -309,9 +309,9 @@ def _train_and_evaluate(config, workdir: str, mesh, phase: dict[str, bool]):
     stop.restore()
   if not config.eval.at_end:
     return None
-  step = checkpoint.best_step(mgr) if config.eval.final_checkpoint == "best" else None
-  if step is not None:
-    log.info("final evaluation of the best checkpoint by val rsum: step %d", step)
+  step = checkpoint.resolve_step(mgr, prefer=config.eval.final_checkpoint)
+  log.info("final evaluation: step %d (eval.final_checkpoint=%s)", step,
+           config.eval.final_checkpoint)
   results = evaluation.evaluate(config, workdir, config.eval.split, step, mgr=mgr)
   log.info("evaluation (%s):\n%s", results.get("written", ""),
            evaluation.markdown_table(results))

@@ -1,10 +1,12 @@
-"""Checkpoint writing on a mesh: replicated arrays, whole or in Orbax's per-replica slices."""
+"""Checkpoints: replicated arrays written whole or in Orbax's per-replica slices; which step a
+reader uses (`resolve_step`)."""
 
 import logging
 import types
 
 import jax
 import numpy as np
+import pytest
 
 from instance_loss_jax import checkpoint, sharding
 
@@ -31,3 +33,26 @@ def test_small_replicated_arrays_are_written_whole_and_large_ones_in_slices(tmp_
   restored = checkpoint.restore_variables(checkpoint.manager(str(tmp_path), read_only=True), 3)
   np.testing.assert_array_equal(restored["params"]["small"], small)
   np.testing.assert_array_equal(restored["params"]["large"], large)
+
+
+def test_resolve_step_is_the_given_the_newest_or_the_best_validated(tmp_path):
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  state = types.SimpleNamespace(params={"w": jax.device_put(np.ones(3, np.float32), one)},
+                                batch_stats={}, opt_state={},
+                                step=jax.device_put(np.int32(0), one))
+  mgr = checkpoint.manager(str(tmp_path / "run"))
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in .*run/checkpoints"):
+    checkpoint.resolve_step(mgr)
+  checkpoint.save(mgr, 2, state, {})  # not validated: "best" falls back to the newest
+  mgr.wait_until_finished()
+  assert checkpoint.resolve_step(mgr, prefer="best") == checkpoint.resolve_step(mgr) == 2
+  for step, rsum in ((4, 30.0), (6, 10.0)):
+    checkpoint.save(mgr, step, state, {}, val_metrics={"rsum": rsum})
+    mgr.wait_until_finished()
+  assert checkpoint.resolve_step(mgr) == 6
+  assert checkpoint.resolve_step(mgr, prefer="best") == 4
+  assert checkpoint.resolve_step(mgr, 2, prefer="best") == 2  # a given step wins
+  with pytest.raises(checkpoint.CheckpointError, match=r"no step 5 .*\(have \[2, 4, 6\]\)"):
+    checkpoint.resolve_step(mgr, 5)
+  with pytest.raises(ValueError, match="prefer='oldest'"):
+    checkpoint.resolve_step(mgr, prefer="oldest")
