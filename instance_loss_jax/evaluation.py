@@ -14,10 +14,11 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from instance_loss_jax import checkpoint, gallery, metrics, paths, plots, sharding, train_step
+from instance_loss_jax import checkpoint, gallery, metrics, paths, plots, sharding
 from instance_loss_jax.config import with_input_convention
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data.vocab import Vocabulary
+from instance_loss_jax import inference
 from instance_loss_jax.inference import embed_chunks, top_k
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,13 @@ def extract_features(config, variables, split: pipeline.EncodedSplit, devices=No
   (docs/design.md).
   text_shift_sum: caption = normalised sum of its summands over every position-shift offset
   (the original code); otherwise the caption as stored, left-aligned. What a summand is:
-  `config.eval.features` (train_step.make_embed_fns). embed_fns: `make_embed_fns` on these
+  `config.eval.features` (inference.make_embed_fns). embed_fns: `make_embed_fns` on these
   devices, for a caller that embeds many times (each new pair compiles anew).
   """
   mesh = sharding.make_mesh(devices or jax.local_devices())
   size = max(1, config.eval.batch_size // mesh.size) * mesh.size
-  embed_images, embed_texts = embed_fns or train_step.make_embed_fns(config, mesh)
-  placed = train_step.place_variables(variables, mesh)
+  embed_images, embed_texts = embed_fns or inference.make_embed_fns(config, mesh)
+  placed = inference.place_variables(variables, mesh)
   images_ds = pipeline.eval_images(split, config, size)
   img = embed_chunks((b["images"] for b in pipeline.numpy_batches(images_ds, split.image_paths)),
                       split.num_images, "images", size,
@@ -122,7 +123,7 @@ class Evaluator:
     self.data = pipeline.encode_split(self.records, vocab, config.model.text.max_len,
                                       for_training=False)
     # Built once: the trainer calls this every eval.every_steps, and new functions recompile.
-    self.embed_fns = train_step.make_embed_fns(
+    self.embed_fns = inference.make_embed_fns(
         config, sharding.make_mesh(devices or jax.local_devices()))
 
   def __call__(self, variables, step: int, out_dir: str | None = None,

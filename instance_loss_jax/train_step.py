@@ -1,4 +1,4 @@
-"""Train state, the train step over one device mesh, and the feature-extraction functions.
+"""Train state and the train step over one device mesh (the batch checks beside them).
 
 The step is data parallel's per-device program, `jax.jit(jax.shard_map(...))` over the mesh of
 `sharding.make_mesh` (axis "batch"), which is what `jax.pmap` itself lowers to since JAX 0.8:
@@ -23,7 +23,7 @@ from flax.training import train_state
 from instance_loss_jax import checkpoint, losses, optim, sharding
 from instance_loss_jax.config import frozen_scopes, validate_config
 from instance_loss_jax.errors import BatchError
-from instance_loss_jax.models import build_model, dropout_mask, l2_normalize
+from instance_loss_jax.models import build_model, dropout_mask
 
 AXIS = sharding.AXIS
 
@@ -327,52 +327,3 @@ def place_state(state: TrainState, config: ml_collections.ConfigDict, mesh=None)
 def host_state(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
   """A global train state as host numpy arrays, W_share cut back to num_classes."""
   return sharding.pad_classes(sharding.to_host(state), config.num_classes)
-
-
-def make_embed_fns(config: ml_collections.ConfigDict, mesh=None):
-  """Inference-mode (no dropout, running BN statistics) feature extractors over `mesh` (default:
-  this process's devices), the batch split over the devices.
-
-  Returns (embed_images(variables, images, flip_average), embed_texts(variables, tokens,
-  summand=False)). An embedding is the L2-normalised sum of per-view summands: with
-  `flip_average`, the image's and its mirror's; a caption's shift offsets are summed by the
-  caller (`summand=True` returns the summand). `config.eval.features` says what a summand is:
-  "after_relu", the head's output after its last ReLU, L2-normalised; "original", the last
-  BatchNorm's raw output before that ReLU, as the original's test scripts read (docs/design.md).
-  The batch must divide over the devices. `place_variables` puts host variables on the mesh once
-  (replicated; W_share left out).
-  """
-  model = build_model(config)
-  mesh = mesh if mesh is not None else sharding.make_mesh(jax.local_devices())
-  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-  # A run config recorded before eval.features existed embedded after the ReLU.
-  original = config.eval.get("features", "after_relu") == "original"
-
-  def view_summand(variables, x, method):
-    features = model.apply(variables, x, final_relu=not original, method=method)
-    return features.astype(jnp.float32) if original else l2_normalize(features)
-
-  def embed_images(variables, images, flip_average):
-    total = view_summand(variables, images, "image_features")
-    if flip_average:
-      total = total + view_summand(variables, images[:, :, ::-1], "image_features")
-    return l2_normalize(total)
-
-  def embed_texts(variables, tokens, as_summand):
-    one = view_summand(variables, tokens, "text_features")
-    return one if as_summand else l2_normalize(one)
-
-  images_fn = jax.jit(embed_images, static_argnums=(2,), out_shardings=rows)
-  texts_fn = jax.jit(embed_texts, static_argnums=(2,), out_shardings=rows)
-  put = lambda x: jax.device_put(np.asarray(x), rows)
-  return (lambda v, x, flip: images_fn(v, put(x), flip),
-          lambda v, x, summand=False: texts_fn(v, put(x), summand))
-
-
-def place_variables(variables: dict[str, Any], mesh=None) -> dict[str, Any]:
-  """Host variables replicated on `mesh` (default: this process's devices) for the embed
-  functions; W_share, which they do not use, stays behind."""
-  mesh = mesh if mesh is not None else sharding.make_mesh(jax.local_devices())
-  params = {k: v for k, v in variables["params"].items() if k != sharding.W_SHARE}
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.device_put({"params": params, "batch_stats": variables["batch_stats"]}, replicated)

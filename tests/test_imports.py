@@ -17,8 +17,8 @@ PACKAGE = "instance_loss_jax"
 LAYERS = [
     ["errors"],
     ["config", "paths", "cli"],
-    ["sharding", "metrics", "plots", "gallery", "inference", "models", "data"],
-    ["optim", "losses", "checkpoint", "port"],
+    ["sharding", "metrics", "plots", "gallery", "models", "data"],
+    ["optim", "losses", "checkpoint", "port", "inference"],
     ["train_step"],
     ["evaluation"],
     ["trainer", "retrieval"],

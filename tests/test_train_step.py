@@ -11,7 +11,7 @@ import pytest
 
 import helpers
 from helpers import random_batch, tiny_config
-from instance_loss_jax import losses, sharding, train_step as ts
+from instance_loss_jax import inference, losses, sharding, train_step as ts
 from instance_loss_jax.models import build_model
 
 STEPS_PER_EPOCH = 10
@@ -231,9 +231,9 @@ def test_embed_fns_give_unit_vectors_and_flip_average(features):
   config = tiny_config(**{"eval.features": features})
   state = ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
   mesh = sharding.make_mesh(jax.local_devices()[:2])
-  embed_images, embed_texts = ts.make_embed_fns(config, mesh)
+  embed_images, embed_texts = inference.make_embed_fns(config, mesh)
   host_variables = jax.device_get(ts.variables_of(state))
-  variables = ts.place_variables(host_variables, mesh)
+  variables = inference.place_variables(host_variables, mesh)
   batch = random_batch(config)
   plain = np.asarray(embed_images(variables, batch["images"], False))
   averaged = np.asarray(embed_images(variables, batch["images"], True))
