@@ -18,8 +18,7 @@ from instance_loss_jax import checkpoint, gallery, metrics, paths, plots, shardi
 from instance_loss_jax.config import with_input_convention
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data.vocab import Vocabulary
-from instance_loss_jax import inference
-from instance_loss_jax.inference import embed_chunks, top_k
+from instance_loss_jax.inference import embed_chunks, make_embed_fns, place_variables, top_k
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +63,13 @@ def extract_features(config, variables, split: pipeline.EncodedSplit, devices=No
   (docs/design.md).
   text_shift_sum: caption = normalised sum of its summands over every position-shift offset
   (the original code); otherwise the caption as stored, left-aligned. What a summand is:
-  `config.eval.features` (inference.make_embed_fns). embed_fns: `make_embed_fns` on these
+  `config.eval.features` (`inference.make_embed_fns`). embed_fns: `make_embed_fns` on these
   devices, for a caller that embeds many times (each new pair compiles anew).
   """
   mesh = sharding.make_mesh(devices or jax.local_devices())
   size = max(1, config.eval.batch_size // mesh.size) * mesh.size
-  embed_images, embed_texts = embed_fns or inference.make_embed_fns(config, mesh)
-  placed = inference.place_variables(variables, mesh)
+  embed_images, embed_texts = embed_fns or make_embed_fns(config, mesh)
+  placed = place_variables(variables, mesh)
   images_ds = pipeline.eval_images(split, config, size)
   img = embed_chunks((b["images"] for b in pipeline.numpy_batches(images_ds, split.image_paths)),
                       split.num_images, "images", size,
@@ -123,8 +122,7 @@ class Evaluator:
     self.data = pipeline.encode_split(self.records, vocab, config.model.text.max_len,
                                       for_training=False)
     # Built once: the trainer calls this every eval.every_steps, and new functions recompile.
-    self.embed_fns = inference.make_embed_fns(
-        config, sharding.make_mesh(devices or jax.local_devices()))
+    self.embed_fns = make_embed_fns(config, sharding.make_mesh(devices or jax.local_devices()))
 
   def __call__(self, variables, step: int, out_dir: str | None = None,
                workdir: str = "") -> dict[str, Any]:
@@ -154,8 +152,8 @@ class Evaluator:
       captions = [" ".join(c) for r in self.records for c in r.captions]
       results["gallery"] = gallery.write_page(
           base + "-gallery.html", f"{split} step {step}: best and worst text->image queries",
-          best_and_worst_queries(img, txt, data.caption_image, captions,
-                                         data.image_paths, t2i, config.eval.gallery_queries),
+          best_and_worst_queries(img, txt, data.caption_image, captions, data.image_paths, t2i,
+                                 config.eval.gallery_queries),
           subtitle=f"{results['workdir']}; the right image is outlined in green")
     paths.write_text(base + ".json", json.dumps(results, indent=1, sort_keys=True))
     paths.write_text(base + ".md", markdown_table(results))

@@ -30,8 +30,7 @@ from instance_loss_jax import checkpoint, paths, sharding
 from instance_loss_jax.data import records
 from instance_loss_jax.data.vocab import Vocabulary
 from instance_loss_jax.errors import RetrievalError
-from instance_loss_jax import inference
-from instance_loss_jax.inference import embed_chunks, top_k
+from instance_loss_jax.inference import embed_chunks, make_embed_fns, place_variables, top_k
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +86,8 @@ class RunModel:
     self._index = self.vocab.index()
     mesh = sharding.make_mesh(jax.local_devices())
     self._rows = max(1, self.config.eval.batch_size // mesh.size) * mesh.size
-    self._embed_images, self._embed_texts = inference.make_embed_fns(self.config, mesh)
-    self._variables = inference.place_variables(checkpoint.restore_variables(mgr, self.step),
-                                                 mesh)
+    self._embed_images, self._embed_texts = make_embed_fns(self.config, mesh)
+    self._variables = place_variables(checkpoint.restore_variables(mgr, self.step), mesh)
 
   def record(self) -> dict[str, Any]:
     return dict(workdir=self.workdir, step=self.step, vocab=self.vocab.fingerprint,
