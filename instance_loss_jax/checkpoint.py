@@ -14,6 +14,7 @@ from typing import Any
 
 import flax
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 # Not exported by Orbax (orbax-checkpoint is pinned below 0.13 in setup.cfg): see the handler below.
@@ -25,6 +26,7 @@ from instance_loss_jax.config import input_convention
 from instance_loss_jax.errors import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"  # the run's config as built (`config.run_config`), every field
 BEST_METRIC = "rsum"  # the validation figure the best checkpoint is chosen by
 # Orbax's jax.Array writer (on CPU and TPU) splits each replicated array into one slice per
 # replica, so that the hosts holding copies share its write. Each slice is an eager jit(slice)
@@ -47,6 +49,22 @@ def run_meta(config, vocab_fingerprint: str) -> dict[str, Any]:
   return json.loads(json.dumps(dict(model=model, num_classes=config.num_classes,
                                     vocab=vocab_fingerprint, stage=config.stage,
                                     input=input_convention(config))))
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  paths.write_text(paths.join(workdir, CONFIG_FILE), config.to_json(indent=1))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run recorded (vocabulary size, class count and input convention resolved):
+  what its checkpoints are read with."""
+  path = paths.join(workdir, CONFIG_FILE)
+  if not paths.path(path).exists():
+    raise CheckpointError(f"{path}: no such file (is {workdir} a training run's workdir?)")
+  try:
+    return ml_collections.ConfigDict(json.loads(paths.path(path).read_text()))
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: not a run config ({e})") from None
 
 
 def reader(workdir: str) -> ocp.CheckpointManager | None:

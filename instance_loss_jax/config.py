@@ -234,6 +234,19 @@ def with_input_convention(c: ml_collections.ConfigDict,
   return c
 
 
+def run_config(c: ml_collections.ConfigDict, vocab_size: int, num_classes: int,
+               convention: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """The config as the model is built, resolved in this one place for the trainer and the
+  evaluation: vocabulary size and class count from the data, and the input convention (channel
+  order, mean, std) the image branch's weights were trained with, when known. The trainer
+  records it as the run's config.json (`checkpoint.write_config`)."""
+  c = c.copy_and_resolve_references()
+  with c.unlocked():
+    c.model.text.vocab_size = vocab_size
+    c.num_classes = num_classes
+  return with_input_convention(c, convention) if convention else c
+
+
 def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
   out = {}
   for key, value in cfg.items():

@@ -15,24 +15,12 @@ import jax
 import numpy as np
 
 from instance_loss_jax import checkpoint, gallery, metrics, paths, plots, sharding
-from instance_loss_jax.config import with_input_convention
+from instance_loss_jax.config import run_config
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data.vocab import Vocabulary
 from instance_loss_jax.inference import embed_chunks, make_embed_fns, place_variables, top_k
 
 log = logging.getLogger(__name__)
-
-
-def run_config(config, vocab: Vocabulary, num_classes: int,
-               convention: dict[str, Any] | None = None):
-  """The config as the model was built, resolved in this one place for the trainer and the
-  evaluation: vocabulary size and class count from the data, and the input convention (channel
-  order, mean, std) the image branch's weights were trained with, when known."""
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.model.text.vocab_size = vocab.size
-    config.num_classes = num_classes
-  return with_input_convention(config, convention) if convention else config
 
 
 def best_and_worst_queries(img, txt, txt_to_img, captions: Sequence[str],
@@ -174,7 +162,7 @@ def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
   step = checkpoint.resolve_step(mgr, step, prefer, what=f"evaluating {workdir}")
   vocab = Vocabulary.load(workdir)
   saved = checkpoint.read_meta(mgr, step)
-  config = run_config(config, vocab, config.num_classes or saved["num_classes"],
+  config = run_config(config, vocab.size, config.num_classes or saved["num_classes"],
                       saved.get("input"))
   checkpoint.checked_step(mgr, checkpoint.run_meta(config, vocab.fingerprint), step)
   evaluator = Evaluator(config, vocab, split, devices)

@@ -48,12 +48,13 @@ def main(argv):
   # Imported here: the Index imports JAX, Flax and Orbax (seconds), which --help and a flag
   # error do not need.
   # pylint: disable=g-import-not-at-top
-  from instance_loss_jax.retrieval import Index, load_run_config
+  from instance_loss_jax import checkpoint
+  from instance_loss_jax.retrieval import Index
   f = flags.FLAGS
   config = None
   overrides = config_flags.get_override_values(f["config"])
   if overrides:
-    config = apply_overrides(load_run_config(f.workdir), overrides)
+    config = apply_overrides(checkpoint.read_config(f.workdir), overrides)
   index = Index.from_run(f.workdir, images=f.images, split=f.split, captions=f.captions,
                          step=f.step, config=config, dtype=f.dtype, split_kind=f.kind)
   index.save(f.out)

@@ -39,18 +39,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 KINDS = ("images", "captions")
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run recorded (`config.json`: vocabulary size, class count and input
-  convention resolved)."""
-  path = paths.join(workdir, "config.json")
-  if not paths.path(path).exists():
-    raise RetrievalError(f"{path}: no such file (is {workdir} a training run's workdir?)")
-  try:
-    return ml_collections.ConfigDict(json.loads(paths.path(path).read_text()))
-  except json.JSONDecodeError as e:
-    raise RetrievalError(f"{path}: not a run config ({e})") from None
-
-
 def image_files(images: str) -> list[str]:
   """A folder's JPEG/PNG files (sorted), or the files a glob pattern matches."""
   root = paths.path(images)
@@ -76,7 +64,7 @@ class RunModel:
                config: ml_collections.ConfigDict | None = None, features: str | None = None):
     """features: `eval.features` to embed with (an index's own), else the run config's."""
     self.workdir = workdir
-    self.config = config if config is not None else load_run_config(workdir)
+    self.config = config if config is not None else checkpoint.read_config(workdir)
     if features is not None:
       self.config = ml_collections.ConfigDict(self.config.to_dict())
       self.config.eval.features = features

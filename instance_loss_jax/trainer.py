@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from instance_loss_jax import checkpoint, evaluation, optim, paths, port, sharding, train_step
-from instance_loss_jax.config import ConfigError, input_convention, validate_config
+from instance_loss_jax.config import ConfigError, input_convention, run_config, validate_config
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data import vocab as vocab_lib
 from instance_loss_jax.errors import Preempted, TrainingError
@@ -275,8 +275,7 @@ def _train_and_evaluate(config, workdir: str, mesh, phase: dict[str, bool]):
   fresh = not mgr.all_steps() and not config.init_from
   vocab, table = prepare_vocab(config, workdir, train_records, need_table=fresh)
   source = checkpoint.reader(config.init_from) if config.init_from else None
-  config = evaluation.run_config(config, vocab, num_classes,
-                                 _input_convention(config, mgr, source))
+  config = run_config(config, vocab.size, num_classes, _input_convention(config, mgr, source))
   meta = checkpoint.run_meta(config, vocab.fingerprint)
   split = pipeline.encode_split(train_records, vocab, config.model.text.max_len, True)
   steps_per_epoch = split.num_images / config.batch_size
@@ -286,7 +285,7 @@ def _train_and_evaluate(config, workdir: str, mesh, phase: dict[str, bool]):
                                mesh)
   if jax.process_index() == 0:
     vocab.save(workdir)
-    paths.write_text(paths.join(workdir, "config.json"), config.to_json(indent=1))
+    checkpoint.write_config(workdir, config)
   log.info("%d training images (%d classes), vocabulary %d words, %d steps of %d",
            split.num_images, num_classes, len(vocab.words), total_steps, config.batch_size)
 

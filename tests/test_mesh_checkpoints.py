@@ -8,6 +8,7 @@ import pytest
 import helpers
 from helpers import random_batch, tiny_config
 from instance_loss_jax import checkpoint, evaluation, sharding, train_step as ts, trainer
+from instance_loss_jax import config as config_lib
 from test_train_step import STAGE2, assert_close_to_scale
 from test_training import data_dir, small_config  # noqa: F401  (a fixture)
 
@@ -75,7 +76,7 @@ def test_stage1_on_four_devices_initialises_stage2_on_eight(data_dir, tmp_path):
   # Stage II's starting state on 8 devices is Stage I's variables, bit for bit.
   config2 = small_config("stage2", data_dir, init_from=workdir1)
   vocab, _ = trainer.prepare_vocab(config2, str(tmp_path / "s2"), [], need_table=False)
-  config2 = evaluation.run_config(config2, vocab, num_classes)
+  config2 = config_lib.run_config(config2, vocab.size, num_classes)
   meta = checkpoint.run_meta(config2, vocab.fingerprint)
   mesh8 = sharding.make_mesh(devices[:8])
   mgr2 = checkpoint.manager(str(tmp_path / "s2"))

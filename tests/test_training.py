@@ -299,8 +299,8 @@ def test_text_shift_sum_is_the_sum_over_offsets(data_dir, stage1):
   workdir, _ = stage1
   vocab = Vocabulary.load(workdir)
   # Features after the ReLU: each offset's normalised embedding, summed, normalised.
-  config = evaluation.run_config(small_config("stage1", data_dir,
-                                              **{"eval.features": "after_relu"}), vocab, 32)
+  config = config_lib.run_config(small_config("stage1", data_dir,
+                                               **{"eval.features": "after_relu"}), vocab.size, 32)
   variables = checkpoint.restore_variables(checkpoint.manager(workdir, read_only=True), 8)
   split = pipeline.encode_split(records.read_split(config, "test"), vocab, 12, False)
   _, txt = evaluation.extract_features(config, variables, split, jax.local_devices()[:2],
@@ -315,8 +315,8 @@ def test_text_shift_sum_is_the_sum_over_offsets(data_dir, stage1):
 
   # The original's features: the text head's BatchNorm output before its ReLU, summed raw over
   # the offsets, then normalised; images: raw sum of the image's and its mirror's.
-  original = evaluation.run_config(small_config("stage1", data_dir,
-                                                **{"eval.features": "original"}), vocab, 32)
+  original = config_lib.run_config(small_config("stage1", data_dir,
+                                                 **{"eval.features": "original"}), vocab.size, 32)
   img, txt = evaluation.extract_features(original, variables, split, jax.local_devices()[:2],
                                          text_shift_sum=True)
   raw_text = jax.jit(lambda t: model.apply(variables, t, final_relu=False,
