@@ -177,11 +177,16 @@ def checked_step(mgr: ocp.CheckpointManager, meta: dict[str, Any], step: int | N
                  prefer: str = "newest") -> int:
   """`resolve_step`'s step after checking its meta against `meta` on `keys`."""
   step = resolve_step(mgr, step, prefer, what)
-  diffs = meta_differences(read_meta(mgr, step), meta, keys)
-  if diffs:
-    raise CheckpointError(f"{what} {mgr.directory}/{step} does not match this run: "
-                          + "; ".join(diffs))
+  check_meta(read_meta(mgr, step), meta, f"{what} {mgr.directory}/{step}", keys)
   return step
+
+
+def check_meta(saved: dict[str, Any], meta: dict[str, Any], where: str,
+               keys=("model", "num_classes", "vocab")) -> None:
+  """Raises CheckpointError listing every difference of a checkpoint's meta from the run's."""
+  diffs = meta_differences(saved, meta, keys)
+  if diffs:
+    raise CheckpointError(f"{where} does not match this run: " + "; ".join(diffs))
 
 
 def saved_arrays(mgr: ocp.CheckpointManager, step: int):

@@ -159,12 +159,14 @@ def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
   mgr = checkpoint.reader(workdir) if mgr is None else mgr
   if mgr is None:
     raise checkpoint.CheckpointError(f"no checkpoint in {paths.join(workdir, 'checkpoints')}")
-  step = checkpoint.resolve_step(mgr, step, prefer, what=f"evaluating {workdir}")
+  what = f"evaluating {workdir}"
+  step = checkpoint.resolve_step(mgr, step, prefer, what)
   vocab = Vocabulary.load(workdir)
-  saved = checkpoint.read_meta(mgr, step)
+  saved = checkpoint.read_meta(mgr, step)  # read once: the class count, then the check
   config = run_config(config, vocab.size, config.num_classes or saved["num_classes"],
                       saved.get("input"))
-  checkpoint.checked_step(mgr, checkpoint.run_meta(config, vocab.fingerprint), step)
+  checkpoint.check_meta(saved, checkpoint.run_meta(config, vocab.fingerprint),
+                        f"{what} {mgr.directory}/{step}")
   evaluator = Evaluator(config, vocab, split, devices)
   return evaluator(checkpoint.restore_variables(mgr, step), step,
                    paths.join(workdir, "eval") if write else None, workdir)

@@ -71,6 +71,13 @@ def _new_state(model, config: ml_collections.ConfigDict, variables: dict[str, An
                            batch_stats=variables["batch_stats"])
 
 
+def _drawn_state(config: ml_collections.ConfigDict, rng, steps_per_epoch: float,
+                 num_padded: int | None) -> TrainState:
+  """A fresh state with a random init drawn from `rng`, for tracing (eval_shape, jit)."""
+  model, init = _init_fn(config)
+  return _new_state(model, config, init(rng), steps_per_epoch, num_padded)
+
+
 def create_train_state(config: ml_collections.ConfigDict, rng, steps_per_epoch: float,
                        num_padded: int | None = None) -> TrainState:
   """Initialises the model and optimiser on the default device (see `init_train_state` for a
@@ -270,10 +277,8 @@ def abstract_train_state(config: ml_collections.ConfigDict, steps_per_epoch: flo
   its sharding (a restore target; no compute)."""
   mesh = mesh if mesh is not None else sharding.make_mesh()
   num_padded = sharding.padded_num_classes(config, mesh)
-  model, init = _init_fn(config)
   abstract = jax.eval_shape(
-      lambda k: _new_state(model, config, init(k), steps_per_epoch, num_padded),
-      jax.random.key(0))
+      lambda k: _drawn_state(config, k, steps_per_epoch, num_padded), jax.random.key(0))
   return jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
       sharding.shardings(abstract, config, mesh))
@@ -286,10 +291,8 @@ def init_train_state(config: ml_collections.ConfigDict, rng, steps_per_epoch: fl
   mesh = mesh if mesh is not None else sharding.make_mesh()
   num_padded = sharding.padded_num_classes(config, mesh)
   template = abstract_train_state(config, steps_per_epoch, mesh)
-  model, init = _init_fn(config)
   arrays = jax.jit(
-      lambda k: checkpoint.state_tree(_new_state(model, config, init(k), steps_per_epoch,
-                                                 num_padded)),
+      lambda k: checkpoint.state_tree(_drawn_state(config, k, steps_per_epoch, num_padded)),
       out_shardings=jax.tree_util.tree_map(lambda x: x.sharding,
                                            checkpoint.state_tree(template)),
       compiler_options=init_compiler_options(mesh.devices.flat[0].platform))(rng)
