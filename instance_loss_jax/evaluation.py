@@ -6,21 +6,17 @@ Writes `<workdir>/eval/<split>-<step>.json` and a markdown table beside it.
 from __future__ import annotations
 
 import json
-import logging
-import os
 import sys
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
-from instance_loss_jax import checkpoint, gallery, metrics, paths, plots, sharding
-from instance_loss_jax.config import run_config
+from instance_loss_jax import gallery, metrics, paths, plots
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data.vocab import Vocabulary
-from instance_loss_jax.inference import embed_chunks, make_embed_fns, place_variables, top_k
+from instance_loss_jax.inference import EmbedFns, load_run, top_k
 
-log = logging.getLogger(__name__)
 
 
 def best_and_worst_queries(img, txt, txt_to_img, captions: Sequence[str],
@@ -42,35 +38,30 @@ def best_and_worst_queries(img, txt, txt_to_img, captions: Sequence[str],
   return sections
 
 
-def extract_features(config, variables, split: pipeline.EncodedSplit, devices=None,
-                     flip_average: bool = True, text_shift_sum: bool = False,
-                     embed_fns=None) -> tuple[np.ndarray, np.ndarray]:
-  """L2-normalised (image, caption) embeddings of a split, in file order.
+def embed_split(config, embed_fns: EmbedFns, variables, split: pipeline.EncodedSplit,
+                flip_average: bool = True, text_shift_sum: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """L2-normalised (image, caption) embeddings of a split, in file order: images read as
+  `config` says (size, normalisation), `variables` as `embed_fns.place` gives them.
 
   flip_average: image = normalised sum of the image's and its mirror's summands
   (docs/design.md).
   text_shift_sum: caption = normalised sum of its summands over every position-shift offset
   (the original code); otherwise the caption as stored, left-aligned. What a summand is:
-  `config.eval.features` (`inference.make_embed_fns`). embed_fns: `make_embed_fns` on these
-  devices, for a caller that embeds many times (each new pair compiles anew).
+  `config.eval.features` (`inference.make_embed_fns`).
   """
-  mesh = sharding.make_mesh(devices or jax.local_devices())
-  size = max(1, config.eval.batch_size // mesh.size) * mesh.size
-  embed_images, embed_texts = embed_fns or make_embed_fns(config, mesh)
-  placed = place_variables(variables, mesh)
-  images_ds = pipeline.eval_images(split, config, size)
-  img = embed_chunks((b["images"] for b in pipeline.numpy_batches(images_ds, split.image_paths)),
-                      split.num_images, "images", size,
-                      lambda x: embed_images(placed, x, flip_average))
-  embed = lambda rows, summand=False: embed_chunks(
-      [rows], len(rows), "captions", size, lambda x: embed_texts(placed, x, summand))
+  images = pipeline.eval_images(split, config, embed_fns.rows)
+  img = embed_fns.embed_images(
+      variables, (b["images"] for b in pipeline.numpy_batches(images, split.image_paths)),
+      split.num_images, flip_average)
   if not text_shift_sum:
-    return img, embed(split.tokens)
+    return img, embed_fns.embed_tokens(variables, split.tokens)
   max_len = split.tokens.shape[1]
   txt = np.zeros((len(split.tokens), img.shape[1]), np.float32)
   for offset in range(max_len - int(split.lengths.min()) + 1):
     fits = split.lengths + offset <= max_len
-    txt[fits] += embed(np.roll(split.tokens[fits], offset, axis=1), summand=True)
+    txt[fits] += embed_fns.embed_tokens(variables, np.roll(split.tokens[fits], offset, axis=1),
+                                        summand=True)
   return img, txt / np.maximum(np.linalg.norm(txt, axis=1, keepdims=True), 1e-12)
 
 
@@ -102,23 +93,22 @@ class Evaluator:
   """One split's evaluation, shared by the eval binary (variables from a checkpoint) and the
   trainer (variables from memory, every `eval.every_steps`): embeddings, the dataset's
   retrieval metrics, the indicator S, and with `out_dir` the JSON, markdown, PNG figures and
-  the HTML page of best and worst queries. The split is read and encoded once."""
+  the HTML page of best and worst queries. The split is read and encoded once; the embedding
+  functions are the caller's (`inference.make_embed_fns`, or a loaded run's), built once: the
+  trainer calls this every eval.every_steps, and new functions would compile again."""
 
-  def __init__(self, config, vocab: Vocabulary, split: str, devices=None):
-    self.config, self.split, self.devices = config, split, devices
+  def __init__(self, config, vocab: Vocabulary, split: str, embed_fns: EmbedFns):
+    self.config, self.split, self.embed_fns = config, split, embed_fns
     self.records = records.read_split(config, split)
     self.data = pipeline.encode_split(self.records, vocab, config.model.text.max_len,
                                       for_training=False)
-    # Built once: the trainer calls this every eval.every_steps, and new functions recompile.
-    self.embed_fns = make_embed_fns(config, sharding.make_mesh(devices or jax.local_devices()))
 
   def __call__(self, variables, step: int, out_dir: str | None = None,
                workdir: str = "") -> dict[str, Any]:
     config, data, split = self.config, self.data, self.split
-    img, txt = extract_features(config, variables, data, self.devices,
-                                flip_average=config.eval.flip_average,
-                                text_shift_sum=config.eval.text_shift_sum,
-                                embed_fns=self.embed_fns)
+    img, txt = embed_split(config, self.embed_fns, self.embed_fns.place(variables), data,
+                           flip_average=config.eval.flip_average,
+                           text_shift_sum=config.eval.text_shift_sum)
     edges, pos, neg = metrics.similarity_histograms(img, txt, data.caption_image,
                                                     config.eval.s_bins, config.eval.block_bytes)
     results = dict(workdir=paths.absolute(workdir) if workdir else "", step=int(step),
@@ -153,23 +143,13 @@ def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
              write: bool = True, devices=None, mgr=None, prefer: str = "newest"
              ) -> dict[str, Any]:
   """Evaluates `workdir`'s checkpoint (`checkpoint.resolve_step(step, prefer)`: default the
-  newest) on `split` with `devices` (default: this process's), whatever mesh wrote it; returns
-  the results dict. `mgr`: the workdir's checkpoint manager if the caller has one (the
-  trainer), else a reader is opened."""
-  mgr = checkpoint.reader(workdir) if mgr is None else mgr
-  if mgr is None:
-    raise checkpoint.CheckpointError(f"no checkpoint in {paths.join(workdir, 'checkpoints')}")
-  what = f"evaluating {workdir}"
-  step = checkpoint.resolve_step(mgr, step, prefer, what)
-  vocab = Vocabulary.load(workdir)
-  saved = checkpoint.read_meta(mgr, step)  # read once: the class count, then the check
-  config = run_config(config, vocab.size, config.num_classes or saved["num_classes"],
-                      saved.get("input"))
-  checkpoint.check_meta(saved, checkpoint.run_meta(config, vocab.fingerprint),
-                        f"{what} {mgr.directory}/{step}")
-  evaluator = Evaluator(config, vocab, split, devices)
-  return evaluator(checkpoint.restore_variables(mgr, step), step,
-                   paths.join(workdir, "eval") if write else None, workdir)
+  newest), read with `config` (`inference.load_run`), on `split` with `devices` (default: this
+  process's), whatever mesh wrote it; returns the results dict. `mgr`: the workdir's checkpoint
+  manager if the caller has one (the trainer), else a reader is opened."""
+  run = load_run(workdir, step, prefer=prefer, config=config, mgr=mgr, devices=devices)
+  evaluator = Evaluator(run.config, run.vocab, split, run.embed_fns)
+  return evaluator(run.variables, run.step, paths.join(workdir, "eval") if write else None,
+                   workdir)
 
 
 def comparison_table(named: dict[str, dict[str, Any]]) -> str:

@@ -19,7 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from instance_loss_jax import cli
-from instance_loss_jax.config import apply_overrides, base_config
+from instance_loss_jax.config import base_config
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +48,11 @@ def main(argv):
   # Imported here: the Index imports JAX, Flax and Orbax (seconds), which --help and a flag
   # error do not need.
   # pylint: disable=g-import-not-at-top
-  from instance_loss_jax import checkpoint
   from instance_loss_jax.retrieval import Index
   f = flags.FLAGS
-  config = None
-  overrides = config_flags.get_override_values(f["config"])
-  if overrides:
-    config = apply_overrides(checkpoint.read_config(f.workdir), overrides)
   index = Index.from_run(f.workdir, images=f.images, split=f.split, captions=f.captions,
-                         step=f.step, config=config, dtype=f.dtype, split_kind=f.kind)
+                         step=f.step, overrides=config_flags.get_override_values(f["config"]),
+                         dtype=f.dtype, split_kind=f.kind)
   index.save(f.out)
   log.info("wrote %s", f.out)
   print(f"{f.out}: {len(index.items)} {index.kind}, {index.embeddings.shape[1]}-d "

@@ -1,44 +1,76 @@
-"""Inference shared by the evaluation and the Index: the inference-mode embedding functions of a
-run's model, embedding rows in fixed-size batches, and a blocked top-k search whose device memory
-does not grow with the gallery."""
+"""The inference layer, shared by the evaluation, the trainer's validation and the Index: a run
+config's inference-mode embedding functions on a mesh (`EmbedFns`), embedding rows in fixed-size
+batches, a blocked top-k search whose device memory does not grow with the gallery, and one way
+to load a trained run (`load_run`: its config, vocabulary, checked checkpoint and variables)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
 
-from typing import Any
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instance_loss_jax import sharding
+from instance_loss_jax import checkpoint, paths, sharding
+from instance_loss_jax.config import apply_overrides, run_config
+from instance_loss_jax.data.vocab import Vocabulary
+from instance_loss_jax.errors import CheckpointError
 from instance_loss_jax.models import build_model, l2_normalize
 
 log = logging.getLogger(__name__)
 
 
-def make_embed_fns(config: ml_collections.ConfigDict, mesh=None):
+@dataclasses.dataclass(frozen=True)
+class EmbedFns:
+  """A model's inference-mode embedding functions on one mesh (big_vision's predict_fn): the
+  evaluation and the Index receive them instead of building their own, and each pair is
+  compiled once however often it is called.
+
+  images(variables, images [rows, s, s, 3], flip_average) and texts(variables, tokens
+  [rows, max_len], summand=False) take variables from `place` and return [rows, D] on the
+  mesh; `rows`, the batch every call gets, is `eval.batch_size` rounded down to a multiple of
+  the mesh's devices (at least one row each).
+  """
+  images: Callable[..., jax.Array]
+  texts: Callable[..., jax.Array]
+  mesh: jax.sharding.Mesh
+  rows: int
+
+  def place(self, variables: dict[str, Any]) -> dict[str, Any]:
+    return place_variables(variables, self.mesh)
+
+  def embed_images(self, placed, batches: Iterable[np.ndarray], total: int,
+                   flip_average: bool) -> np.ndarray:
+    """[total, D] L2-normalised embeddings of numpy image batches (any sizes)."""
+    return embed_chunks(batches, total, "images", self.rows,
+                        lambda x: self.images(placed, x, flip_average))
+
+  def embed_tokens(self, placed, tokens: np.ndarray, summand: bool = False) -> np.ndarray:
+    """[n, D] embeddings of token rows: L2-normalised, or with `summand` one view's summand."""
+    return embed_chunks([tokens], len(tokens), "captions", self.rows,
+                        lambda x: self.texts(placed, x, summand))
+
+
+def make_embed_fns(config: ml_collections.ConfigDict, mesh=None) -> EmbedFns:
   """Inference-mode (no dropout, running BN statistics) feature extractors over `mesh` (default:
   this process's devices), the batch split over the devices.
 
-  Returns (embed_images(variables, images, flip_average), embed_texts(variables, tokens,
-  summand=False)). An embedding is the L2-normalised sum of per-view summands: with
-  `flip_average`, the image's and its mirror's; a caption's shift offsets are summed by the
-  caller (`summand=True` returns the summand). `config.eval.features` says what a summand is:
-  "after_relu", the head's output after its last ReLU, L2-normalised; "original", the last
-  BatchNorm's raw output before that ReLU, as the original's test scripts read (docs/design.md).
-  The batch must divide over the devices. `place_variables` puts host variables on the mesh once
-  (replicated; W_share left out).
+  An embedding is the L2-normalised sum of per-view summands: with `flip_average`, the image's
+  and its mirror's; a caption's shift offsets are summed by the caller (`summand=True` returns
+  the summand). `config.eval.features` says what a summand is: "after_relu", the head's output
+  after its last ReLU, L2-normalised; "original", the last BatchNorm's raw output before that
+  ReLU, as the original's test scripts read (docs/design.md).
   """
   model = build_model(config)
   mesh = mesh if mesh is not None else sharding.make_mesh(jax.local_devices())
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.AXIS))
-  # A run config recorded before eval.features existed embedded after the ReLU.
-  original = config.eval.get("features", "after_relu") == "original"
+  original = config.eval.features == "original"
 
   def view_summand(variables, x, method):
     features = model.apply(variables, x, final_relu=not original, method=method)
@@ -57,8 +89,9 @@ def make_embed_fns(config: ml_collections.ConfigDict, mesh=None):
   images_fn = jax.jit(embed_images, static_argnums=(2,), out_shardings=rows)
   texts_fn = jax.jit(embed_texts, static_argnums=(2,), out_shardings=rows)
   put = lambda x: jax.device_put(np.asarray(x), rows)
-  return (lambda v, x, flip: images_fn(v, put(x), flip),
-          lambda v, x, summand=False: texts_fn(v, put(x), summand))
+  return EmbedFns(images=lambda v, x, flip: images_fn(v, put(x), flip),
+                  texts=lambda v, x, summand=False: texts_fn(v, put(x), summand),
+                  mesh=mesh, rows=max(1, config.eval.batch_size // mesh.size) * mesh.size)
 
 
 def place_variables(variables: dict[str, Any], mesh=None) -> dict[str, Any]:
@@ -122,3 +155,72 @@ def top_k(queries, gallery, k: int = 10, block_rows: int = 65536):
     # first is scored, and memory would grow with the gallery.
     best_scores.block_until_ready()
   return np.asarray(best_scores), np.asarray(best_index)
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run ready to embed (`load_run`): its config as built, its vocabulary, the
+  checkpoint step chosen, that step's variables placed for `embed_fns`."""
+  workdir: str
+  config: ml_collections.ConfigDict
+  vocab: Vocabulary
+  step: int
+  embed_fns: EmbedFns
+  variables: dict[str, Any]
+
+  def record(self) -> dict[str, Any]:
+    """What an index keeps of the run that embedded it."""
+    return dict(workdir=self.workdir, step=self.step, vocab=self.vocab.fingerprint,
+                features=self.config.eval.features)
+
+  def embed_sentences(self, sentences: Sequence[str]) -> tuple[np.ndarray, list[list[str]]]:
+    """L2-normalised embeddings of free-text sentences and each one's unknown words."""
+    rows, unknown = self.vocab.encode_sentences(sentences, self.config.model.text.max_len)
+    return self.embed_fns.embed_tokens(self.variables, rows), unknown
+
+  def embed_image_files(self, files: Sequence[str]) -> np.ndarray:
+    """L2-normalised features of image files (the evaluation's: whole image, mirror averaged
+    when the run's eval.flip_average)."""
+    # Imported here: tf.data (TensorFlow, seconds to import) reads image files; a text search
+    # never loads it.
+    from instance_loss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    ds = pipeline.eval_image_files(files, self.config, self.embed_fns.rows)
+    return self.embed_fns.embed_images(
+        self.variables, (b["images"] for b in pipeline.numpy_batches(ds, files)), len(files),
+        bool(self.config.eval.flip_average))
+
+
+def load_run(workdir: str, step: int | None = None, *, prefer: str = "best",
+             config: ml_collections.ConfigDict | None = None,
+             overrides: dict[str, Any] | None = None, mgr=None, devices=None) -> Run:
+  """A trained run's checkpoint, checked against the config it is read with, on `devices`
+  (default: this process's).
+
+  config: the config to read it with (the evaluation binary's), else the run's recorded one;
+  then `overrides` ({"dotted.field": value}). The vocabulary, class count and input convention
+  come from the run (`config.run_config`), and the checkpoint's metadata must match the result
+  (a mismatch is refused, its differences listed). step: `checkpoint.resolve_step`'s `step` and
+  `prefer` ("best": by validation rsum when the run validated, else the newest). mgr: the
+  workdir's checkpoint manager if the caller holds one (the trainer).
+  """
+  mgr = checkpoint.reader(workdir) if mgr is None else mgr
+  if mgr is None:
+    raise CheckpointError(f"no checkpoint in {paths.join(workdir, checkpoint.CHECKPOINT_DIR)}")
+  what = f"run {workdir}"
+  step = checkpoint.resolve_step(mgr, step, prefer, what)
+  if config is None:
+    config = checkpoint.read_config(workdir)
+    if "features" not in config.eval:  # recorded before the field: embedded after the ReLU
+      with config.unlocked():
+        config.eval.features = "after_relu"
+  if overrides:
+    config = apply_overrides(config, overrides)
+  vocab = Vocabulary.load(workdir)
+  saved = checkpoint.read_meta(mgr, step)  # read once: the class count, then the check
+  config = run_config(config, vocab.size, config.num_classes or saved["num_classes"],
+                      saved.get("input"))
+  checkpoint.check_meta(saved, checkpoint.run_meta(config, vocab.fingerprint),
+                        f"{what}: {mgr.directory}/{step}")
+  embed_fns = make_embed_fns(config, sharding.make_mesh(devices or jax.local_devices()))
+  return Run(workdir, config, vocab, step,
+             embed_fns, embed_fns.place(checkpoint.restore_variables(mgr, step)))

@@ -20,17 +20,14 @@ import io
 import json
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any
 
-import jax
-import ml_collections
 import numpy as np
 
-from instance_loss_jax import checkpoint, paths, sharding
+from instance_loss_jax import paths
 from instance_loss_jax.data import records
-from instance_loss_jax.data.vocab import Vocabulary
 from instance_loss_jax.errors import RetrievalError
-from instance_loss_jax.inference import embed_chunks, make_embed_fns, place_variables, top_k
+from instance_loss_jax.inference import Run, load_run, top_k
 
 log = logging.getLogger(__name__)
 
@@ -55,70 +52,6 @@ def image_files(images: str) -> list[str]:
   return found
 
 
-class RunModel:
-  """A trained run's encoders: its recorded config, vocabulary and a checkpoint (default: the
-  best by validation rsum if the run validated during training, else the newest), on this
-  process's devices."""
-
-  def __init__(self, workdir: str, step: int | None = None,
-               config: ml_collections.ConfigDict | None = None, features: str | None = None):
-    """features: `eval.features` to embed with (an index's own), else the run config's."""
-    self.workdir = workdir
-    self.config = config if config is not None else checkpoint.read_config(workdir)
-    if features is not None:
-      self.config = ml_collections.ConfigDict(self.config.to_dict())
-      self.config.eval.features = features
-    mgr = checkpoint.manager(workdir, read_only=True)
-    self.step = checkpoint.resolve_step(mgr, step, prefer="best", what=f"run {workdir}")
-    self.vocab = Vocabulary.load(workdir)
-    self._index = self.vocab.index()
-    mesh = sharding.make_mesh(jax.local_devices())
-    self._rows = max(1, self.config.eval.batch_size // mesh.size) * mesh.size
-    self._embed_images, self._embed_texts = make_embed_fns(self.config, mesh)
-    self._variables = place_variables(checkpoint.restore_variables(mgr, self.step), mesh)
-
-  def record(self) -> dict[str, Any]:
-    return dict(workdir=self.workdir, step=self.step, vocab=self.vocab.fingerprint,
-                features=self.config.eval.get("features", "after_relu"))
-
-  def tokens(self, sentences: Sequence[str]) -> tuple[np.ndarray, list[list[str]]]:
-    """Token rows [n, max_len] (left-aligned, as the evaluation embeds captions) and each
-    sentence's words that the vocabulary does not know. A sentence with no known word is an
-    error naming it."""
-    max_len = self.config.model.text.max_len
-    rows = np.zeros((len(sentences), max_len), np.int32)
-    unknown = []
-    for i, sentence in enumerate(sentences):
-      words = records.tokenize(sentence)
-      known = [self._index[w] for w in words if w in self._index][:max_len]
-      unknown.append([w for w in words if w not in self._index])
-      if not known:
-        what = f"none of its words ({', '.join(words)})" if words else "it has no word"
-        raise RetrievalError(f"query {sentence!r}: {what} in the run's vocabulary "
-                             f"({len(self.vocab.words)} words)")
-      rows[i, :len(known)] = known
-    return rows, unknown
-
-  def embed_sentences(self, sentences: Sequence[str]) -> tuple[np.ndarray, list[list[str]]]:
-    rows, unknown = self.tokens(sentences)
-    emb = embed_chunks(
-        [rows], len(rows), "captions", self._rows,
-        lambda x: self._embed_texts(self._variables, x))
-    return emb, unknown
-
-  def embed_images(self, paths: Sequence[str]) -> np.ndarray:
-    """L2-normalised features of image files (the evaluation's: whole image, mirror averaged
-    when the run's eval.flip_average)."""
-    # Imported here: tf.data (TensorFlow, seconds to import) reads image files; a text search
-    # never loads it.
-    from instance_loss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    ds = pipeline.eval_image_files(paths, self.config, self._rows)
-    flip = bool(self.config.eval.flip_average)
-    return embed_chunks(
-        (b["images"] for b in pipeline.numpy_batches(ds, paths)), len(paths), "images",
-        self._rows, lambda x: self._embed_images(self._variables, x, flip))
-
-
 @dataclasses.dataclass(frozen=True)
 class Hit:
   rank: int  # 1-based
@@ -136,19 +69,20 @@ class Index:
   items: list[str]
   kind: str  # "images" or "captions"
   run: dict[str, Any]  # workdir, step, vocab (fingerprint)
-  model: RunModel | None = dataclasses.field(default=None, repr=False, compare=False)
+  model: Run | None = dataclasses.field(default=None, repr=False, compare=False)
 
   @classmethod
   def from_run(cls, workdir: str, images: str | None = None, split: str | None = None,
                captions: str | None = None, step: int | None = None,
-               config: ml_collections.ConfigDict | None = None, dtype: str = "float16",
+               overrides: dict[str, Any] | None = None, dtype: str = "float16",
                split_kind: str = "images") -> "Index":
-    """Embeds one gallery with the run's checkpoint: a folder or glob of images, a dataset
-    split (the run's recorded dataset, or `config`'s), or a text file of sentences (one per
-    line)."""
+    """Embeds one gallery with the run's checkpoint (`inference.load_run`: by default the best
+    by validation rsum, else the newest): a folder or glob of images, a dataset split (the
+    run's recorded dataset, its fields changed by `overrides`, e.g. {"data.json": ...}), or a
+    text file of sentences (one per line)."""
     if sum(x is not None for x in (images, split, captions)) != 1:
       raise RetrievalError("give exactly one gallery: images, split or captions")
-    model = RunModel(workdir, step, config)
+    model = load_run(workdir, step, overrides=overrides)
     if images is not None:
       kind, items = "images", image_files(images)
     elif captions is not None:
@@ -160,7 +94,8 @@ class Index:
       # thumbnails of its HTML page (relative to export's directory they would not be found).
       items = [paths.absolute(p) for p in items]
     log.info("embedding %d %s with %s step %d", len(items), kind, workdir, model.step)
-    emb = model.embed_images(items) if kind == "images" else model.embed_sentences(items)[0]
+    emb = (model.embed_image_files(items) if kind == "images"
+           else model.embed_sentences(items)[0])
     return cls(emb.astype(dtype), list(items), kind, model.record(), model)
 
   def save(self, path: str) -> str:
@@ -192,12 +127,12 @@ class Index:
                            f"{len(items)} items, {len(embeddings)} embeddings)")
     return cls(embeddings, items, record["kind"], record["run"])
 
-  def _model(self, workdir: str | None = None) -> RunModel:
+  def _model(self, workdir: str | None = None) -> Run:
     if self.model is None or (workdir and workdir != self.model.workdir):
       # Queries are embedded as the gallery was (an index from before eval.features: after
       # the ReLU).
-      self.model = RunModel(workdir or self.run["workdir"], self.run["step"],
-                            features=self.run.get("features", "after_relu"))
+      self.model = load_run(workdir or self.run["workdir"], self.run["step"], overrides={
+          "eval.features": self.run.get("features", "after_relu")})
       if self.model.vocab.fingerprint != self.run["vocab"]:
         raise RetrievalError(f"the run's vocabulary ({self.model.workdir}) is not the one this "
                              "index was made with")
@@ -220,7 +155,7 @@ class Index:
     if self.kind != "captions":
       raise RetrievalError("an image query searches a caption index; this one holds images")
     paths = image_files(path)
-    return self.search_embeddings(self._model(workdir).embed_images(paths[:1]), k)[0]
+    return self.search_embeddings(self._model(workdir).embed_image_files(paths[:1]), k)[0]
 
 
 def _read_lines(path: str) -> list[str]:

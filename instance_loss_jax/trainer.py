@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from instance_loss_jax import checkpoint, evaluation, optim, paths, port, sharding, train_step
+from instance_loss_jax import checkpoint, evaluation, inference, optim, paths, port, sharding, train_step
 from instance_loss_jax.config import ConfigError, input_convention, run_config, validate_config
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data import vocab as vocab_lib
@@ -296,7 +296,8 @@ def _train_and_evaluate(config, workdir: str, mesh, phase: dict[str, bool]):
   logger = _Logger(workdir, total_steps, config.batch_size, config.tensorboard_dir)
   validate = None
   if config.eval.every_steps:
-    evaluator = evaluation.Evaluator(config, vocab, config.eval.val_split)
+    evaluator = evaluation.Evaluator(config, vocab, config.eval.val_split,
+                                     inference.make_embed_fns(config))
     validate = lambda state, step: _validate(evaluator, state, step, workdir, logger)
   stop = _StopSignal()  # from here on, SIGTERM stops the run at the next step boundary
   phase["training"] = True

@@ -18,8 +18,8 @@ LAYERS = [
     ["errors"],
     ["config", "paths", "cli"],
     ["sharding", "metrics", "plots", "gallery", "models", "data"],
-    ["optim", "losses", "checkpoint", "port", "inference"],
-    ["train_step"],
+    ["optim", "losses", "checkpoint", "port"],
+    ["train_step", "inference"],
     ["evaluation"],
     ["trainer", "retrieval"],
     ["", "train", "evaluate", "export", "search", "ablate", "port_resnet"],  # "": __init__

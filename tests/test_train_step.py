@@ -228,12 +228,15 @@ def test_mined_negatives_match_numpy_on_a_fixed_pool():
 
 @pytest.mark.parametrize("features", ["after_relu", "original"])
 def test_embed_fns_give_unit_vectors_and_flip_average(features):
-  config = tiny_config(**{"eval.features": features})
+  config = tiny_config(**{"eval.features": features, "eval.batch_size": 7})
   state = ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
   mesh = sharding.make_mesh(jax.local_devices()[:2])
-  embed_images, embed_texts = inference.make_embed_fns(config, mesh)
+  fns = inference.make_embed_fns(config, mesh)
+  embed_images, embed_texts = fns.images, fns.texts
+  assert fns.mesh is mesh and fns.rows == 6  # eval.batch_size down to a multiple of 2 devices
   host_variables = jax.device_get(ts.variables_of(state))
-  variables = inference.place_variables(host_variables, mesh)
+  variables = fns.place(host_variables)
+  assert sharding.W_SHARE not in variables["params"]  # the embedders do not use it
   batch = random_batch(config)
   plain = np.asarray(embed_images(variables, batch["images"], False))
   averaged = np.asarray(embed_images(variables, batch["images"], True))

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from instance_loss_jax import checkpoint, evaluation, trainer
+from instance_loss_jax import checkpoint, evaluation, inference, sharding, trainer
 from instance_loss_jax import config as config_lib
 from instance_loss_jax.config import ConfigError
 from instance_loss_jax.data import records, synthetic
@@ -303,8 +303,9 @@ def test_text_shift_sum_is_the_sum_over_offsets(data_dir, stage1):
                                                **{"eval.features": "after_relu"}), vocab.size, 32)
   variables = checkpoint.restore_variables(checkpoint.manager(workdir, read_only=True), 8)
   split = pipeline.encode_split(records.read_split(config, "test"), vocab, 12, False)
-  _, txt = evaluation.extract_features(config, variables, split, jax.local_devices()[:2],
-                                       text_shift_sum=True)
+  two = sharding.make_mesh(jax.local_devices()[:2])
+  fns = inference.make_embed_fns(config, two)
+  _, txt = evaluation.embed_split(config, fns, fns.place(variables), split, text_shift_sum=True)
   model = build_model(config)
   embed = jax.jit(lambda t: model.apply(variables, t, method="embed_texts"))
   for row in (0, 7, 19):
@@ -317,8 +318,9 @@ def test_text_shift_sum_is_the_sum_over_offsets(data_dir, stage1):
   # the offsets, then normalised; images: raw sum of the image's and its mirror's.
   original = config_lib.run_config(small_config("stage1", data_dir,
                                                  **{"eval.features": "original"}), vocab.size, 32)
-  img, txt = evaluation.extract_features(original, variables, split, jax.local_devices()[:2],
-                                         text_shift_sum=True)
+  fns = inference.make_embed_fns(original, two)
+  img, txt = evaluation.embed_split(original, fns, fns.place(variables), split,
+                                    text_shift_sum=True)
   raw_text = jax.jit(lambda t: model.apply(variables, t, final_relu=False,
                                            method="text_features"))
   for row in (0, 7, 19):
@@ -351,8 +353,7 @@ def test_validation_during_training_keeps_the_best_checkpoint(data_dir, tmp_path
   best = checkpoint.best_step(mgr)
   assert sorted(val) == sorted({8, best}) and all(v and "rsum" in v for v in val.values())
   assert results["step"] == best and results["split"] == "test"
-  from instance_loss_jax.retrieval import RunModel  # export's default: the best one too
-  assert RunModel(workdir).step == best
+  assert inference.load_run(workdir).step == best  # export's and the Index's default
   for step in (4, 8):
     assert os.path.isfile(os.path.join(workdir, "eval", f"val-{step}.json"))
   scalars, images = {}, set()

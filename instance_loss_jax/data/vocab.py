@@ -16,7 +16,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from instance_loss_jax import paths
-from instance_loss_jax.data.records import DataError, Record
+from instance_loss_jax.data.records import DataError, Record, tokenize
+from instance_loss_jax.errors import RetrievalError
 
 VOCAB_FILE = "vocab.json"
 
@@ -37,6 +38,25 @@ class Vocabulary:
 
   def index(self) -> dict[str, int]:
     return {w: i + 1 for i, w in enumerate(self.words)}
+
+  def encode_sentences(self, sentences: Sequence[str],
+                       max_len: int) -> tuple[np.ndarray, list[list[str]]]:
+    """Token rows [n, max_len] of free-text queries (left-aligned, as the evaluation embeds
+    captions) and each sentence's words that the vocabulary does not know. A sentence with no
+    known word is an error naming it: its embedding would be the padding's."""
+    index = self.index()
+    rows = np.zeros((len(sentences), max_len), np.int32)
+    unknown = []
+    for i, sentence in enumerate(sentences):
+      words = tokenize(sentence)
+      known = encode(index, words, max_len)
+      unknown.append([w for w in words if w not in index])
+      if not known:
+        what = f"none of its words ({', '.join(words)})" if words else "it has no word"
+        raise RetrievalError(f"query {sentence!r}: {what} in the run's vocabulary "
+                             f"({len(self.words)} words)")
+      rows[i, :len(known)] = known
+    return rows, unknown
 
   def save(self, directory: str) -> str:
     return paths.write_text(paths.join(directory, VOCAB_FILE), json.dumps(dict(
