@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from instance_loss_jax import Index, inference, retrieval, sharding, trainer
+from instance_loss_jax import Index, checkpoint, inference, retrieval, sharding, trainer
 from instance_loss_jax.data import records, synthetic
 from test_training import ROOT, load_config
 
@@ -106,6 +106,13 @@ def test_unusable_queries_are_named(trained_run, tmp_path):
     Index.load(str(tmp_path / "nothing"))
   with pytest.raises(retrieval.RetrievalError, match="no JPEG or PNG file"):
     Index.from_run(workdir, images=str(tmp_path))
+  # The run is read as inference.load_run reads it: a config the checkpoint was not trained
+  # with is refused, naming the field, before anything is embedded.
+  dim = checkpoint.read_config(workdir).model.embed_dim
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=rf"run {workdir}: .* does not match this run: model\.embed_dim: "
+                     rf"checkpoint {dim} vs run {dim + 1}"):
+    Index.from_run(workdir, split="test", overrides={"model.embed_dim": dim + 1})
 
 
 class _Page(html.parser.HTMLParser):
