@@ -2,7 +2,8 @@
 # The test command: creates or reuses .venv, installs the package with its test extra, runs
 # pytest on CPU (extra arguments go to pytest), on TEST_WORKERS processes (pytest-xdist; default:
 # one per core, at most 4; TEST_WORKERS=0 runs in this process). Tests that share a trained
-# fixture carry an xdist_group mark, so --dist loadgroup builds each fixture once.
+# fixture carry an xdist_group mark, so --dist loadgroup builds each fixture once; the order is
+# tests/conftest.py's (longest first), not pytest-xdist's (--no-loadscope-reorder).
 INSTALL_EXTRAS=test source "$(dirname "$0")/env.sh"
 workers="${TEST_WORKERS:-$(n=$(nproc); echo $(( n > 4 ? 4 : n )))}"
-JAX_PLATFORMS=cpu exec "$PY" -m pytest -n "$workers" --dist loadgroup "$@"
+JAX_PLATFORMS=cpu exec "$PY" -m pytest -n "$workers" --dist loadgroup --no-loadscope-reorder "$@"

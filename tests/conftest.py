@@ -41,13 +41,45 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+# The longest work units of a run under two pytest-xdist workers (a test, or an xdist_group of
+# tests sharing a trained fixture), longest first: 145, 110, 100, 65, 60, 60 s... as measured
+# with TEST_CPU_LOG's timeline (benchmarks/RESULTS.md). Started first, they leave the short
+# tests to fill both workers at the end (longest-processing-time-first scheduling); started
+# last, one of them kept a worker busy a minute after the other had finished. launch/test.sh
+# turns off pytest-xdist's own reordering, which puts the groups with the most tests first
+# whatever their length. A name that matches nothing only loses its place.
+LONGEST_FIRST = (
+    "test_object_store.py::test_two_stages_resume_and_evaluation_on_gcs",
+    "uninterrupted",  # SIGTERM, SIGKILL and the resume: four launches of the training binary
+    "stage1",
+    "test_train_step.py::test_two_processes_match_one_process",
+    "saved_on_four",
+    "trained_run",
+    "test_train_step.py::test_mined_negatives_match_numpy_on_a_fixed_pool",
+    "test_mesh_checkpoints.py::test_stage1_on_four_devices_initialises_stage2_on_eight",
+    "test_train_step.py::test_bfloat16_computes_in_bfloat16_and_keeps_float32_state",
+)
+
+
+def _work_unit(item) -> str:
+  """What pytest-xdist's loadgroup sends to one worker: the item's group, else the item."""
+  group = item.get_closest_marker("xdist_group")
+  return group.args[0] if group else item.nodeid
+
+
 def pytest_collection_modifyitems(items):
-  """Modules with slow tests first, each module's tests kept together and in order: with
-  pytest-xdist the long ones start at once and the short ones fill the gaps at the end. (Items
-  of different modules interleaved would make pytest tear down and rebuild the modules' trained
-  fixtures.)"""
+  """The longest work units first (LONGEST_FIRST), then the other modules with slow tests, then
+  the rest; each module's other tests kept together and in order. (Items of one module
+  interleaved with another's make pytest tear down and rebuild the module's fixtures.)"""
   has_slow = {item.module for item in items if item.get_closest_marker("slow") is not None}
-  items.sort(key=lambda item: item.module not in has_slow)  # a stable sort
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+  def key(item):
+    unit = _work_unit(item)
+    named = [i for name, i in rank.items() if unit == name or unit.endswith(name)]
+    return (min(named) if named else len(rank), item.module not in has_slow)
+
+  items.sort(key=key)  # a stable sort
 
 
 if os.environ.get("TEST_COMPILE_LOG"):
@@ -74,10 +106,12 @@ if os.environ.get("TEST_COMPILE_LOG"):
 
 
 if os.environ.get("TEST_CPU_LOG"):
-  # Opt-in CPU accounting: per test phase, the CPU seconds of this process and of the processes
-  # it started and waited for (binaries, workers), appended to $TEST_CPU_LOG. Wall-clock
-  # durations under pytest-xdist depend on what the other worker runs meanwhile; CPU does not.
+  # Opt-in CPU accounting: per test, the CPU seconds of this process and of the processes it
+  # started and waited for (binaries, workers), then the pytest-xdist worker and the wall-clock
+  # start and end (the timeline shows where a worker waits), appended to $TEST_CPU_LOG.
+  # Durations under pytest-xdist depend on what the other worker runs meanwhile; CPU does not.
   import resource  # noqa: E402
+  import time  # noqa: E402
 
   import pytest  # noqa: E402
 
@@ -88,8 +122,10 @@ if os.environ.get("TEST_CPU_LOG"):
 
   @pytest.hookimpl(hookwrapper=True)
   def pytest_runtest_protocol(item, nextitem):
-    before = _cpu()
+    before, start = _cpu(), time.time()
     yield
     own, children = (b - a for a, b in zip(before, _cpu()))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     with open(os.environ["TEST_CPU_LOG"], "a") as f:
-      f.write(f"{item.nodeid}\t{own:.1f}\t{children:.1f}\n")
+      f.write(f"{item.nodeid}\t{own:.1f}\t{children:.1f}\t{worker}\t{start:.1f}\t"
+              f"{time.time():.1f}\n")
