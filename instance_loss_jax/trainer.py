@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from instance_loss_jax import checkpoint, evaluation, inference, optim, paths, port, sharding, train_step
+from instance_loss_jax import (checkpoint, evaluation, inference, optim, paths, port, sharding,
+                               train_step)
 from instance_loss_jax.config import ConfigError, input_convention, run_config, validate_config
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data import vocab as vocab_lib
@@ -309,10 +310,9 @@ def _train_and_evaluate(config, workdir: str, mesh, phase: dict[str, bool]):
     stop.restore()
   if not config.eval.at_end:
     return None
-  step = checkpoint.resolve_step(mgr, prefer=config.eval.final_checkpoint)
-  log.info("final evaluation: step %d (eval.final_checkpoint=%s)", step,
-           config.eval.final_checkpoint)
-  results = evaluation.evaluate(config, workdir, config.eval.split, step, mgr=mgr)
-  log.info("evaluation (%s):\n%s", results.get("written", ""),
+  results = evaluation.evaluate(config, workdir, config.eval.split, mgr=mgr,
+                                prefer=config.eval.final_checkpoint)
+  log.info("final evaluation, step %d (eval.final_checkpoint=%s) (%s):\n%s", results["step"],
+           config.eval.final_checkpoint, results.get("written", ""),
            evaluation.markdown_table(results))
   return results
