@@ -49,11 +49,13 @@ def _load(path, name):
 
 def make_config(stage, batch_size, num_classes, dtype, dropout=None):
   """configs/flickr30k.py's config for `stage`, at the given batch, class count and dtype."""
-  from instance_loss_jax.ablate import load_config
+  # config.load_config rather than ablate's: ablate imports the trainer and with it TensorFlow,
+  # which a GPU host's JAX image need not have.
+  from instance_loss_jax.config import load_config
   overrides = {"batch_size": batch_size, "num_classes": num_classes, "compute_dtype": dtype}
   if dropout is not None:
     overrides["model.dropout"] = dropout
-  return load_config(os.path.join(ROOT, "configs", "flickr30k.py"), stage, overrides)
+  return load_config(f"{os.path.join(ROOT, 'configs', 'flickr30k.py')}:stage{stage}", overrides)
 
 
 def host_batch(config, seed=0):
@@ -108,6 +110,10 @@ def bench_ours(config, devices):
   start = time.perf_counter()
   step, compiled = compile_step(config, mesh)
   row["compile_s"] = time.perf_counter() - start
+  # Printed now: on a GPU one full-size compile takes minutes, and a run cut short by its time
+  # limit should still say how far it got.
+  print(f"compiled stage {config.stage}, {config.compute_dtype}, {config.num_classes:,} classes "
+        f"in {row['compile_s']:.1f} s", file=sys.stderr, flush=True)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   row["gflop_per_step"] = float(cost.get("flops", 0.0)) * n / 1e9
