@@ -3,10 +3,11 @@ compilation cache for all of a run's pytest-xdist workers."""
 import os
 import tempfile
 
+from helpers import xla_flags  # noqa: E402  (imports no JAX)
+
 # Must happen before JAX initialises its backends. (LLVM at -O0, tried for faster compiles,
-# gives NaNs and other numbers on XLA:CPU: the flag stays at its default.)
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+# gives NaNs and other numbers on XLA:CPU: the optimisation level stays at its default.)
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # gs:// in the tests is the storage emulator of tests/test_object_store.py, reached through
 # gcsfs. These settings are read once per process, at a library's first use (etils caches its

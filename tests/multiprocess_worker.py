@@ -10,9 +10,11 @@ import sys
 
 port, process_id, num_processes, local_devices, out = sys.argv[1:]
 process_id, num_processes, local_devices = int(process_id), int(num_processes), int(local_devices)
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
-os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import xla_flags  # noqa: E402  (imports no JAX)
+
+os.environ["XLA_FLAGS"] = xla_flags(local_devices)
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

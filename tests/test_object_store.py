@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 
 from instance_loss_jax import checkpoint, sharding, trainer
+
+from helpers import xla_flags
 from test_training import (  # noqa: F401  (data_dir: a fixture)
     ROOT, data_dir, flags_for, small_config, small_overrides)
 
@@ -132,7 +134,7 @@ def test_two_stages_resume_and_evaluation_on_gcs(emulator, data_dir, tmp_path):
 
   # The evaluation binary in its own process, reading and writing on the store.
   overrides = {k: v for k, v in small_overrides(data_dir).items() if k not in on_store}
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   done = subprocess.run(
       [sys.executable, "-m", "instance_loss_jax.evaluate", "--config=configs/demo.py:stage2",
        f"--workdir={stage2}", f"--config.data.json={on_store['data.json']}",

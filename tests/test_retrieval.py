@@ -16,6 +16,7 @@ import pytest
 
 from instance_loss_jax import Index, checkpoint, inference, retrieval, sharding, trainer
 from instance_loss_jax.data import records, synthetic
+from helpers import xla_flags
 from test_training import ROOT, load_config
 
 
@@ -141,7 +142,7 @@ def check_page(path):
 @pytest.mark.slow
 def test_binaries_and_the_html_page(trained_run, tmp_path):
   workdir, _ = trained_run
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   index_dir, page = str(tmp_path / "index"), str(tmp_path / "page.html")
   subprocess.run([sys.executable, "-m", "instance_loss_jax.export", f"--workdir={workdir}",
                   "--split=test", f"--out={index_dir}"], cwd=ROOT, env=env, check=True,

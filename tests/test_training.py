@@ -17,6 +17,8 @@ from instance_loss_jax import config as config_lib
 from instance_loss_jax.config import ConfigError
 from instance_loss_jax.data import records, synthetic
 
+from helpers import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -179,7 +181,7 @@ def run_binary(workdir, overrides, signal_after_checkpoint=None, delay=0.0, afte
   """Runs the training binary on 2 devices; with a signal, sends it `delay` seconds after a
   checkpoint newer than `after_step` appears and returns the finished process's (returncode,
   stderr, what the run had done when the signal went: for the failure message)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2))
   cmd = [sys.executable, "-m", "instance_loss_jax.train", "--config=configs/demo.py:stage2",
          f"--workdir={workdir}"] + flags_for(overrides)
   started = time.time()
