@@ -86,7 +86,7 @@ def resnet50(steps):
   """Our ResNet-50 (models/resnet.py) and the reference's, fwd + bwd + SGD, steps alternated."""
   import optax
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import train_step as bench  # noqa: E402
+  import step_speed as bench  # noqa: E402
   from instance_loss_jax.models import ResNet
   torch_reference = bench._load(os.path.join(ROOT, "benchmarks", "torch_reference.py"), "tr")
   model = ResNet(depth=50)

@@ -28,7 +28,7 @@ def main():
   args = parser.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import train_step as bench  # pylint: disable=g-import-not-at-top
+  import step_speed as bench  # pylint: disable=g-import-not-at-top
 
   from instance_loss_jax import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(jax.devices()[:1])

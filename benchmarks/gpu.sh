@@ -46,12 +46,12 @@ echo "== $num_gpus GPU(s), global batch $batch, PyTorch reference: $reference"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 echo "== 1. train step, float32 and bfloat16"
-"$PYTHON" benchmarks/train_step.py --stages="$STAGES" --dtypes=float32,bfloat16 \
+"$PYTHON" benchmarks/step_speed.py --stages="$STAGES" --dtypes=float32,bfloat16 \
   --batch_size="$batch" --warmup=3 --steps="$STEPS" --reference="$reference" "$check_flag" \
   --json="$OUT/train_step.json" | tee "$OUT/train_step.md"
 
 echo "== 2. W_share classes"
-"$PYTHON" benchmarks/train_step.py --stages=2 --dtypes=bfloat16,float32 \
+"$PYTHON" benchmarks/step_speed.py --stages=2 --dtypes=bfloat16,float32 \
   --num_classes=29783,113287,1000000 --batch_size="$batch" --warmup=2 --steps="$STEPS" \
   --reference=none --json="$OUT/classes.json" | tee "$OUT/classes.md"
 echo "== results in $OUT"

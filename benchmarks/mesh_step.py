@@ -31,7 +31,7 @@ PMAP_COMMIT = "7b49f4e"  # the last commit with the pmap step
 
 def _bench():
   spec = importlib.util.spec_from_file_location(
-      "bench_train_step", os.path.join(ROOT, "benchmarks", "train_step.py"))
+      "bench_train_step", os.path.join(ROOT, "benchmarks", "step_speed.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

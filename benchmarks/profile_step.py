@@ -2,7 +2,7 @@ r"""Where the time of one full-size train step goes, by XLA operation kind and m
 
     XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python benchmarks/profile_step.py [--stage=2]
 
-Traces two steps of benchmarks/train_step.py's model with jax.profiler (a Perfetto trace, read
+Traces two steps of benchmarks/step_speed.py's model with jax.profiler (a Perfetto trace, read
 back here), and sums each executed XLA operation's time by kind (library matrix products and
 convolutions, fusions, copies, ...) and, for products and convolutions, by the model part and
 direction (forward / backward) recorded in the compiled program's metadata.
@@ -58,7 +58,7 @@ def main():
   import jax
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   sys.path.insert(0, ROOT)
-  import train_step as bench
+  import step_speed as bench
 
   from instance_loss_jax import sharding
   from instance_loss_jax import train_step as ts

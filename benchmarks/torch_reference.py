@@ -1,6 +1,6 @@
 """The dual-path model, its losses and its SGD step in PyTorch eager: the outside reference.
 
-`benchmarks/train_step.py --reference=torch` times this beside our XLA step in the same process
+`benchmarks/step_speed.py --reference=torch` times this beside our XLA step in the same process
 and prints the ratio. The module mirrors `instance_loss_jax.models` layer for layer (the same
 explicit paddings, the text CNN's one-zero left pad, unshared heads, one W_share), and
 `load_flax_variables` copies a Flax variable tree into it, so "same weights in, same loss out"

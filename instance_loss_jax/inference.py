@@ -76,18 +76,18 @@ def make_embed_fns(config: ml_collections.ConfigDict, mesh=None) -> EmbedFns:
     features = model.apply(variables, x, final_relu=not original, method=method)
     return features.astype(jnp.float32) if original else l2_normalize(features)
 
-  def embed_images(variables, images, flip_average):
+  def image_embedding(variables, images, flip_average):
     total = view_summand(variables, images, "image_features")
     if flip_average:
       total = total + view_summand(variables, images[:, :, ::-1], "image_features")
     return l2_normalize(total)
 
-  def embed_texts(variables, tokens, as_summand):
+  def text_embedding(variables, tokens, as_summand):
     one = view_summand(variables, tokens, "text_features")
     return one if as_summand else l2_normalize(one)
 
-  images_fn = jax.jit(embed_images, static_argnums=(2,), out_shardings=rows)
-  texts_fn = jax.jit(embed_texts, static_argnums=(2,), out_shardings=rows)
+  images_fn = jax.jit(image_embedding, static_argnums=(2,), out_shardings=rows)
+  texts_fn = jax.jit(text_embedding, static_argnums=(2,), out_shardings=rows)
   put = lambda x: jax.device_put(np.asarray(x), rows)
   return EmbedFns(images=lambda v, x, flip: images_fn(v, put(x), flip),
                   texts=lambda v, x, summand=False: texts_fn(v, put(x), summand),

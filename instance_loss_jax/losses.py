@@ -2,7 +2,7 @@
 
 Public API:
   instance_loss(logits, labels)
-  sharded_instance_loss(logits, labels, num_classes, axis_name=None)  (W_share split over classes)
+  instance_loss_per_row(logits, labels, num_classes, axis_name=None)  (W_share split over classes)
   ranking_loss(img_emb, txt_emb, margin=1.0, negatives="hardest", rng=None, labels=None,
                mined_txt_emb=None, mined_labels=None)
   total_loss(lambdas, rank, visual, textual)  (eq. 9: what the train step sums)
@@ -40,7 +40,7 @@ def instance_loss(logits, labels):
       logits.astype(jnp.float32), labels).mean()
 
 
-def sharded_instance_loss(logits, labels, num_classes: int, axis_name: str | None = None):
+def instance_loss_per_row(logits, labels, num_classes: int, axis_name: str | None = None):
   """Per-row softmax cross-entropy and top-1 hit of W_share logits whose classes are split
   over the devices of `axis_name` (run inside shard_map), without gathering the logits.
 

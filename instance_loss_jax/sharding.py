@@ -12,7 +12,7 @@ while the state becomes global `jax.Array`s with `NamedSharding`s, so:
   onto any mesh.
 
 The class count is padded up to a multiple of the device count; padded classes are zero, never
-win the softmax and never get a gradient (see `losses.sharded_instance_loss`).
+win the softmax and never get a gradient (see `losses.instance_loss_per_row`).
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def _train_step(arrays: dict[str, Any], batch: dict[str, Any], *, config, tx, sc
   if l_rank and negatives == "mined":
     # The original mined negatives among captions embedded in inference mode: no gradient.
     mined = model.apply(variables_of(state), batch["mined_tokens"], train=False,
-                        method="embed_texts")
+                        method="text_embedding")
     mined_emb = gather(jax.lax.stop_gradient(mined))
     mined_labels = gather(batch["mined_labels"])
 
@@ -147,7 +147,7 @@ def _train_step(arrays: dict[str, Any], batch: dict[str, Any], *, config, tx, sc
       mask = jnp.concatenate([pick(mask[:global_rows]), pick(mask[global_rows:])])
       row_labels = labels
     logits = model.apply(variables, jnp.concatenate([img, txt]), mask, method="classify")
-    cross_entropy, correct = losses.sharded_instance_loss(
+    cross_entropy, correct = losses.instance_loss_per_row(
         logits, jnp.concatenate([row_labels, row_labels]), config.num_classes,
         AXIS if split_classes else None)
     n = row_labels.shape[0]

@@ -171,7 +171,7 @@ def test_bad_arguments_are_named():
     losses.ranking_loss(x, x, negatives="mined", rng=jax.random.key(0))
 
 
-def test_class_sharded_instance_loss_and_gradient_equal_numpy():
+def test_instance_loss_per_row_split_over_classes_and_its_gradient_equal_numpy():
   # 13 classes padded to 16 over 8 devices (2 each; the last device holds 1 real class and 1
   # padded, the one before it 2 real). Rows are split over the devices and all-gathered, as in
   # the train step; the loss is the mean over the 8 rows of the full 13-way softmax.
@@ -187,7 +187,7 @@ def test_class_sharded_instance_loss_and_gradient_equal_numpy():
 
   def per_device(x, w, labels):
     x, labels = (jax.lax.all_gather(v, sharding.AXIS, axis=0, tiled=True) for v in (x, labels))
-    ce, correct = losses.sharded_instance_loss(x @ w, labels, c, sharding.AXIS)
+    ce, correct = losses.instance_loss_per_row(x @ w, labels, c, sharding.AXIS)
     return jnp.mean(ce), jax.lax.pmean(jnp.mean(correct), sharding.AXIS)
 
   spec = jax.sharding.PartitionSpec
@@ -219,7 +219,7 @@ def test_class_sharded_top1_breaks_ties_like_argmax():
   logits[2, 7] = 9.0  # a padded class (num_classes=7) never wins: argmax over 0..6 is 0
   labels = np.array([1, 5, 0], np.int32)
   spec = jax.sharding.PartitionSpec
-  fn = jax.shard_map(lambda l: losses.sharded_instance_loss(l, labels, 7, sharding.AXIS)[1],
+  fn = jax.shard_map(lambda l: losses.instance_loss_per_row(l, labels, 7, sharding.AXIS)[1],
                      mesh=mesh, in_specs=spec(None, sharding.AXIS), out_specs=spec(),
                      check_vma=False)
   np.testing.assert_array_equal(jax.jit(fn)(logits), [True, True, True])

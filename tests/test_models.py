@@ -87,7 +87,7 @@ def test_text_lengths_and_paper_block_counts():
   variables = abstract_init(model, images, tokens)
   stage4 = [k for k in variables["params"]["text_encoder"] if k.startswith("stage4")]
   assert len(stage4) == 3
-  out = jax.eval_shape(functools.partial(model.apply, method="embed_texts"), variables, tokens)
+  out = jax.eval_shape(functools.partial(model.apply, method="text_embedding"), variables, tokens)
   assert out.shape == (1, 2048)
 
 

@@ -125,15 +125,37 @@ def test_stage1_backbone_is_frozen(backbone_bn):
   assert all(text_stats_changed)
 
 
+LEARNS = {**STAGE2, "optim.lr": 1.0, "optim.lr_mult.word_embedding": 1.0}
+
+
 @pytest.mark.slow
 def test_both_losses_go_down_on_a_fixed_batch():
-  config = tiny_config(**{**STAGE2, "optim.lr": 1.0, "optim.lr_mult.word_embedding": 1.0})
+  config = tiny_config(**LEARNS)
   batch = random_batch(config, seed=0)
   _, history = run_steps(config, jax.local_devices()[:1], [batch] * 40)
   first, last = history[0], history[-1]
   for key in ("rank_loss", "visual_loss", "textual_loss"):
     assert last[key] < 0.5 * first[key], (key, first[key], last[key])
   assert last["img_accuracy"] == 1.0 and last["txt_accuracy"] == 1.0
+
+
+@pytest.mark.slow
+def test_step_loss_is_the_batch_loss_of_the_models_outputs():
+  """One device, dropout 0: the step's loss and terms are `losses.batch_loss` (eq. 9) of the
+  model's own forward pass, so the step's sharded arithmetic cannot drift from the reference.
+  (The config is the test above's: its compiled step comes from the run's compile cache.)"""
+  config = tiny_config(**LEARNS)
+  batch = random_batch(config, seed=0)
+  init = ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
+  _, history = run_steps(config, jax.local_devices()[:1], [batch], state=init)
+  out, _ = jit_apply(build_model(config), train=True, mutable=["batch_stats"])(
+      ts.variables_of(init), batch["images"], batch["tokens"])
+  total, terms = losses.batch_loss(out, batch["labels"], config.loss.lambdas, config.loss.margin,
+                                   config.loss.negatives)
+  np.testing.assert_allclose(history[0]["loss"], total, rtol=1e-5)
+  for name, value in terms.items():
+    assert value > 0, name
+    np.testing.assert_allclose(history[0][f"{name}_loss"], value, rtol=1e-5, err_msg=name)
 
 
 @pytest.mark.slow
@@ -208,7 +230,7 @@ def test_mined_negatives_match_numpy_on_a_fixed_pool():
   labels, pos = batch["labels"], np.sum(img * txt, axis=1)
 
   def reference(candidates_train_mode: bool) -> float:
-    cand = jit_apply(model, train=candidates_train_mode, method="embed_texts",
+    cand = jit_apply(model, train=candidates_train_mode, method="text_embedding",
                      mutable=["batch_stats"])(variables, batch["mined_tokens"])[0]
     sim = img @ np.asarray(cand, np.float64).T
     valid = labels[:, None] != batch["mined_labels"][None, :]

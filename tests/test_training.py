@@ -329,7 +329,7 @@ def test_text_shift_sum_is_the_sum_over_offsets(data_dir, stage1):
   fns = inference.make_embed_fns(config, two)
   _, txt = evaluation.embed_split(config, fns, fns.place(variables), split, text_shift_sum=True)
   model = build_model(config)
-  embed = jax.jit(lambda t: model.apply(variables, t, method="embed_texts"))
+  embed = jax.jit(lambda t: model.apply(variables, t, method="text_embedding"))
   for row in (0, 7, 19):
     n = int(split.lengths[row])
     shifted = np.stack([np.roll(split.tokens[row], o) for o in range(12 - n + 1)])

@@ -102,10 +102,12 @@ class DualPath(nn.Module):
     return self.text_head(self.text_encoder(tokens, train=train), train=train,
                           final_relu=final_relu)
 
-  def embed_images(self, images, train: bool = False):
+  def image_embedding(self, images, train: bool = False):
+    """The image branch alone: the L2-normalised head output (no dropout, no W_share)."""
     return l2_normalize(self.image_features(images, train))
 
-  def embed_texts(self, tokens, train: bool = False):
+  def text_embedding(self, tokens, train: bool = False):
+    """The text branch alone: the L2-normalised head output (no dropout, no W_share)."""
     return l2_normalize(self.text_features(tokens, train))
 
   def encode(self, images, tokens, train: bool = False):

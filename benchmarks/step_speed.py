@@ -1,8 +1,8 @@
 r"""Full-size dual-path train step: our XLA step, and PyTorch eager as the reference, one run.
 
-    python benchmarks/train_step.py                       # Stage I and II, batch 8, float32
-    python benchmarks/train_step.py --dtypes=float32,bfloat16 --batch_size=32
-    python benchmarks/train_step.py --num_classes=29783,113287,1000000 --stages=2 --reference=none
+    python benchmarks/step_speed.py                       # Stage I and II, batch 8, float32
+    python benchmarks/step_speed.py --dtypes=float32,bfloat16 --batch_size=32
+    python benchmarks/step_speed.py --num_classes=29783,113287,1000000 --stages=2 --reference=none
 
 The model is configs/flickr30k.py's (ResNet-50 at 224x224, the authors' text CNN (docs/design.md) at length 32,
 2048-d heads, W_share with --num_classes classes). Each row: the step time (median of --steps
