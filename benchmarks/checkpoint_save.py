@@ -29,7 +29,7 @@ def child(writer: str, devices: int) -> None:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from helpers import tiny_config  # pylint: disable=g-import-not-at-top
   from instance_loss_jax import checkpoint, sharding  # pylint: disable=g-import-not-at-top
-  from instance_loss_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax import training as ts  # pylint: disable=g-import-not-at-top
   if writer == "orbax_default":  # undo checkpoint.py's registration
     from orbax.checkpoint._src.metadata import array_metadata_store  # pylint: disable=g-import-not-at-top
     ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(

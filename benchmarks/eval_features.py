@@ -22,7 +22,8 @@ def main():
   parser.add_argument("--data", required=True, help="the synthetic dataset's folder")
   parser.add_argument("--runs", required=True, help="comma-separated Stage II workdirs")
   args = parser.parse_args()
-  from instance_loss_jax import cli, evaluation  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax import cli  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   from instance_loss_jax.config import load_config  # pylint: disable=g-import-not-at-top
   cli.configure_logging()
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +39,7 @@ def main():
           "data.json": os.path.join(args.data, "dataset.json"),
           "data.image_root": os.path.join(args.data, "images"),
           "eval.features": features, "eval.text_shift_sum": shift_sum})
-      got = [evaluation.evaluate(config, run, "test", write=False)["metrics"] for run in runs]
+      got = [evaluator.evaluate(config, run, "test", write=False)["metrics"] for run in runs]
       stat = lambda key: (f"{np.mean([m[key] for m in got]):.1f} ± "
                           f"{np.std([m[key] for m in got], ddof=1) if len(got) > 1 else 0:.1f}")
       former = former or [m["rsum"] for m in got]

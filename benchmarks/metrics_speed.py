@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from instance_loss_jax import metrics
+from instance_loss_jax.evaluation import metrics
 
 
 def reference_ranks(img, txt, owner):

@@ -61,7 +61,7 @@ def main():
   import step_speed as bench
 
   from instance_loss_jax import sharding
-  from instance_loss_jax import train_step as ts
+  from instance_loss_jax import training as ts
   config = bench.make_config(args.stage, args.batch_size, 29783, args.dtype)
   mesh = sharding.make_mesh(jax.local_devices()[:1])
   step, compiled = bench.compile_step(config, mesh)

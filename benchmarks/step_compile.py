@@ -33,7 +33,7 @@ def child(variant: str) -> None:
   # pylint: disable=g-import-not-at-top
   import jax
   from helpers import tiny_config
-  from instance_loss_jax import checkpoint, sharding, train_step as ts
+  from instance_loss_jax import checkpoint, sharding, training as ts
   config = tiny_config(**STAGE2, **VARIANTS[variant])
   mesh = sharding.make_mesh(jax.devices()[:1])
   state = ts.place_state(ts.create_train_state(config, jax.random.key(0), 10), config, mesh)

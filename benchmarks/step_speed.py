@@ -72,7 +72,7 @@ def compile_step(config, mesh):
   """Our train step for `config` on `mesh`: (step, compiled) with nothing allocated (the state
   and batch are abstract: shapes and shardings)."""
   from instance_loss_jax import checkpoint
-  from instance_loss_jax import train_step as ts
+  from instance_loss_jax import training as ts
   step = ts.make_train_step(config, 1000, mesh)
   template = ts.abstract_train_state(config, 1000, mesh)
   lowered = step.jitted.lower(checkpoint.state_tree(template), ts.abstract_batch(config, mesh))
@@ -102,7 +102,7 @@ def bench_ours(config, devices):
   import jax
 
   from instance_loss_jax import sharding
-  from instance_loss_jax import train_step as ts
+  from instance_loss_jax import training as ts
   row = dict(framework="jax/xla", stage=config.stage, dtype=config.compute_dtype,
              classes=config.num_classes, batch=config.batch_size)
   n = len(devices)
@@ -207,7 +207,7 @@ def check(stage, batch_size, num_classes, torch_reference):
   import jax
   import torch
 
-  from instance_loss_jax.train_step import create_train_state, variables_of
+  from instance_loss_jax.training import create_train_state, variables_of
   config = make_config(stage, batch_size, num_classes, "float32", dropout=0.0)
   state = create_train_state(config, jax.random.key(1), 1000)
   losses = torch_reference.check_equivalence(config, variables_of(state),

@@ -177,7 +177,7 @@ class DualPath(nn.Module):
 
 
 def total_loss(outputs, labels, lambdas, margin):
-  """Eq. 9 with hardest negatives in the batch (instance_loss_jax.losses' default mode)."""
+  """Eq. 9 with hardest negatives in the batch (instance_loss_jax.training.losses' default mode)."""
   img_emb, txt_emb, img_logits, txt_logits = outputs
   l_rank, l_vis, l_txt = lambdas
   loss = l_vis * F.cross_entropy(img_logits, labels) + l_txt * F.cross_entropy(txt_logits, labels)
@@ -194,7 +194,8 @@ def total_loss(outputs, labels, lambdas, margin):
 
 
 def _group(name: str) -> str:
-  """The learning-rate group of a parameter (instance_loss_jax.optim.param_group's names)."""
+  """The learning-rate group of a parameter (the names of
+  instance_loss_jax.training.optim.param_group)."""
   if name in ("text_encoder.embedding", "text_encoder.embedding_bias"):
     return "word_embedding"
   top = name.split(".")[0]
@@ -292,13 +293,14 @@ def check_equivalence(config, variables, batch, steps: int = 2,
   """
   import jax  # here, so that importing this module does not start JAX
 
-  from instance_loss_jax import sharding, train_step as ts
-  from instance_loss_jax.optim import make_optimizer as make_tx
+  from instance_loss_jax import sharding, training as ts
+  from instance_loss_jax.models import build_model
+  from instance_loss_jax.training.optim import make_optimizer as make_tx
 
   if config.model.dropout:
     raise ValueError("check_equivalence needs model.dropout = 0 (masks differ by framework)")
   mesh = sharding.make_mesh(jax.local_devices()[:1])
-  state = ts.TrainState.create(apply_fn=ts.build_model(config).apply,
+  state = ts.TrainState.create(apply_fn=build_model(config).apply,
                                params=variables["params"], batch_stats=variables["batch_stats"],
                                tx=make_tx(config, 1000, variables["params"]))
   step = ts.make_train_step(config, 1000, mesh)

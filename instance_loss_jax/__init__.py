@@ -13,6 +13,6 @@ def __getattr__(name):
   if name == "Index":
     # Imported on first use: `import instance_loss_jax.config` (a config file) or any other
     # submodule does not import JAX, Flax and Orbax with the Index.
-    from instance_loss_jax.retrieval import Index  # pylint: disable=g-import-not-at-top
+    from instance_loss_jax.index import Index  # pylint: disable=g-import-not-at-top
     return Index
   raise AttributeError(f"module 'instance_loss_jax' has no attribute {name!r}")

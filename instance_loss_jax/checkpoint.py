@@ -9,7 +9,6 @@ model or vocabulary is refused with the differences listed instead of failing in
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import flax
@@ -222,7 +221,7 @@ def _check_shapes(mgr, step, target, what: str) -> None:
 
 def restore_state(mgr: ocp.CheckpointManager, step: int, template):
   """The full train state (for resuming) into `template`'s structure and layout: a TrainState
-  of ShapeDtypeStructs with shardings (`train_step.abstract_train_state`) on any mesh. W_share
+  of ShapeDtypeStructs with shardings (`training.abstract_train_state`) on any mesh. W_share
   is padded or cut to the template's width (the stored padding is zeros)."""
   target = state_tree(template)
   _check_shapes(mgr, step, target, "resuming")

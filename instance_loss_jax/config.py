@@ -125,7 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.backbone_bn = "running"
 
   c.init_from = ""  # Stage II: Stage I's workdir (its newest checkpoint's variables)
-  # A backbone directory (instance_loss_jax.port): ImageNet weights for a fresh run's image
+  # A backbone directory (instance_loss_jax.backbone): ImageNet weights for a fresh run's image
   # branch; its input convention (channel order, mean, std) replaces data.mean_rgb/std_rgb/bgr.
   c.backbone_init = ""
   # TensorBoard's event files: "" = WORKDIR/tensorboard. (TensorFlow writes them through its own

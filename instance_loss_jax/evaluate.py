@@ -36,12 +36,14 @@ def main(argv):
   cli.configure_logging()
   # Imported here: TensorFlow (under the evaluation's input pipeline) takes seconds to import,
   # which --help, --print_config and a flag error do not need.
-  from instance_loss_jax import evaluation  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax.evaluation.evaluator import evaluate
+  from instance_loss_jax.evaluation.tables import markdown_table
   f = flags.FLAGS
   config = f.config
-  results = evaluation.evaluate(config, f.workdir, f.split or config.eval.split, f.step)
+  results = evaluate(config, f.workdir, f.split or config.eval.split, f.step)
   log.info("wrote %s", results["written"])
-  print(evaluation.markdown_table(results))
+  print(markdown_table(results))
 
 
 def run():

@@ -48,7 +48,7 @@ def main(argv):
   # Imported here: the Index imports JAX, Flax and Orbax (seconds), which --help and a flag
   # error do not need.
   # pylint: disable=g-import-not-at-top
-  from instance_loss_jax.retrieval import Index
+  from instance_loss_jax.index import Index
   f = flags.FLAGS
   index = Index.from_run(f.workdir, images=f.images, split=f.split, captions=f.captions,
                          step=f.step, overrides=config_flags.get_override_values(f["config"]),

@@ -9,7 +9,7 @@ Sources:
     conv); each conv's bias is folded exactly into the BatchNorm that follows (mean -= bias).
   * torchvision / timm state dicts (`.pth`, `.pt`, `.safetensors`): ResNet v1.5, OIHW kernels
     transposed to HWIO.
-The output is a backbone directory (see `instance_loss_jax.port`) with the input convention of
+The output is a backbone directory (see `instance_loss_jax.backbone`) with the input convention of
 the source framework. Tensors of the source that a backbone does not use (the 1000-way
 classifier, BN step counters) are listed in the summary.
 """
@@ -26,7 +26,7 @@ from absl import flags
 
 from instance_loss_jax import cli
 from instance_loss_jax.config import STAGE_SIZES
-from instance_loss_jax.port import BackboneError, save_backbone
+from instance_loss_jax.backbone import BackboneError, save_backbone
 
 KERAS_EPSILON = 1.001e-5
 TORCH_EPSILON = 1e-5

@@ -36,8 +36,8 @@ def main(argv):
   # Imported here: the Index imports JAX, Flax and Orbax (seconds), which --help and a flag
   # error do not need.
   # pylint: disable=g-import-not-at-top
-  from instance_loss_jax import gallery
-  from instance_loss_jax.retrieval import Index, RetrievalError
+  from instance_loss_jax.evaluation import pages
+  from instance_loss_jax.index import Index, RetrievalError
   f = flags.FLAGS
   if (f.query is None) == (f.image is None):
     raise RetrievalError("give one query: --query=SENTENCE or --image=FILE")
@@ -59,7 +59,7 @@ def main(argv):
   if f.html:
     section["hits"] = [dict(rank=h.rank, score=h.score, item=h.item,
                             is_image=index.kind == "images") for h in hits]
-    gallery.write_page(f.html, "instance_loss_jax search", [section],
+    pages.write_page(f.html, "instance_loss_jax search", [section],
                        subtitle=f"index {f.index}: {len(index.items)} {index.kind}, "
                        f"{index.run['workdir']} step {index.run['step']}")
     print(f"wrote {f.html}", file=sys.stderr)

@@ -20,12 +20,15 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from instance_loss_jax import (checkpoint, evaluation, inference, optim, paths, port, sharding,
-                               train_step)
+from instance_loss_jax import backbone, checkpoint, inference, paths, sharding
+from instance_loss_jax import training
 from instance_loss_jax.config import ConfigError, input_convention, run_config, validate_config
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data import vocab as vocab_lib
 from instance_loss_jax.errors import Preempted, TrainingError
+from instance_loss_jax.evaluation.evaluator import Evaluator, evaluate
+from instance_loss_jax.evaluation.tables import markdown_table
+from instance_loss_jax.training import optim
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ def initial_state(config, workdir: str, mgr, source, meta, table, steps_per_epoc
   before anything is compiled."""
   if mgr.all_steps():
     step = checkpoint.checked_step(mgr, meta, what=f"resuming {workdir}")
-    template = train_step.abstract_train_state(config, steps_per_epoch, mesh)
+    template = training.abstract_train_state(config, steps_per_epoch, mesh)
     log.info("resuming from %s step %d", workdir, step)
     return checkpoint.restore_state(mgr, step, template), step
   loaded, scopes = None, ()
@@ -86,21 +89,21 @@ def initial_state(config, workdir: str, mgr, source, meta, table, steps_per_epoc
     loaded = checkpoint.restore_variables(source, step)
     name = f"{config.init_from} step {step}"
   elif config.backbone_init:
-    _, backbone = port.load_backbone(config.backbone_init)
-    loaded = {k: {"backbone": backbone[k]} for k in ("params", "batch_stats")}
+    _, ported = backbone.load_backbone(config.backbone_init)
+    loaded = {k: {"backbone": ported[k]} for k in ("params", "batch_stats")}
     name, scopes = f"backbone {config.backbone_init}", ("params/backbone", "batch_stats/backbone")
   if loaded is not None:
-    merged = checkpoint.merge_variables(train_step.abstract_variables(config), loaded, name,
+    merged = checkpoint.merge_variables(training.abstract_variables(config), loaded, name,
                                         scopes)
     if not scopes:  # init_from: every variable is Stage I's, so none is drawn at random
       log.info("initialised from %s (fresh optimiser state)", name)
-      return train_step.state_from_variables(config, merged, steps_per_epoch, mesh), 0
-  state = train_step.init_train_state(config, jax.random.key(config.seed), steps_per_epoch, mesh)
+      return training.state_from_variables(config, merged, steps_per_epoch, mesh), 0
+  state = training.init_train_state(config, jax.random.key(config.seed), steps_per_epoch, mesh)
   if loaded is None and table is None:
     return state, 0
   # The replaced leaves come from the host; the others stay on the mesh as they are. The
   # optimiser state is the fresh one of the init (SGD's momentum: zeros whatever the params).
-  variables = train_step.variables_of(state)
+  variables = training.variables_of(state)
   if loaded is not None:  # backbone_init: the backbone's leaves only
     variables = checkpoint.merge_variables(variables, loaded, name, scopes)
     log.info("initialised %s from %s", ", ".join(scopes), name)
@@ -118,10 +121,10 @@ def _input_convention(config, mgr, source) -> dict[str, Any]:
     if meta and "input" in meta:
       return meta["input"]
   if config.backbone_init:
-    origin = port.read_origin(config.backbone_init)
-    mismatches = port.origin_mismatches(origin, config.model.image)
+    origin = backbone.read_origin(config.backbone_init)
+    mismatches = backbone.origin_mismatches(origin, config.model.image)
     if mismatches:
-      raise port.BackboneError(f"backbone {config.backbone_init} does not fit the config: "
+      raise backbone.BackboneError(f"backbone {config.backbone_init} does not fit the config: "
                                + "; ".join(mismatches))
     log.info("input convention from %s: %s", config.backbone_init, origin["input"])
     return origin["input"]
@@ -210,7 +213,7 @@ class _StopSignal:
 
 def _validate(evaluator, state, step: int, workdir: str, logger) -> dict[str, Any]:
   """The val split's evaluation from the state in memory (no checkpoint read back)."""
-  variables = train_step.variables_of(state)
+  variables = training.variables_of(state)
   # Host copies of what the embeddings need: W_share (perhaps huge, sharded) stays behind.
   variables = sharding.to_host(dict(
       params={k: v for k, v in variables["params"].items() if k != sharding.W_SHARE},
@@ -290,14 +293,14 @@ def _train_and_evaluate(config, workdir: str, mesh, phase: dict[str, bool]):
   log.info("%d training images (%d classes), vocabulary %d words, %d steps of %d",
            split.num_images, num_classes, len(vocab.words), total_steps, config.batch_size)
 
-  step_fn = train_step.make_train_step(config, steps_per_epoch, mesh)
+  step_fn = training.make_train_step(config, steps_per_epoch, mesh)
   batches = pipeline.numpy_batches(
       pipeline.train_dataset(split, config, mesh.size, start, jax.process_index(),
                              jax.process_count()), split.image_paths)
   logger = _Logger(workdir, total_steps, config.batch_size, config.tensorboard_dir)
   validate = None
   if config.eval.every_steps:
-    evaluator = evaluation.Evaluator(config, vocab, config.eval.val_split,
+    evaluator = Evaluator(config, vocab, config.eval.val_split,
                                      inference.make_embed_fns(config))
     validate = lambda state, step: _validate(evaluator, state, step, workdir, logger)
   stop = _StopSignal()  # from here on, SIGTERM stops the run at the next step boundary
@@ -310,9 +313,9 @@ def _train_and_evaluate(config, workdir: str, mesh, phase: dict[str, bool]):
     stop.restore()
   if not config.eval.at_end:
     return None
-  results = evaluation.evaluate(config, workdir, config.eval.split, mgr=mgr,
+  results = evaluate(config, workdir, config.eval.split, mgr=mgr,
                                 prefer=config.eval.final_checkpoint)
   log.info("final evaluation, step %d (eval.final_checkpoint=%s) (%s):\n%s", results["step"],
            config.eval.final_checkpoint, results.get("written", ""),
-           evaluation.markdown_table(results))
+           markdown_table(results))
   return results

@@ -53,7 +53,7 @@ def random_batch(config, seed=0, num_groups=None):
 def run_steps(config, devices, batches, state, steps_per_epoch=10):
   """Steps from a host train state on a mesh of `devices`; returns (host state with W_share at
   num_classes, host metrics per step)."""
-  from instance_loss_jax import sharding, train_step as ts  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax import sharding, training as ts  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(devices)
   step = ts.make_train_step(config, steps_per_epoch, mesh)
   state = ts.place_state(state, config, mesh)

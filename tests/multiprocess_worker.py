@@ -25,7 +25,7 @@ if num_processes > 1:
                              process_id=process_id)
 
 from helpers import random_batch, tiny_config  # noqa: E402
-from instance_loss_jax import sharding, train_step as ts  # noqa: E402
+from instance_loss_jax import sharding, training as ts  # noqa: E402
 from test_train_step import MULTIPROCESS  # noqa: E402
 
 config = tiny_config(**MULTIPROCESS)

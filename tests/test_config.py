@@ -4,7 +4,7 @@ import pytest
 
 from helpers import tiny_config
 from instance_loss_jax.config import ConfigError, base_config, unknown_keys, validate_config
-from instance_loss_jax import train_step as ts
+from instance_loss_jax import training as ts
 
 
 def test_base_and_tiny_configs_are_valid():

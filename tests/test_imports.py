@@ -17,11 +17,11 @@ PACKAGE = "instance_loss_jax"
 LAYERS = [
     ["errors"],
     ["config", "paths", "cli"],
-    ["sharding", "metrics", "plots", "gallery", "models", "data"],
-    ["optim", "losses", "checkpoint", "port"],
-    ["train_step", "inference"],
+    ["sharding", "models", "data"],
+    ["checkpoint", "backbone"],
+    ["training", "inference"],
     ["evaluation"],
-    ["trainer", "retrieval"],
+    ["trainer", "index"],
     ["", "train", "evaluate", "export", "search", "ablate", "port_resnet"],  # "": __init__
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
@@ -122,6 +122,21 @@ from instance_loss_jax.config import load_config
 for path in sorted(glob.glob("configs/*.py")):
   for stage in ("stage1", "stage2"):
     load_config(f"{{path}}:{{stage}}")
+print(json.dumps(sorted({{m.split(".")[0] for m in sys.modules}} & set({FRAMEWORKS!r}))))
+"""
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert json.loads(done.stdout) == [], done.stdout
+
+
+def test_evaluation_outputs_import_no_framework():
+  # Metrics, tables, plots and HTML pages are numpy, matplotlib and PIL: a tool that reads
+  # results or draws a page does not wait for JAX or TensorFlow (evaluation/__init__ is a
+  # docstring, so importing them does not bring in the evaluator).
+  code = f"""
+import json, sys
+from instance_loss_jax.evaluation import metrics, pages, plots, tables
 print(json.dumps(sorted({{m.split(".")[0] for m in sys.modules}} & set({FRAMEWORKS!r}))))
 """
   done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

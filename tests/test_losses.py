@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instance_loss_jax import losses
+from instance_loss_jax.training import losses
 
 
 def np_normalize(x):

@@ -7,7 +7,8 @@ import pytest
 
 import helpers
 from helpers import random_batch, tiny_config
-from instance_loss_jax import checkpoint, evaluation, sharding, train_step as ts, trainer
+from instance_loss_jax import checkpoint, sharding, training as ts, trainer
+from instance_loss_jax.evaluation import evaluator
 from instance_loss_jax import config as config_lib
 from test_train_step import STAGE2, assert_close_to_scale
 from test_training import data_dir, small_config  # noqa: F401  (a fixture)
@@ -100,5 +101,5 @@ def test_stage1_on_four_devices_initialises_stage2_on_eight(data_dir, tmp_path):
 
   # And the evaluation restores the 4-device checkpoint onto 1 device: its features are those
   # of the restored variables (compared above), so its figures are the checkpoint's.
-  one = evaluation.evaluate(config1, workdir1, "test", write=False, devices=devices[:1])
+  one = evaluator.evaluate(config1, workdir1, "test", write=False, devices=devices[:1])
   assert one["step"] == mgr1.latest_step() and 0 <= one["metrics"]["rsum"] <= 600

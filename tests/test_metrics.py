@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from instance_loss_jax import metrics
+from instance_loss_jax.evaluation import metrics
 
 
 def unit(x):

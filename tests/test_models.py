@@ -9,7 +9,7 @@ import pytest
 
 from instance_loss_jax.config import base_config
 from instance_loss_jax.models import ResNet, build_model
-from instance_loss_jax.train_step import init_compiler_options
+from instance_loss_jax.training import init_compiler_options
 
 
 def count(tree):

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from instance_loss_jax import port, port_resnet
+from instance_loss_jax import backbone, port_resnet
 
 IMAGE = 64  # small images keep the full-depth ResNet-50 cheap; every layer is still used
 
@@ -18,7 +18,7 @@ def assert_features_close(ours, reference):
 
 
 def our_features(path, images):
-  module, variables = port.load_backbone(path)
+  module, variables = backbone.load_backbone(path)
   return np.asarray(jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, images))
 
 
@@ -58,7 +58,7 @@ def test_keras_resnet50_features_match_keras(keras_model, layout, tmp_path):
     keras_model.save_weights(source)
   summary = port_resnet.port(source, str(tmp_path / "out"))
   assert summary["depth"] == 50 and summary["tensors_written"] == 53 * 5
-  origin = port.read_origin(str(tmp_path / "out"))
+  origin = backbone.read_origin(str(tmp_path / "out"))
   assert origin["stride_variant"] == "v1" and origin["input"]["bgr"] is True
   images = np.random.default_rng(1).normal(size=(3, IMAGE, IMAGE, 3)).astype(np.float32) * 50
   reference = np.asarray(keras_model(images, training=False))
@@ -135,7 +135,7 @@ def test_torchvision_resnet50_features_match_torch(fmt, tmp_path):
     save_file(state, source)
   summary = port_resnet.port(source, str(tmp_path / "out"))
   assert summary["depth"] == 50 and summary["unused"] == ["fc.bias", "fc.weight"]
-  assert port.read_origin(str(tmp_path / "out"))["stride_variant"] == "v1.5"
+  assert backbone.read_origin(str(tmp_path / "out"))["stride_variant"] == "v1.5"
   images = np.random.default_rng(3).normal(size=(2, IMAGE, IMAGE, 3)).astype(np.float32)
   assert_features_close(our_features(str(tmp_path / "out"), images),
                         torch_reference(state, images, 50))
@@ -145,7 +145,7 @@ def test_depth_is_detected_and_checked(tmp_path):
   from safetensors.numpy import save_file
   state = torchvision_state(101, np.random.default_rng(4))
   save_file(state, str(tmp_path / "r101.safetensors"))
-  with pytest.raises(port.BackboneError, match="holds a ResNet-101, --depth=50"):
+  with pytest.raises(backbone.BackboneError, match="holds a ResNet-101, --depth=50"):
     port_resnet.port(str(tmp_path / "r101.safetensors"), str(tmp_path / "a"), depth=50)
   assert port_resnet.port(str(tmp_path / "r101.safetensors"), str(tmp_path / "b"))["depth"] == 101
 
@@ -155,19 +155,19 @@ def test_bad_sources_are_named_and_leave_nothing(tmp_path):
   state = torchvision_state(50, np.random.default_rng(5))
   del state["layer3.2.bn2.running_var"]
   save_file(state, str(tmp_path / "missing.safetensors"))
-  with pytest.raises(port.BackboneError, match=r"missing.safetensors: missing tensors .*"
+  with pytest.raises(backbone.BackboneError, match=r"missing.safetensors: missing tensors .*"
                      r"layer3.2.bn2.running_var"):
     port_resnet.port(str(tmp_path / "missing.safetensors"), str(tmp_path / "out"))
   (tmp_path / "truncated.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 20)
-  with pytest.raises(port.BackboneError, match="truncated.h5: not a readable HDF5 file"):
+  with pytest.raises(backbone.BackboneError, match="truncated.h5: not a readable HDF5 file"):
     port_resnet.port(str(tmp_path / "truncated.h5"), str(tmp_path / "out"))
   import h5py
   with h5py.File(tmp_path / "other.h5", "w") as f:
     f["dense/dense/kernel:0"] = np.zeros((3, 3))
-  with pytest.raises(port.BackboneError, match=r"other.h5: missing tensors .*conv1_conv/kernel"):
+  with pytest.raises(backbone.BackboneError, match=r"other.h5: missing tensors .*conv1_conv/kernel"):
     port_resnet.port(str(tmp_path / "other.h5"), str(tmp_path / "out"))
   (tmp_path / "x.safetensors").write_bytes(b"garbage")
-  with pytest.raises(port.BackboneError, match="x.safetensors: not a readable safetensors"):
+  with pytest.raises(backbone.BackboneError, match="x.safetensors: not a readable safetensors"):
     port_resnet.port(str(tmp_path / "x.safetensors"), str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".backbone-")]

@@ -14,8 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from instance_loss_jax import Index, checkpoint, inference, retrieval, sharding, trainer
+from instance_loss_jax import Index, checkpoint, inference, sharding, trainer
 from instance_loss_jax.data import records, synthetic
+from instance_loss_jax.errors import RetrievalError
 from helpers import xla_flags
 from test_training import ROOT, load_config
 
@@ -86,9 +87,9 @@ def test_captions_index_and_image_query(trained_run, tmp_path):
   assert index.embeddings.dtype == np.float16
   hits = index.search_image(recs[0].image_path, k=3)
   assert len(hits) == 3 and hits[0].score >= hits[-1].score
-  with pytest.raises(retrieval.RetrievalError, match="an image query searches a caption index"):
+  with pytest.raises(RetrievalError, match="an image query searches a caption index"):
     Index.from_run(workdir, split="test").search_image(recs[0].image_path)
-  with pytest.raises(retrieval.RetrievalError, match="a text query searches an image index"):
+  with pytest.raises(RetrievalError, match="a text query searches an image index"):
     index.search_text("a red circle")
 
 
@@ -99,13 +100,13 @@ def test_unusable_queries_are_named(trained_run, tmp_path):
   index = Index.from_run(workdir, split="test")
   hits, unknown = index.search_text("a red zebraphone and a circle", k=2)
   assert unknown == ["zebraphone"] and len(hits) == 2
-  with pytest.raises(retrieval.RetrievalError, match=r"none of its words \(qwerty, zxcv\)"):
+  with pytest.raises(RetrievalError, match=r"none of its words \(qwerty, zxcv\)"):
     index.search_text("qwerty zxcv")
-  with pytest.raises(retrieval.RetrievalError, match="it has no word"):
+  with pytest.raises(RetrievalError, match="it has no word"):
     index.search_text("  ...  ")
-  with pytest.raises(retrieval.RetrievalError, match="not an index"):
+  with pytest.raises(RetrievalError, match="not an index"):
     Index.load(str(tmp_path / "nothing"))
-  with pytest.raises(retrieval.RetrievalError, match="no JPEG or PNG file"):
+  with pytest.raises(RetrievalError, match="no JPEG or PNG file"):
     Index.from_run(workdir, images=str(tmp_path))
   # The run is read as inference.load_run reads it: a config the checkpoint was not trained
   # with is refused, naming the field, before anything is embedded.
@@ -167,7 +168,7 @@ def test_binaries_and_the_html_page(trained_run, tmp_path):
 @pytest.mark.slow
 def test_relative_image_paths_give_a_page_with_every_thumbnail(trained_run, tmp_path,
                                                                 monkeypatch):
-  from instance_loss_jax import gallery
+  from instance_loss_jax.evaluation import pages
   workdir, config = trained_run
   photos = tmp_path / "made_here" / "photos"
   photos.mkdir(parents=True)
@@ -182,7 +183,7 @@ def test_relative_image_paths_give_a_page_with_every_thumbnail(trained_run, tmp_
   monkeypatch.chdir(tmp_path / "elsewhere")
   hits, _ = Index.load(str(tmp_path / "made_here" / "photos.index")).search_text(
       "a blue square", k=3)
-  gallery.write_page("page.html", "search", [dict(query="a blue square", hits=[
+  pages.write_page("page.html", "search", [dict(query="a blue square", hits=[
       dict(rank=h.rank, score=h.score, item=h.item, is_image=True) for h in hits])])
   assert check_page("page.html") == 3
 
@@ -190,9 +191,9 @@ def test_relative_image_paths_give_a_page_with_every_thumbnail(trained_run, tmp_
 @pytest.mark.xdist_group("trained_run")
 @pytest.mark.slow
 def test_evaluation_writes_a_gallery_page(trained_run):
-  from instance_loss_jax import evaluation
+  from instance_loss_jax.evaluation import evaluator
   workdir, config = trained_run
-  results = evaluation.evaluate(config, workdir, "train")
+  results = evaluator.evaluate(config, workdir, "train")
   # 4 best and 4 worst queries of the 640 training captions, 5 images each.
   assert check_page(results["gallery"]) == 8 * 5
   with open(results["gallery"], encoding="utf-8") as f:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from instance_loss_jax.config import set_stage
-from instance_loss_jax.train_step import abstract_variables, create_train_state, variables_of
+from instance_loss_jax.training import abstract_variables, create_train_state, variables_of
 from helpers import random_batch, tiny_config
 
 torch = pytest.importorskip("torch")

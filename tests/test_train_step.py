@@ -11,8 +11,10 @@ import pytest
 
 import helpers
 from helpers import random_batch, tiny_config
-from instance_loss_jax import inference, losses, sharding, train_step as ts
+from instance_loss_jax import inference, sharding, training as ts
+from instance_loss_jax.errors import BatchError
 from instance_loss_jax.models import build_model
+from instance_loss_jax.training import losses
 
 STEPS_PER_EPOCH = 10
 STAGE2 = {"stage": 2, "freeze_backbone": False, "backbone_bn": "train",
@@ -181,7 +183,7 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
   assert not np.allclose(state16.params["text_head"]["fc1"]["kernel"],
                          state32.params["text_head"]["fc1"]["kernel"], rtol=1e-6, atol=0)
   # The activations really are bfloat16 (a float32 run would show no bf16 values).
-  model = ts.build_model(bf16)
+  model = build_model(bf16)
   _, inter = jit_apply(model, capture_intermediates=True)(
       ts.variables_of(state16), batches[0]["images"], batches[0]["tokens"])
   dtypes = {x.dtype for x in jax.tree_util.tree_leaves(inter["intermediates"]["backbone"])}
@@ -297,14 +299,14 @@ def test_bad_batches_are_named_before_compiling(frozen_step, mutate, message):
   config, step = frozen_step
   batch = random_batch(config)
   mutate(batch)
-  with pytest.raises(ts.BatchError, match=message):
+  with pytest.raises(BatchError, match=message):
     step(None, batch)  # the check runs first: no state, nothing traced or compiled
 
 
 def test_batch_that_does_not_divide_over_the_devices():
   config = tiny_config(batch_size=6)
   step = ts.make_train_step(config, STEPS_PER_EPOCH, sharding.make_mesh(jax.local_devices()[:4]))
-  with pytest.raises(ts.BatchError, match="batch_size=6 is not divisible by 4 devices"):
+  with pytest.raises(BatchError, match="batch_size=6 is not divisible by 4 devices"):
     step(None, random_batch(config))
 
 

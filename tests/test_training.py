@@ -12,10 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from instance_loss_jax import checkpoint, evaluation, inference, sharding, trainer
+from instance_loss_jax import backbone, checkpoint, inference, sharding, trainer
 from instance_loss_jax import config as config_lib
 from instance_loss_jax.config import ConfigError
 from instance_loss_jax.data import records, synthetic
+from instance_loss_jax.evaluation import evaluator
 
 from helpers import xla_flags
 
@@ -104,20 +105,20 @@ def test_two_stages_and_evaluation(data_dir, stage1, tmp_path):
 def test_evaluation_is_repeatable_and_refuses_bad_requests(data_dir, stage1):
   workdir, results = stage1
   config = small_config("stage1", data_dir)
-  again = evaluation.evaluate(config, workdir, "test")
+  again = evaluator.evaluate(config, workdir, "test")
   with open(results["written"]) as f:
     first_json = f.read()
   with open(again["written"]) as f:
     assert f.read() == first_json
   with pytest.raises(checkpoint.CheckpointError, match=r"no step 5 .*have \[4, 8\]"):
-    evaluation.evaluate(config, workdir, "test", step=5)
+    evaluator.evaluate(config, workdir, "test", step=5)
   with pytest.raises(Exception, match="split 'restval' is empty"):
-    evaluation.evaluate(config, workdir, "restval")
+    evaluator.evaluate(config, workdir, "restval")
   with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in .*nowhere/checkpoints"):
-    evaluation.evaluate(config, os.path.join(workdir, "nowhere"), "test")
+    evaluator.evaluate(config, os.path.join(workdir, "nowhere"), "test")
   other = small_config("stage1", data_dir, **{"model.text.pooling": "mean"})
   with pytest.raises(checkpoint.CheckpointError, match="model.text.pooling: checkpoint 'max'"):
-    evaluation.evaluate(other, workdir, "test")
+    evaluator.evaluate(other, workdir, "test")
 
 
 def dir_state(path):
@@ -274,19 +275,18 @@ def test_sigterm_then_sigkill_then_the_resumed_run_ends_as_an_uninterrupted_one(
 @pytest.mark.xdist_group("stage1")
 @pytest.mark.slow
 def test_backbone_init_from_a_backbone_directory(data_dir, stage1, tmp_path):
-  from instance_loss_jax import port
   workdir1, _ = stage1
   trained = checkpoint.restore_variables(checkpoint.manager(workdir1, read_only=True), 8)
-  backbone = {k: trained[k]["backbone"] for k in ("params", "batch_stats")}
+  ported = {k: trained[k]["backbone"] for k in ("params", "batch_stats")}
   origin = dict(source="test", format="test", depth=14, width=4, stride_variant="v1",
                 bn_epsilon=1e-5,
                 input=dict(mean_rgb=[1.0, 2.0, 3.0], std_rgb=[4.0, 5.0, 6.0], bgr=True))
   path = str(tmp_path / "backbone")
-  port.save_backbone(path, backbone, origin)
-  with pytest.raises(port.BackboneError, match="exists"):
-    port.save_backbone(path, backbone, origin)
+  backbone.save_backbone(path, ported, origin)
+  with pytest.raises(backbone.BackboneError, match="exists"):
+    backbone.save_backbone(path, ported, origin)
   # The public loader: a module and variables that give pooled features.
-  module, variables = port.load_backbone(path)
+  module, variables = backbone.load_backbone(path)
   feats = module.apply(variables, np.zeros((2, 32, 32, 3), np.float32), train=False)
   assert feats.shape == (2, 128)
   # A run that starts from it: backbone equal to the file, input convention from the record.
@@ -296,7 +296,7 @@ def test_backbone_init_from_a_backbone_directory(data_dir, stage1, tmp_path):
   trainer.train_and_evaluate(config, workdir)
   mgr = checkpoint.manager(workdir, read_only=True)
   got = checkpoint.restore_variables(mgr, mgr.latest_step())
-  for (p, x), y in zip(jax.tree_util.tree_leaves_with_path(backbone["params"]),
+  for (p, x), y in zip(jax.tree_util.tree_leaves_with_path(ported["params"]),
                        jax.tree_util.tree_leaves(got["params"]["backbone"])):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(p))  # frozen in Stage I
   assert checkpoint.read_meta(mgr, mgr.latest_step())["input"] == origin["input"]
@@ -304,8 +304,8 @@ def test_backbone_init_from_a_backbone_directory(data_dir, stage1, tmp_path):
     assert json.load(f)["data"]["bgr"] is True
   # A record that contradicts the config is refused, listing each field.
   bad = str(tmp_path / "bad")
-  port.save_backbone(bad, backbone, {**origin, "depth": 50, "stride_variant": "v1.5"})
-  with pytest.raises(port.BackboneError, match=r"depth=14 but the backbone has 50; "
+  backbone.save_backbone(bad, ported, {**origin, "depth": 50, "stride_variant": "v1.5"})
+  with pytest.raises(backbone.BackboneError, match=r"depth=14 but the backbone has 50; "
                      r"model.image.stride_variant='v1' but the backbone has 'v1.5'"):
     trainer.train_and_evaluate(small_config("stage1", data_dir, backbone_init=bad),
                                str(tmp_path / "run2"))
@@ -327,7 +327,7 @@ def test_text_shift_sum_is_the_sum_over_offsets(data_dir, stage1):
   split = pipeline.encode_split(records.read_split(config, "test"), vocab, 12, False)
   two = sharding.make_mesh(jax.local_devices()[:2])
   fns = inference.make_embed_fns(config, two)
-  _, txt = evaluation.embed_split(config, fns, fns.place(variables), split, text_shift_sum=True)
+  _, txt = evaluator.embed_split(config, fns, fns.place(variables), split, text_shift_sum=True)
   model = build_model(config)
   embed = jax.jit(lambda t: model.apply(variables, t, method="text_embedding"))
   for row in (0, 7, 19):
@@ -341,7 +341,7 @@ def test_text_shift_sum_is_the_sum_over_offsets(data_dir, stage1):
   original = config_lib.run_config(small_config("stage1", data_dir,
                                                  **{"eval.features": "original"}), vocab.size, 32)
   fns = inference.make_embed_fns(original, two)
-  img, txt = evaluation.embed_split(original, fns, fns.place(variables), split,
+  img, txt = evaluator.embed_split(original, fns, fns.place(variables), split,
                                     text_shift_sum=True)
   raw_text = jax.jit(lambda t: model.apply(variables, t, final_relu=False,
                                            method="text_features"))

@@ -20,7 +20,7 @@ import os
 import random
 from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),

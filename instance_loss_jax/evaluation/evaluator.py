@@ -6,17 +6,16 @@ Writes `<workdir>/eval/<split>-<step>.json` and a markdown table beside it.
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
-from instance_loss_jax import gallery, metrics, paths, plots
+from instance_loss_jax import paths
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data.vocab import Vocabulary
+from instance_loss_jax.evaluation import metrics, pages, plots, tables
 from instance_loss_jax.inference import EmbedFns, load_run, top_k
-
 
 
 def best_and_worst_queries(img, txt, txt_to_img, captions: Sequence[str],
@@ -79,16 +78,6 @@ def compute_metrics(config, split: pipeline.EncodedSplit, img, txt) -> dict[str,
   return out
 
 
-def markdown_table(results: dict[str, Any]) -> str:
-  m = results["metrics"]
-  rows = ["| metric | value |", "|---|---|"]
-  rows += [f"| {k} | {v:.2f} |" for k, v in m.items()]
-  head = (f"Evaluation of {results['workdir']} step {results['step']} on split "
-          f"'{results['split']}': {results['num_images']} images, "
-          f"{results['num_captions']} captions.\n\n")
-  return head + "\n".join(rows) + "\n"
-
-
 class Evaluator:
   """One split's evaluation, shared by the eval binary (variables from a checkpoint) and the
   trainer (variables from memory, every `eval.every_steps`): embeddings, the dataset's
@@ -128,13 +117,13 @@ class Evaluator:
     if config.eval.gallery_queries:
       _, t2i = metrics.retrieval_ranks(img, txt, data.caption_image, config.eval.block_bytes)
       captions = [" ".join(c) for r in self.records for c in r.captions]
-      results["gallery"] = gallery.write_page(
+      results["gallery"] = pages.write_page(
           base + "-gallery.html", f"{split} step {step}: best and worst text->image queries",
           best_and_worst_queries(img, txt, data.caption_image, captions, data.image_paths, t2i,
                                  config.eval.gallery_queries),
           subtitle=f"{results['workdir']}; the right image is outlined in green")
     paths.write_text(base + ".json", json.dumps(results, indent=1, sort_keys=True))
-    paths.write_text(base + ".md", markdown_table(results))
+    paths.write_text(base + ".md", tables.markdown_table(results))
     results["written"] = base + ".json"
     return results
 
@@ -150,32 +139,3 @@ def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
   evaluator = Evaluator(run.config, run.vocab, split, run.embed_fns)
   return evaluator(run.variables, run.step, paths.join(workdir, "eval") if write else None,
                    workdir)
-
-
-def comparison_table(named: dict[str, dict[str, Any]]) -> str:
-  """A markdown table of several runs' results (rows) over the retrieval metrics (columns)."""
-  keys = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr",
-          "rsum", "S")
-  first = next(iter(named.values()))
-  keys = [k for k in keys if k in first["metrics"]]
-  lines = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-  for name, results in named.items():
-    lines.append(f"| {name} | " + " | ".join(
-        f"{results['metrics'][k]:.{4 if k == 'S' else 1}f}" for k in keys) + " |")
-  n_img, n_txt = first["num_images"], first["num_captions"]
-  lines.append(f"\n{first['split']} split: {n_img} images, {n_txt} captions. Chance: R@1 "
-               f"{100 / n_img:.1f} (text->image), R@10 {min(100, 1000 / n_img):.1f}.")
-  return "\n".join(lines)
-
-
-def print_comparison(argv: list[str]) -> None:
-  """`python -m instance_loss_jax.evaluation NAME=RESULTS.json ...` prints a comparison table."""
-  named = {}
-  for arg in argv:
-    name, path = arg.split("=", 1)
-    named[name] = json.loads(paths.path(path).read_text())
-  print(comparison_table(named))
-
-
-if __name__ == "__main__":
-  print_comparison(sys.argv[1:])
