@@ -3,7 +3,7 @@ r"""Top-10 search over a large gallery: our blocked device top-k against numpy's
     python benchmarks/search_speed.py                 # 100k and 1M x 2048, 16 queries
 
 Each (gallery size, method) runs in a fresh subprocess that builds the same random gallery
-(float16 rows, L2-normalised, as `instance_loss_jax.export` stores them) and then searches it:
+(float16 rows, L2-normalised, as `instance_loss_jax.cli.export` stores them) and then searches it:
 - ours: `instance_loss_jax.inference.top_k` (blocks of 65,536 rows to the device,
   jax.lax.top_k per block, merged);
 - numpy: the scores of every row in float32 (computed in blocks of the same size), then

@@ -1,8 +1,8 @@
 """The built-in synthetic dataset with a small model: both stages and the evaluation in minutes on
 2 CPU cores (launch/demo.sh). Point data.json/image_root/word2vec at the generated folder:
 
-    python -m instance_loss_jax.data.synthetic --out=DATA --num_images=800 --w2v_dim=32
-    python -m instance_loss_jax.train --config=configs/demo.py:stage1 --workdir=runs/demo-1 \
+    python -m instance_loss_jax.cli.synthetic --out=DATA --num_images=800 --w2v_dim=32
+    python -m instance_loss_jax.cli.train --config=configs/demo.py:stage1 --workdir=runs/demo-1 \
         --config.data.json=DATA/dataset.json --config.data.image_root=DATA/images \
         --config.data.word2vec=DATA/word2vec.bin
 """

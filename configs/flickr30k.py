@@ -1,9 +1,11 @@
 """Flickr30k, ResNet-50 both branches (docs/design.md). Stage as the argument:
 
-    python -m instance_loss_jax.train --config=configs/flickr30k.py:stage1 --workdir=runs/f30k-1 \
+    python -m instance_loss_jax.cli.train --config=configs/flickr30k.py:stage1 \
+        --workdir=runs/f30k-1 \
         --config.data.json=DATA/dataset_flickr30k.json --config.data.image_root=DATA/images \
         --config.data.word2vec=DATA/GoogleNews-vectors-negative300.bin
-    python -m instance_loss_jax.train --config=configs/flickr30k.py:stage2 --workdir=runs/f30k-2 \
+    python -m instance_loss_jax.cli.train --config=configs/flickr30k.py:stage2 \
+        --workdir=runs/f30k-2 \
         --config.init_from=runs/f30k-1 --config.data.json=... (same data flags)
 """
 

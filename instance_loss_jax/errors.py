@@ -1,8 +1,8 @@
 """Every exception a user's input or a run's circumstances raise, in one leaf module.
 
-The binaries (`cli.run`) catch `USER_ERRORS` and `Preempted` from here, so that they need not
-import the modules that raise them (TensorFlow and the trainer) to parse flags, print `--help`
-or report a bad flag. Each class's old home re-exports it (`config.ConfigError`,
+The binaries (`cli.runner.run`) catch `USER_ERRORS` and `Preempted` from here, so that they need
+not import the modules that raise them (TensorFlow and the trainer) to parse flags, print
+`--help` or report a bad flag. Each class's old home re-exports it (`config.ConfigError`,
 `trainer.TrainingError`, ...).
 """
 

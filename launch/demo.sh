@@ -8,17 +8,17 @@ DATA="$DIR/data"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 start=$(date +%s)
 if [ ! -f "$DATA/dataset.json" ]; then
-  "$PY" -m instance_loss_jax.data.synthetic --out="$DATA" --num_images=800 --seed=0 \
+  "$PY" -m instance_loss_jax.cli.synthetic --out="$DATA" --num_images=800 --seed=0 \
     --image_size=64 --w2v_dim=32
 fi
 data_flags=(--config.data.json="$DATA/dataset.json" --config.data.image_root="$DATA/images"
             --config.data.word2vec="$DATA/word2vec.bin")
-"$PY" -m instance_loss_jax.train --config=configs/demo.py:stage1 --workdir="$DIR/stage1" \
+"$PY" -m instance_loss_jax.cli.train --config=configs/demo.py:stage1 --workdir="$DIR/stage1" \
   "${data_flags[@]}"
-"$PY" -m instance_loss_jax.train --config=configs/demo.py:stage2 --workdir="$DIR/stage2" \
+"$PY" -m instance_loss_jax.cli.train --config=configs/demo.py:stage2 --workdir="$DIR/stage2" \
   --config.init_from="$DIR/stage1" "${data_flags[@]}"
 latest() { ls -t "$1"/eval/test-*.json | head -n 1; }
 echo
 echo "Demo results (synthetic test split), $(( $(date +%s) - start ))s in all:"
-"$PY" -m instance_loss_jax.evaluation "Stage I=$(latest "$DIR/stage1")" \
+"$PY" -m instance_loss_jax.cli.compare "Stage I=$(latest "$DIR/stage1")" \
   "Stage II=$(latest "$DIR/stage2")"

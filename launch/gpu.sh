@@ -13,4 +13,4 @@ INSTALL_EXTRAS=cuda source "$(dirname "$0")/env.sh"
 # TensorFlow's CPU build; the evaluation runs in JAX), so give XLA 90% and leave the rest to
 # CUDA's own workspaces.
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
-exec "$PY" -m instance_loss_jax.train "$@"
+exec "$PY" -m instance_loss_jax.cli.train "$@"

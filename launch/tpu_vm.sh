@@ -45,4 +45,4 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command
     \$PY -m venv .venv
   fi
   .venv/bin/pip install -q -e '.[tpu]'
-  .venv/bin/python -m instance_loss_jax.train --distributed $args"
+  .venv/bin/python -m instance_loss_jax.cli.train --distributed $args"

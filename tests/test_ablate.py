@@ -1,6 +1,6 @@
 """The mechanism study's bookkeeping: rows, dependencies and the ordering checks."""
 
-from instance_loss_jax import ablate
+from instance_loss_jax.cli import ablate
 
 
 def fake(values):

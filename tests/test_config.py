@@ -57,7 +57,7 @@ def test_binary_names_an_unknown_override_without_a_traceback(tmp_path):
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run(
-      [sys.executable, "-m", "instance_loss_jax.train", "--config=configs/demo.py:stage1",
+      [sys.executable, "-m", "instance_loss_jax.cli.train", "--config=configs/demo.py:stage1",
        f"--workdir={tmp_path}", "--config.optim.momentun=0.9"],
       cwd=root, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1

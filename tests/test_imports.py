@@ -16,13 +16,15 @@ PACKAGE = "instance_loss_jax"
 # says where it belongs.
 LAYERS = [
     ["errors"],
-    ["config", "paths", "cli"],
+    ["config", "paths"],
     ["sharding", "models", "data"],
     ["checkpoint", "backbone"],
     ["training", "inference"],
     ["evaluation"],
     ["trainer", "index"],
-    ["", "train", "evaluate", "export", "search", "ablate", "port_resnet"],  # "": __init__
+    ["cli"],  # the binaries
+    # Their entry points at the old paths (kept for one release), and "": the package's face.
+    ["", "train", "evaluate", "export", "search", "ablate", "port_resnet"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 FRAMEWORKS = ("jax", "flax", "optax", "orbax", "tensorflow", "tensorflow_datasets", "torch")

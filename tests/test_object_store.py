@@ -136,7 +136,7 @@ def test_two_stages_resume_and_evaluation_on_gcs(emulator, data_dir, tmp_path):
   overrides = {k: v for k, v in small_overrides(data_dir).items() if k not in on_store}
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   done = subprocess.run(
-      [sys.executable, "-m", "instance_loss_jax.evaluate", "--config=configs/demo.py:stage2",
+      [sys.executable, "-m", "instance_loss_jax.cli.evaluate", "--config=configs/demo.py:stage2",
        f"--workdir={stage2}", f"--config.data.json={on_store['data.json']}",
        f"--config.data.word2vec={on_store['data.word2vec']}"] + flags_for(overrides),
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)

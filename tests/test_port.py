@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from instance_loss_jax import backbone, port_resnet
+from instance_loss_jax import backbone
+from instance_loss_jax.cli import port_resnet
 
 IMAGE = 64  # small images keep the full-depth ResNet-50 cheap; every layer is still used
 

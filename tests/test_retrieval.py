@@ -145,17 +145,17 @@ def test_binaries_and_the_html_page(trained_run, tmp_path):
   workdir, _ = trained_run
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   index_dir, page = str(tmp_path / "index"), str(tmp_path / "page.html")
-  subprocess.run([sys.executable, "-m", "instance_loss_jax.export", f"--workdir={workdir}",
+  subprocess.run([sys.executable, "-m", "instance_loss_jax.cli.export", f"--workdir={workdir}",
                   "--split=test", f"--out={index_dir}"], cwd=ROOT, env=env, check=True,
                  capture_output=True)
-  out = subprocess.run([sys.executable, "-m", "instance_loss_jax.search", f"--index={index_dir}",
-                        "--query=a blue square", "--k=3", "--json", f"--html={page}"], cwd=ROOT,
-                       env=env, check=True, capture_output=True, text=True).stdout
+  search = [sys.executable, "-m", "instance_loss_jax.cli.search", f"--index={index_dir}"]
+  out = subprocess.run(search + ["--query=a blue square", "--k=3", "--json", f"--html={page}"],
+                       cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
   rows = [json.loads(line) for line in out.splitlines()]
   assert [r["rank"] for r in rows] == [1, 2, 3] and all("item" in r for r in rows)
   assert check_page(page) == 3
-  bad = subprocess.run([sys.executable, "-m", "instance_loss_jax.search", f"--index={index_dir}",
-                        "--query=qwerty"], cwd=ROOT, env=env, capture_output=True, text=True)
+  bad = subprocess.run(search + ["--query=qwerty"], cwd=ROOT, env=env, capture_output=True,
+                       text=True)
   assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: query")
   chromium = shutil.which("chromium") or shutil.which("chromium-browser")
   if chromium:  # the page loads in a real browser: its DOM comes back with every picture

@@ -183,7 +183,7 @@ def run_binary(workdir, overrides, signal_after_checkpoint=None, delay=0.0, afte
   checkpoint newer than `after_step` appears and returns the finished process's (returncode,
   stderr, what the run had done when the signal went: for the failure message)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2))
-  cmd = [sys.executable, "-m", "instance_loss_jax.train", "--config=configs/demo.py:stage2",
+  cmd = [sys.executable, "-m", "instance_loss_jax.cli.train", "--config=configs/demo.py:stage2",
          f"--workdir={workdir}"] + flags_for(overrides)
   started = time.time()
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,

@@ -7,9 +7,9 @@ source "$(dirname "$0")/../../launch/env.sh"
 DIR="${1:-workdirs/demo}"
 OUT=docs/search
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-"$PY" -m instance_loss_jax.export --workdir="$DIR/stage2" --split=test --out="$DIR/test.index"
+"$PY" -m instance_loss_jax.cli.export --workdir="$DIR/stage2" --split=test --out="$DIR/test.index"
 QUERY="two big blue circles and a small orange circle"
-"$PY" -m instance_loss_jax.search --index="$DIR/test.index" --query="$QUERY" --k=8 \
+"$PY" -m instance_loss_jax.cli.search --index="$DIR/test.index" --query="$QUERY" --k=8 \
   --html="$OUT/search.html" | tee "$OUT/search.txt"
 chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=900,620 \
   --screenshot="$OUT/search.png" "file://$ROOT/$OUT/search.html"

@@ -1,8 +1,7 @@
 r"""The built-in synthetic dataset: unique scenes of coloured shapes with 5 captions each.
 
-    python -m instance_loss_jax.data.synthetic --out=DIR --num_images=N --seed=S
-
-writes DIR/images/*.png, DIR/dataset.json (Karpathy format: train/val/test splits) and
+`generate(out, num_images, seed)` (the binary: `python -m instance_loss_jax.cli.synthetic
+--out=DIR --num_images=N --seed=S`) writes DIR/images/*.png, DIR/dataset.json (Karpathy format: train/val/test splits) and
 DIR/word2vec.bin (a gensim word2vec trained on the training captions, in the word2vec binary
 format, so runs on this data take the same path as the GoogleNews vectors).
 
@@ -20,7 +19,6 @@ import os
 import random
 from typing import Sequence
 
-from absl import flags
 from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -145,31 +143,8 @@ def generate(out: str, num_images: int, seed: int = 0, image_size: int = 96,
               words=len(w2v.wv.key_to_index))
 
 
-def _define_flags():
-  """Flags of the binary only: importing the library defines none."""
-  flags.DEFINE_string("out", None, "Output directory.", required=True)
-  flags.DEFINE_integer("num_images", 1000, "Number of images (unique scenes).")
-  flags.DEFINE_integer("seed", 0, "Random seed.")
-  flags.DEFINE_integer("image_size", 96, "Side of the square PNG images.")
-  flags.DEFINE_float("val_fraction", 0.1, "Fraction of images in the val split.")
-  flags.DEFINE_float("test_fraction", 0.1, "Fraction of images in the test split.")
-  flags.DEFINE_integer("w2v_dim", 300, "word2vec vector size.")
-
-
-def main(argv):
-  del argv
-  f = flags.FLAGS
-  summary = generate(f.out, f.num_images, f.seed, f.image_size, f.val_fraction, f.test_fraction,
-                     f.w2v_dim)
-  print(f"wrote {f.num_images} images to {f.out}: {summary}")
-
-
-def run():
-  """Console-script entry point."""
-  # Imported here: cli imports JAX, which the generator (tests, the ablation) does not need.
-  from instance_loss_jax import cli  # pylint: disable=g-import-not-at-top
-  cli.run(main, _define_flags)
-
-
 if __name__ == "__main__":
-  run()
+  # `python -m instance_loss_jax.data.synthetic`, kept for one release: the binary is
+  # instance_loss_jax.cli.synthetic (run by name: the library does not import the binaries).
+  import runpy  # pylint: disable=g-import-not-at-top
+  runpy.run_module("instance_loss_jax.cli.synthetic", run_name="__main__")

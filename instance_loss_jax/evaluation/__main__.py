@@ -1,20 +1,7 @@
-"""`python -m instance_loss_jax.evaluation NAME=RESULTS.json ...`: several runs' results (the
-evaluation's JSON files) as one markdown table."""
-
-import json
-import sys
-
-from instance_loss_jax import paths
-from instance_loss_jax.evaluation.tables import comparison_table
-
-
-def print_comparison(argv: list[str]) -> None:
-  named = {}
-  for arg in argv:
-    name, path = arg.split("=", 1)
-    named[name] = json.loads(paths.path(path).read_text())
-  print(comparison_table(named))
-
+"""`python -m instance_loss_jax.evaluation NAME=RESULTS.json ...`: kept for one release; the
+binary is `python -m instance_loss_jax.cli.compare`."""
+import runpy
 
 if __name__ == "__main__":
-  print_comparison(sys.argv[1:])
+  # Run by name: the library does not import the binaries.
+  runpy.run_module("instance_loss_jax.cli.compare", run_name="__main__")
