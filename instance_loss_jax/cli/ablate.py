@@ -23,9 +23,9 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from instance_loss_jax import config as config_lib
 from instance_loss_jax import trainer
 from instance_loss_jax.cli import runner
-from instance_loss_jax import config as config_lib
 from instance_loss_jax.data import synthetic
 
 log = logging.getLogger(__name__)
