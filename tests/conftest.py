@@ -1,6 +1,7 @@
 """Test setup: 8 CPU devices for the data-parallel tests, TF kept off accelerators, one
 compilation cache for all of a run's pytest-xdist workers."""
 import os
+import shutil
 import tempfile
 
 from helpers import xla_flags  # noqa: E402  (imports no JAX)
@@ -35,8 +36,11 @@ def _cache_dir() -> str:
 # Set in the environment, not only in this process's config: the binaries that tests start
 # (training runs killed and resumed, export, the object-store run, the two-process workers) read
 # it too, so a program one of them compiled is read back by the next instead of compiled again.
+# The process that makes the run's cache folder (pytest-xdist's controller, whose workers and
+# their binaries inherit the variable, or a run without workers) removes it at the end.
+_OWN_CACHE = None if os.environ.get("JAX_COMPILATION_CACHE_DIR") else _cache_dir()
 os.environ["JAX_COMPILATION_CACHE_DIR"] = (os.environ.get("JAX_COMPILATION_CACHE_DIR")
-                                           or _cache_dir())
+                                           or _OWN_CACHE)
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -66,6 +70,12 @@ def _work_unit(item) -> str:
   """What pytest-xdist's loadgroup sends to one worker: the item's group, else the item."""
   group = item.get_closest_marker("xdist_group")
   return group.args[0] if group else item.nodeid
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE and not os.environ.get("PYTEST_XDIST_WORKER"):
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
