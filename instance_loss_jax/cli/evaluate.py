@@ -11,7 +11,7 @@ Checkpoints from any number of devices restore here onto this process's devices.
 
 import logging
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from instance_loss_jax.cli import runner
@@ -31,8 +31,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # runner.run refuses positional arguments
   runner.configure_logging()
   # Imported here: TensorFlow (under the evaluation's input pipeline) takes seconds to import,
   # which --help, --print_config and a flag error do not need.

@@ -16,7 +16,7 @@ may be local or on an object store (gs://).
 
 import logging
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from instance_loss_jax.cli import runner
@@ -43,8 +43,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # runner.run refuses positional arguments
   runner.configure_logging()
   # Imported here: the Index imports JAX, Flax and Orbax (seconds), which --help and a flag
   # error do not need.

@@ -122,6 +122,8 @@ def run(main, define_flags=None):
       print(f"error: --config={config_flags.get_config_filename(f['config'])}: no config file "
             "there (a .py file with get_config())", file=sys.stderr)
       sys.exit(1)
+    if len(argv) > 1:  # no binary takes positional arguments: a stray word is a mistyped flag
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if "print_config" in f and f.print_config:
       print(f.config)
       return 0

@@ -13,7 +13,7 @@ per result (rank, score, item, row) for scripts; --html writes one self-containe
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from instance_loss_jax.cli import runner
 
@@ -30,8 +30,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # runner.run refuses positional arguments
   runner.configure_logging()
   # Imported here: the Index imports JAX, Flax and Orbax (seconds), which --help and a flag
   # error do not need.

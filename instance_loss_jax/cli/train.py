@@ -9,7 +9,7 @@ exits with status 143; the same command then resumes. Every field of the config 
 --config.FIELD=VALUE; --print_config prints them all with their values.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from instance_loss_jax.cli import runner
@@ -27,8 +27,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # runner.run refuses positional arguments
   runner.initialize()
   # Imported here, not at the top: TensorFlow (tf.data, under the trainer) takes seconds to
   # import, which --help, --print_config and a flag error do not need.
