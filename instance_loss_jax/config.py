@@ -134,8 +134,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000  # steps; also at the end
   c.keep_checkpoints = 3
   # Orbax's OCDBT layout: one small database per process instead of a file set per array (fewer,
-  # larger objects: the fast path on GCS). Readers take either. False for stores that lack what
-  # it needs, such as gcp-storage-emulator (no generation header on downloads).
+  # larger objects: the fast path on GCS). Readers take either. False for a store that lacks
+  # what it needs (e.g. object generations on downloads, which gcp-storage-emulator omits).
   c.checkpoint_ocdbt = True
   c.log_every = 50
 

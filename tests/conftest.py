@@ -47,22 +47,23 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 # The longest work units of a run under two pytest-xdist workers (a test, or an xdist_group of
-# tests sharing a trained fixture), longest first: 145, 110, 100, 65, 60, 60 s... as measured
+# tests sharing a trained fixture), longest first: 84, 80, 67, 53, 47, 42, 31 s... as measured
 # with TEST_CPU_LOG's timeline (benchmarks/RESULTS.md). Started first, they leave the short
 # tests to fill both workers at the end (longest-processing-time-first scheduling); started
 # last, one of them kept a worker busy a minute after the other had finished. launch/test.sh
 # turns off pytest-xdist's own reordering, which puts the groups with the most tests first
 # whatever their length. A name that matches nothing only loses its place.
 LONGEST_FIRST = (
-    "test_object_store.py::test_two_stages_resume_and_evaluation_on_gcs",
     "uninterrupted",  # SIGTERM, SIGKILL and the resume: four launches of the training binary
     "stage1",
+    "trained_run",
+    "test_object_store.py::test_two_stages_resume_and_evaluation_on_gcs",
     "test_train_step.py::test_two_processes_match_one_process",
     "saved_on_four",
-    "trained_run",
+    "test_train_step.py::test_init_compiled_for_speed_draws_the_same_bits",
+    "test_train_step.py::test_bfloat16_computes_in_bfloat16_and_keeps_float32_state",
     "test_train_step.py::test_mined_negatives_match_numpy_on_a_fixed_pool",
     "test_mesh_checkpoints.py::test_stage1_on_four_devices_initialises_stage2_on_eight",
-    "test_train_step.py::test_bfloat16_computes_in_bfloat16_and_keeps_float32_state",
 )
 
 

@@ -56,3 +56,21 @@ def test_resolve_step_is_the_given_the_newest_or_the_best_validated(tmp_path):
     checkpoint.resolve_step(mgr, 5)
   with pytest.raises(ValueError, match="prefer='oldest'"):
     checkpoint.resolve_step(mgr, prefer="oldest")
+
+
+@pytest.mark.parametrize("ocdbt", [True, False])
+def test_either_layout_is_read_back_by_the_default_reader(tmp_path, ocdbt):
+  # checkpoint_ocdbt=False (a file set per array) is for stores that lack what OCDBT needs; the
+  # readers (restore_variables, init_from, the evaluation) open both without being told which.
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  w = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
+  state = types.SimpleNamespace(params={"w": jax.device_put(w, one)}, batch_stats={},
+                                opt_state={}, step=jax.device_put(np.int32(1), one))
+  mgr = checkpoint.manager(str(tmp_path), ocdbt=ocdbt)
+  checkpoint.save(mgr, 1, state, dict(num_classes=5))
+  mgr.wait_until_finished()
+  saved = tmp_path / "checkpoints" / "1" / "state"
+  assert (saved / "manifest.ocdbt").exists() == ocdbt
+  assert (saved / "params.w" / ".zarray").exists() == (not ocdbt)
+  restored = checkpoint.restore_variables(checkpoint.reader(str(tmp_path)), 1)
+  np.testing.assert_array_equal(restored["params"]["w"], w)

@@ -5,8 +5,8 @@ dataset JSON and word2vec on the store.
 The libraries are pointed at the emulator through their own settings; none of our code knows.
 What cannot be pointed at it: TensorFlow's GCS file system (tf.data's image reads, TensorBoard's
 event files) has no endpoint setting, so the images and the event files stay on local disk here.
-Orbax writes with `checkpoint_ocdbt=False`: the emulator's downloads carry no x-goog-generation
-header, which TensorStore's OCDBT manifest reads need ("Malformed StorageGeneration").
+Checkpoints are in Orbax's default format (OCDBT), which needs the object generations that
+tests/gcs_emulator.py adds to the emulator's downloads.
 """
 
 import os
@@ -27,14 +27,7 @@ from test_training import (  # noqa: F401  (data_dir: a fixture)
 
 pytestmark = pytest.mark.slow
 BUCKET = "bucket"
-# The emulator, in memory, without its metadata file: on every write it serialises the state of
-# every object it holds into a JSON file, which only a restart reads back (none here). With the
-# thousands of objects of a few checkpoints that made each save quadratic (a Stage II save took
-# 127 s); the HTTP API it serves is unchanged.
-_EMULATOR = ("import runpy, sys; from gcp_storage_emulator import storage; "
-             "storage.Storage._write_config_to_file = lambda self: None; "
-             "sys.argv[0] = 'gcp-storage-emulator'; "
-             "runpy.run_module('gcp_storage_emulator', run_name='__main__')")
+_EMULATOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator.py")
 
 
 def _free_port() -> int:
@@ -49,7 +42,7 @@ def emulator():
   pytest.importorskip("gcsfs")
   port = _free_port()
   proc = subprocess.Popen(
-      [sys.executable, "-c", _EMULATOR, "start", "--port", str(port), "--in-memory",
+      [sys.executable, _EMULATOR, "start", "--port", str(port), "--in-memory",
        "--default-bucket", BUCKET], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 60
   while True:
@@ -100,15 +93,14 @@ def _final_variables(workdir: str, step: int):
 
 def test_two_stages_resume_and_evaluation_on_gcs(emulator, data_dir, tmp_path):
   from etils import epath  # pylint: disable=g-import-not-at-top
-  # One device: Orbax writes a replicated array in one chunk per replica, and the emulator
-  # slows with every object it holds (it rewrites its whole index on each write).
+  # One device: meshes are other tests' subject, and the emulator serves one request at a time.
   mesh = sharding.make_mesh(jax.devices()[:1])
   store = f"gs://{BUCKET}"
   on_store = {
       "data.json": _upload(os.path.join(data_dir, "dataset.json"), f"{store}/data/dataset.json"),
       "data.word2vec": _upload(os.path.join(data_dir, "word2vec.bin"),
                                f"{store}/data/word2vec.bin"),
-      "checkpoint_ocdbt": False, "eval.at_end": False,
+      "eval.at_end": False,
   }
   stage1, stage2 = f"{store}/runs/stage1", f"{store}/runs/stage2"
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,55 +179,60 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(data_dir, tmp_path):
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
 
 
-def run_binary(workdir, overrides, signal_after_checkpoint=None, delay=0.0, after_step=-1):
-  """Runs the training binary on 2 devices; with a signal, sends it `delay` seconds after a
-  checkpoint newer than `after_step` appears and returns the finished process's (returncode,
-  stderr, what the run had done when the signal went: for the failure message)."""
+def run_binary(workdir, overrides, stop_signal=None, when=None):
+  """Runs the training binary on 2 devices. With `stop_signal`: once `when(logged_steps,
+  checkpoint_steps)` holds, freezes the run (SIGSTOP), checks it has not ended, sends the signal
+  and lets it go on (SIGCONT); returns (returncode, stderr, what the run had done at the signal).
+
+  The freeze makes the test independent of the machine's speed: the signal always lands in a
+  run that is still going, at the point the condition chose (a run of the faster tests' model
+  once ended inside a fixed delay before its SIGTERM)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2))
   cmd = [sys.executable, "-m", "instance_loss_jax.cli.train", "--config=configs/demo.py:stage2",
          f"--workdir={workdir}"] + flags_for(overrides)
-  started = time.time()
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
-  # Read as it comes (a full pipe would block the run), and to say where the run was.
+  # Read as it comes (a full pipe would block the run), and to see the steps it logs.
   lines = []
   reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")))
   reader.start()
-  if signal_after_checkpoint is not None:
-    ckpt = os.path.join(workdir, "checkpoints")
+  note = None
+  if stop_signal is not None:
+    note = "the condition never held before the run ended"
     deadline = time.time() + 300
-    note = "no checkpoint appeared before the run ended"
     while time.time() < deadline and proc.poll() is None:
-      if os.path.isdir(ckpt) and any(d.isdigit() and int(d) > after_step for d in os.listdir(ckpt)):
-        seen = sorted(os.listdir(ckpt))
-        time.sleep(delay)
-        proc.send_signal(signal_after_checkpoint)
-        logged = [line.split("|")[0].strip() for line in list(lines) if "] step " in line]
-        note = (f"{signal_after_checkpoint.name} {time.time() - started:.1f} s after the launch, "
-                f"{delay:.2f} s after checkpoints {seen}; last logged: "
-                f"{logged[-1] if logged else 'none'}")
+      logged = [int(m.group(1)) for m in map(_STEP_LOGGED.search, list(lines)) if m]
+      saved = checkpoint_steps(workdir) if os.path.isdir(os.path.join(workdir, "checkpoints")) \
+          else []
+      if when(logged, saved):
+        proc.send_signal(signal.SIGSTOP)
+        if proc.poll() is None:
+          proc.send_signal(stop_signal)
+          note = (f"{stop_signal.name} after logged steps {logged[-3:]}, checkpoints {saved}")
+        else:
+          note = f"the run ended before the stop (logged {logged[-3:]}, checkpoints {saved})"
+        proc.send_signal(signal.SIGCONT)
         break
-      time.sleep(0.02)
-    proc.wait(timeout=600)
-    reader.join()
-    return proc.returncode, "".join(lines), note
+      time.sleep(0.01)
   proc.wait(timeout=600)
   reader.join()
   err = "".join(lines)
+  if stop_signal is not None:
+    return proc.returncode, err, note
   assert proc.returncode == 0, err[-3000:]
   return err
 
 
-# 80 epochs of 4 steps, a checkpoint every 40: the tests' model steps at ~300 img/s on 2 CPU
-# cores, and a signal sent up to 1.5 s after the first checkpoint must find the run still going.
-RESUME_STEPS = 320
+_STEP_LOGGED = re.compile(r"\] step (\d+)/")
+# 40 epochs of 4 steps, a checkpoint every 20, a log line every 2 steps: room for a SIGTERM and a
+# SIGKILL between two checkpoints, each at a point the test picks (run_binary's freeze).
+RESUME_STEPS = 160
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
   """A Stage II run of the binary from start to end: what an interrupted one must end with."""
-  overrides = {**small_overrides(data_dir, epochs=RESUME_STEPS // 4), "checkpoint_every": 40,
-               "log_every": 40,
+  overrides = {**small_overrides(data_dir, epochs=RESUME_STEPS // 4), "checkpoint_every": 20,
                "eval.at_end": False, "stage": 2, "freeze_backbone": False}
   root = tmp_path_factory.mktemp("uninterrupted")
   run_binary(str(root / "run"), overrides)
@@ -248,24 +254,26 @@ def assert_same_final_variables(straight, resumed):
 @pytest.mark.slow
 def test_sigterm_then_sigkill_then_the_resumed_run_ends_as_an_uninterrupted_one(uninterrupted,
                                                                                 tmp_path):
-  # SIGTERM (SLURM, a GPU host going down) at a random moment after the first checkpoint: the
-  # run saves the step it is at (not only every checkpoint_every = 40) and exits with 143.
+  # SIGTERM (SLURM, a GPU host going down) at a random step after the first checkpoint: the run
+  # saves the step it is at (not only every checkpoint_every = 20) and exits with 143.
   straight, overrides = uninterrupted
   resumed = str(tmp_path / "resumed")
-  delay = float(np.random.default_rng().uniform(0.0, 1.5))
-  code, err, note = run_binary(resumed, overrides, signal.SIGTERM, delay)
+  target = int(np.random.default_rng().integers(21, 100))
+  code, err, note = run_binary(resumed, overrides, signal.SIGTERM,
+                               lambda logged, saved: saved and logged and logged[-1] >= target)
   assert code == 143, (note, err[-2000:])
   stopped_at = checkpoint_steps(resumed)[-1]
-  assert 0 < stopped_at < RESUME_STEPS
+  assert 20 < stopped_at < RESUME_STEPS, note
   assert f"preempted: stopped at step {stopped_at} (SIGTERM)" in err
   assert "Traceback" not in err
   # The next launch resumes from that step; SIGKILL (no chance to save) once it has written a
   # checkpoint of its own.
-  code, err, note = run_binary(resumed, overrides, signal.SIGKILL, after_step=stopped_at)
+  code, err, note = run_binary(resumed, overrides, signal.SIGKILL,
+                               lambda logged, saved: saved[-1] > stopped_at)
   assert f"resuming from {resumed} step {stopped_at}" in err
-  assert code == -signal.SIGKILL, f"the run ended before it could be killed ({note})"
+  assert code == -signal.SIGKILL, note
   killed_at = checkpoint_steps(resumed)
-  assert killed_at[-1] > stopped_at and killed_at[-1] < RESUME_STEPS
+  assert killed_at[-1] > stopped_at and killed_at[-1] < RESUME_STEPS, note
   # The third launch resumes from the newest checkpoint and ends as the uninterrupted run did.
   log = run_binary(resumed, overrides)
   assert f"resuming from {resumed} step {killed_at[-1]}" in log

@@ -1,0 +1,44 @@
+"""gcp-storage-emulator (PyPI) as tests/test_object_store.py runs it: `python gcs_emulator.py
+start --port N --in-memory --default-bucket B`, the emulator's own command line, with two
+differences from its released behaviour, both toward what GCS itself does:
+
+- Downloads carry `x-goog-generation` and `x-goog-metageneration`, as GCS's do. TensorStore's
+  OCDBT driver (Orbax's default checkpoint format) reads an object's generation from them and
+  fails with "Malformed StorageGeneration" without them.
+- No metadata file: on every write the emulator serialises every object it holds into a JSON
+  file that only a restart reads back (none here); with the objects of a few checkpoints that
+  made each save quadratic. The HTTP API it serves is unchanged.
+"""
+
+import runpy
+import sys
+
+from gcp_storage_emulator import server, storage
+from gcp_storage_emulator.handlers import objects
+
+_download = objects.download
+
+
+def _download_with_generation(request, response, store, *args, **kwargs):
+  _download(request, response, store, *args, **kwargs)
+  if response.status.value < 300:
+    obj = store.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    response["x-goog-generation"] = str(obj["generation"])
+    response["x-goog-metageneration"] = str(obj["metageneration"])
+
+
+def main():
+  storage.Storage._write_config_to_file = lambda self: None  # pylint: disable=protected-access
+  # objects.get calls the module's `download` for alt=media; the /download route holds the
+  # function itself.
+  objects.download = _download_with_generation
+  server.HANDLERS = tuple(
+      (route, {method: _download_with_generation if fn is _download else fn
+               for method, fn in handlers.items()})
+      for route, handlers in server.HANDLERS)
+  sys.argv[0] = "gcp-storage-emulator"
+  runpy.run_module("gcp_storage_emulator", run_name="__main__")
+
+
+if __name__ == "__main__":
+  main()
