@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The performance figures on a GPU host, in one go (a few minutes on one H100/H200 class GPU):
+#   0. The full-size Stage I step on one GPU, its batches placed ahead (data.device_prefetch=2)
+#      or when each step starts (0): step time, TFLOP/s and MFU.
 #   1. Stage I and Stage II train steps, float32 and bfloat16, batch 32 per GPU, with XLA's
 #      FLOP count and the model FLOPs utilisation; PyTorch eager on the same GPU beside them
 #      when this Python's torch has CUDA (with the same-weights loss check).
@@ -44,6 +46,11 @@ if "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/
 fi
 echo "== $num_gpus GPU(s), global batch $batch, PyTorch reference: $reference"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+echo "== 0. Stage I with batches placed ahead (data.device_prefetch 2) and not (0)"
+"$PYTHON" benchmarks/device_prefetch.py --model=full --dtype=bfloat16 --input_ms=0 \
+  --batch_size="$PER_GPU_BATCH" --steps="$STEPS" --read_every=1,50 \
+  | tee "$OUT/device_prefetch.md"
 
 echo "== 1. train step, float32 and bfloat16"
 "$PYTHON" benchmarks/step_speed.py --stages="$STAGES" --dtypes=float32,bfloat16 \

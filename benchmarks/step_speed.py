@@ -31,13 +31,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Dense peak rates (TFLOP/s) for MFU, by device kind and compute dtype: vendor data sheets.
-PEAK_TFLOPS = {
-    ("NVIDIA H200", "bfloat16"): 989.0, ("NVIDIA H200", "float32"): 494.0,  # TF32 tensor cores
-    ("NVIDIA H100 80GB HBM3", "bfloat16"): 989.0, ("NVIDIA H100 80GB HBM3", "float32"): 494.0,
-    ("NVIDIA A100-SXM4-80GB", "bfloat16"): 312.0, ("NVIDIA A100-SXM4-80GB", "float32"): 156.0,
-    ("TPU v4", "bfloat16"): 275.0, ("TPU v5 lite", "bfloat16"): 197.0,
-}
 
 
 def _load(path, name):
@@ -103,6 +96,7 @@ def bench_ours(config, devices):
 
   from instance_loss_jax import sharding
   from instance_loss_jax import training as ts
+  from instance_loss_jax.training import flops
   row = dict(framework="jax/xla", stage=config.stage, dtype=config.compute_dtype,
              classes=config.num_classes, batch=config.batch_size)
   n = len(devices)
@@ -114,9 +108,7 @@ def bench_ours(config, devices):
   # limit should still say how far it got.
   print(f"compiled stage {config.stage}, {config.compute_dtype}, {config.num_classes:,} classes "
         f"in {row['compile_s']:.1f} s", file=sys.stderr, flush=True)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  row["gflop_per_step"] = float(cost.get("flops", 0.0)) * n / 1e9
+  row["gflop_per_step"] = (flops.compiled_flops(compiled) or 0.0) * n / 1e9
   if memory_account(compiled) is not None:
     row["xla_bytes_per_device"] = memory_account(compiled)
   classes = sharding.padded_num_classes(config, mesh)
@@ -140,7 +132,7 @@ def bench_ours(config, devices):
     if "peak_bytes_in_use" in stats:
       row["device_peak_bytes"] = stats["peak_bytes_in_use"]  # the process's peak so far
     row["tflop_per_s"] = row["gflop_per_step"] / row["step_s"] / 1e3
-    peak = PEAK_TFLOPS.get((devices[0].device_kind, config.compute_dtype))
+    peak = flops.peak_tflops(devices[0].device_kind, config.compute_dtype)
     if peak:
       row["mfu"] = row["tflop_per_s"] / (peak * n)
     row["loss"] = float(holder[1]["loss"])

@@ -42,6 +42,7 @@ EVAL_FEATURES = ("after_relu", "original")
 FLOAT32_PARTS = ("backbone", "text_cnn", "heads", "batch_norm", "w_share")
 W_SHARE_SHARDINGS = ("classes", "replicated")
 LR_GROUPS = ("backbone", "word_embedding", "text_cnn", "heads", "w_share")
+LR_BATCH_RULES = ("none", "linear", "sqrt")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -78,7 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.mean_rgb = (119.86, 113.93, 103.93)  # on 0-255 (MSCOCO mean)
   c.data.std_rgb = (1.0, 1.0, 1.0)
   c.data.bgr = False  # channel order the backbone expects (Keras/caffe weights: True)
+  # Two stages of read-ahead: tf.data prepares `prefetch` host (numpy) batches in its own
+  # threads; `device_prefetch` of them are then checked against the config and copied onto the
+  # mesh as global arrays, in a thread, ahead of the steps that use them (training/prefetch.py),
+  # so the host-to-device copy overlaps the step before. 0: a batch is placed when its step
+  # starts. Results do not depend on either.
   c.data.prefetch = 2
+  c.data.device_prefetch = 2
 
   c.model = ml_collections.ConfigDict()
   c.model.image = ml_collections.ConfigDict()
@@ -131,6 +138,10 @@ def base_config() -> ml_collections.ConfigDict:
   # TensorBoard's event files: "" = WORKDIR/tensorboard. (TensorFlow writes them through its own
   # file systems, gs:// included.)
   c.tensorboard_dir = ""
+  # (first, last): a jax.profiler trace of these steps on process 0, written beside the run's
+  # TensorBoard events (its Profile tab). () for none. Start after the first steps: the first
+  # holds the compile.
+  c.profile_steps = ()
   c.checkpoint_every = 1000  # steps; also at the end
   c.keep_checkpoints = 3
   # Orbax's OCDBT layout: one small database per process instead of a file set per array (fewer,
@@ -172,6 +183,15 @@ def base_config() -> ml_collections.ConfigDict:
       backbone=0.02, word_embedding=0.001, text_cnn=0.1, heads=0.1, w_share=0.01))
   # ((epochs, lr factor), ...): piecewise constant; the run's length is the sum of the epochs.
   c.optim.schedule = ((240, 1.0),)
+  # Steps of linear warmup into the schedule: step s (from 0) runs at (s + 1) / warmup_steps of
+  # its rate until s + 1 = warmup_steps. 0: none (the paper's batch of 32 needs none).
+  c.optim.warmup_steps = 0
+  # The rates above are for a global batch of `reference_batch` (the paper's 32 on one GPU).
+  # lr_batch_rule scales them for another batch_size: "none" (as written), "linear" (x
+  # batch_size / reference_batch: Goyal et al. 2017, with a warmup), "sqrt" (x its square
+  # root). docs/training.md says when to use which.
+  c.optim.reference_batch = 32
+  c.optim.lr_batch_rule = "none"
   return c
 
 
@@ -301,6 +321,12 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   m, t, loss, opt = cfg.model, cfg.model.text, cfg.loss, cfg.optim
   check(cfg.stage in STAGES, f"stage={cfg.stage!r}: must be 1 or 2")
   check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1")
+  profile = tuple(cfg.profile_steps)
+  check(not profile or (len(profile) == 2 and 1 <= profile[0] <= profile[1]),
+        f"profile_steps={profile}: () or (first, last) with 1 <= first <= last")
+  check(cfg.data.prefetch >= 1 and cfg.data.device_prefetch >= 0,
+        f"data.prefetch={cfg.data.prefetch}, data.device_prefetch={cfg.data.device_prefetch}: "
+        "need >= 1 and >= 0")
   check(cfg.compute_dtype in COMPUTE_DTYPES,
         f"compute_dtype={cfg.compute_dtype!r}: one of {COMPUTE_DTYPES}")
   check(cfg.eval.features in EVAL_FEATURES,
@@ -342,6 +368,10 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   check(cfg.freeze_backbone or cfg.backbone_bn == "train",
         f"freeze_backbone=False needs backbone_bn='train' (got {cfg.backbone_bn!r})")
   check(all(v >= 0 for v in opt.lr_mult.values()), "optim.lr_mult values must be >= 0")
+  check(opt.warmup_steps >= 0, f"optim.warmup_steps={opt.warmup_steps}: must be >= 0")
+  check(opt.lr_batch_rule in LR_BATCH_RULES,
+        f"optim.lr_batch_rule={opt.lr_batch_rule!r}: one of {LR_BATCH_RULES}")
+  check(opt.reference_batch >= 1, f"optim.reference_batch={opt.reference_batch}: must be >= 1")
   check(len(opt.schedule) >= 1 and all(len(p) == 2 and p[0] > 0 for p in opt.schedule),
         f"optim.schedule={opt.schedule}: ((epochs > 0, lr factor), ...)")
   check(cfg.eval.every_steps >= 0, f"eval.every_steps={cfg.eval.every_steps}: >= 0 (0: off)")

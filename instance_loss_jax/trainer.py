@@ -28,7 +28,8 @@ from instance_loss_jax.data import vocab as vocab_lib
 from instance_loss_jax.errors import Preempted, TrainingError
 from instance_loss_jax.evaluation.evaluator import Evaluator, evaluate
 from instance_loss_jax.evaluation.tables import markdown_table
-from instance_loss_jax.training import optim
+from instance_loss_jax.training import flops, optim
+from instance_loss_jax.training.prefetch import DevicePrefetch
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +141,15 @@ def _fmt_time(seconds: float) -> str:
 class _Logger:
   """Console line and TensorBoard scalars; only process 0 writes."""
 
-  def __init__(self, workdir: str, total_steps: int, batch_size: int, tensorboard_dir: str = ""):
-    self.total, self.batch_size = total_steps, batch_size
+  def __init__(self, workdir: str, total_steps: int, config):
+    self.total, self.batch_size = total_steps, config.batch_size
+    self.compute_dtype = config.compute_dtype
+    self.device_kind = jax.devices()[0].device_kind
+    self.flops_per_step = None  # per device, XLA's count (set after the first step)
+    self.logdir = config.tensorboard_dir or paths.join(workdir, "tensorboard")
     self.writer = None
     if jax.process_index() == 0:
-      self.writer = tf.summary.create_file_writer(tensorboard_dir or
-                                                  paths.join(workdir, "tensorboard"))
+      self.writer = tf.summary.create_file_writer(self.logdir)
     self.last_time, self.last_step = time.time(), None
 
   def log_eval(self, step: int, results: dict[str, Any]):
@@ -172,6 +176,8 @@ class _Logger:
     rate = (step - first) * self.batch_size / max(now - self.last_time, 1e-9)
     self.last_time, self.last_step = now, step
     mean = {k: float(np.mean([m[k] for _, m in history])) for k in history[-1][1]}
+    use = flops.utilisation(self.flops_per_step, rate / self.batch_size, self.device_kind,
+                            self.compute_dtype)
     if self.writer is None:
       return
     with self.writer.as_default():
@@ -179,13 +185,42 @@ class _Logger:
         for k, v in m.items():
           tf.summary.scalar(f"train/{k}", float(v), step=s)
       tf.summary.scalar("train/images_per_second", rate, step=step)
+      for k, v in use.items():
+        tf.summary.scalar(f"train/{k}", v, step=step)
     self.writer.flush()
     left = (self.total - step) * self.batch_size / max(rate, 1e-9)
+    speed = (f" | {use['tflops_per_device']:.3g} TFLOP/s/device" if use else "") + (
+        f" (MFU {100 * use['mfu']:.1f}%)" if "mfu" in use else "")
     log.info(
         "step %d/%d | loss %.4f (rank %.4f, visual %.4f, textual %.4f) | acc img %.3f txt %.3f"
-        " | lr %.2g | %.1f img/s | %s left", step, self.total, mean["loss"], mean["rank_loss"],
+        " | lr %.2g | %.1f img/s%s | %s left", step, self.total, mean["loss"], mean["rank_loss"],
         mean["visual_loss"], mean["textual_loss"], mean["img_accuracy"], mean["txt_accuracy"],
-        mean["learning_rate"], rate, _fmt_time(left))
+        mean["learning_rate"], rate, speed, _fmt_time(left))
+
+
+class _Profiler:
+  """A jax.profiler trace of steps `config.profile_steps` = (first, last) on process 0, into the
+  run's TensorBoard directory (TensorBoard's Profile tab; plugins/profile/<time>/)."""
+
+  def __init__(self, steps: tuple[int, ...], logdir: str):
+    self.first, self.last = tuple(steps) if steps else (0, -1)
+    self.logdir, self.tracing = logdir, False
+
+  def before(self, step: int) -> None:
+    if step == self.first and jax.process_index() == 0:
+      jax.profiler.start_trace(self.logdir)
+      self.tracing = True
+      log.info("profiling steps %d-%d into %s", self.first, self.last, self.logdir)
+
+  def after(self, step: int, state) -> None:
+    if self.tracing and step >= self.last:
+      jax.block_until_ready(state)  # the trace holds the last step's device work
+      self.stop()
+
+  def stop(self) -> None:
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
 
 
 class _StopSignal:
@@ -227,27 +262,48 @@ def _train_loop(config, step_fn, state, batches, mgr, meta, logger, start, total
                 validate):
   pending = []  # (step, device metrics) since the last look at the host
   every = config.eval.every_steps
-  for step in range(start + 1, total_steps + 1):
-    state, metrics = step_fn(state, next(batches))
-    pending.append((step, metrics))
-    reason = stop.reason or ("preemption notice" if mgr.reached_preemption(step) else None)
-    evaluate = validate is not None and (step % every == 0 or step == total_steps)
-    save = step % config.checkpoint_every == 0 or step == total_steps or reason or evaluate
-    if save or step % config.log_every == 0:
-      history = [(s, sharding.to_host(m)) for s, m in pending]
-      pending = []
-      for s, m in history:
-        if not np.isfinite(m["loss"]):
-          mgr.wait_until_finished()
-          raise TrainingError(f"non-finite loss ({m['loss']}) at step {s}; the newest checkpoint "
-                              f"(step {mgr.latest_step()}) is kept")
-      logger.log(history)
-      if save:
-        val = validate(state, step)["metrics"] if evaluate else None
-        checkpoint.save(mgr, step, state, meta, val)  # global arrays: each process its shards
-    if reason:
-      mgr.wait_until_finished()
-      raise Preempted(step, reason)
+  profiler = _Profiler(config.profile_steps, logger.logdir)
+  try:
+    for step in range(start + 1, total_steps + 1):
+      batch = next(batches)
+      profiler.before(step)
+      state, metrics = step_fn(state, batch)
+      profiler.after(step, state)
+      if logger.flops_per_step is None:
+        # After the first call: its executable is the one analysed (no second compile).
+        logger.flops_per_step = step_fn.flops(state, batch) or 0.0
+        log.info("train step: %.4g GFLOP per device (XLA's count)",
+                 logger.flops_per_step / 1e9)
+      pending = _after_step(config, state, step, metrics, pending, mgr, meta, logger, stop,
+                            validate, total_steps, every)
+  finally:
+    profiler.stop()
+
+
+def _after_step(config, state, step, metrics, pending, mgr, meta, logger, stop, validate,
+                total_steps, every):
+  """Logs, validates and saves as `step` asks; returns the metrics not yet logged. Raises on a
+  non-finite loss (the newest checkpoint kept) or a stop request (after saving this step)."""
+  pending = pending + [(step, metrics)]
+  reason = stop.reason or ("preemption notice" if mgr.reached_preemption(step) else None)
+  evaluate = validate is not None and (step % every == 0 or step == total_steps)
+  save = step % config.checkpoint_every == 0 or step == total_steps or reason or evaluate
+  if save or step % config.log_every == 0:
+    history = [(s, sharding.to_host(m)) for s, m in pending]
+    pending = []
+    for s, m in history:
+      if not np.isfinite(m["loss"]):
+        mgr.wait_until_finished()
+        raise TrainingError(f"non-finite loss ({m['loss']}) at step {s}; the newest checkpoint "
+                            f"(step {mgr.latest_step()}) is kept")
+    logger.log(history)
+    if save:
+      val = validate(state, step)["metrics"] if evaluate else None
+      checkpoint.save(mgr, step, state, meta, val)  # global arrays: each process its shards
+  if reason:
+    mgr.wait_until_finished()
+    raise Preempted(step, reason)
+  return pending
 
 
 def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, Any] | None:
@@ -294,10 +350,10 @@ def _train_and_evaluate(config, workdir: str, mesh, phase: dict[str, bool]):
            split.num_images, num_classes, len(vocab.words), total_steps, config.batch_size)
 
   step_fn = training.make_train_step(config, steps_per_epoch, mesh)
-  batches = pipeline.numpy_batches(
+  host_batches = pipeline.numpy_batches(
       pipeline.train_dataset(split, config, mesh.size, start, jax.process_index(),
                              jax.process_count()), split.image_paths)
-  logger = _Logger(workdir, total_steps, config.batch_size, config.tensorboard_dir)
+  logger = _Logger(workdir, total_steps, config)
   validate = None
   if config.eval.every_steps:
     evaluator = Evaluator(config, vocab, config.eval.val_split,
@@ -305,10 +361,12 @@ def _train_and_evaluate(config, workdir: str, mesh, phase: dict[str, bool]):
     validate = lambda state, step: _validate(evaluator, state, step, workdir, logger)
   stop = _StopSignal()  # from here on, SIGTERM stops the run at the next step boundary
   phase["training"] = True
+  batches = DevicePrefetch(host_batches, step_fn.place, config.data.device_prefetch)
   try:
     _train_loop(config, step_fn, state, batches, mgr, meta, logger, start, total_steps, stop,
                 validate)
   finally:
+    batches.close()
     mgr.wait_until_finished()  # an error must not leave a half-written checkpoint behind
     stop.restore()
   if not config.eval.at_end:

@@ -1,6 +1,8 @@
 """The training binary end to end: two stages, resume after SIGKILL, refusals, evaluation."""
 
+import glob
 import json
+import logging
 import os
 import re
 import signal
@@ -120,6 +122,32 @@ def test_evaluation_is_repeatable_and_refuses_bad_requests(data_dir, stage1):
   other = small_config("stage1", data_dir, **{"model.text.pooling": "mean"})
   with pytest.raises(checkpoint.CheckpointError, match="model.text.pooling: checkpoint 'max'"):
     evaluator.evaluate(other, workdir, "test")
+
+
+@pytest.mark.xdist_group("stage1")
+@pytest.mark.slow
+def test_without_device_prefetch_with_a_profile_the_run_is_the_same(data_dir, stage1, tmp_path,
+                                                                    caplog):
+  # The stage1 fixture placed its batches 2 steps ahead (data.device_prefetch's default): placed
+  # when each step starts, and with steps 2-3 traced, the run ends with the same variables.
+  workdir, _ = stage1
+  other = str(tmp_path / "run")
+  config = small_config("stage1", data_dir, profile_steps=(2, 3), **{
+      "data.device_prefetch": 0, "eval.at_end": False})
+  with caplog.at_level(logging.INFO, logger="instance_loss_jax.trainer"):
+    trainer.train_and_evaluate(config, other)
+  a = checkpoint.restore_variables(checkpoint.manager(workdir, read_only=True), 8)
+  b = checkpoint.restore_variables(checkpoint.manager(other, read_only=True), 8)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+    assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), jax.tree_util.keystr(path)
+  traces = glob.glob(os.path.join(other, "tensorboard", "plugins", "profile", "*", "*.xplane.pb"))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+  log = caplog.text
+  assert "profiling steps 2-3" in log
+  # XLA's FLOP count of the step, and the rate per device on each log line; no MFU on a CPU.
+  assert re.search(r"train step: [0-9.e+]+ GFLOP per device", log)
+  assert re.search(r"img/s \| [0-9.e+-]+ TFLOP/s/device \|", log)
+  assert "MFU" not in log
 
 
 def dir_state(path):

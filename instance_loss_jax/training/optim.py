@@ -6,8 +6,11 @@ is `optim.lr * optim.lr_mult[group] * schedule(step)`.
 
 from __future__ import annotations
 
+import math
+
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -37,15 +40,28 @@ def param_labels(params, frozen: tuple[str, ...] = ()):
   return flax.traverse_util.unflatten_dict(labels)
 
 
+def batch_scale(config: ml_collections.ConfigDict) -> float:
+  """The rates' factor for `batch_size` against `optim.reference_batch` by `optim.lr_batch_rule`
+  ("none": 1; "linear": the ratio; "sqrt": its square root)."""
+  ratio = config.batch_size / config.optim.reference_batch
+  return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[config.optim.lr_batch_rule]
+
+
 def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-  """The base learning rate per step from `optim.schedule` ((epochs, factor), ...)."""
-  phases = config.optim.schedule
+  """The base learning rate per step: `optim.schedule` ((epochs, factor), ...) of `optim.lr`,
+  scaled for the batch (`batch_scale`), ramped over the first `optim.warmup_steps`."""
+  opt = config.optim
+  lr = opt.lr * batch_scale(config)
   boundaries, values, epochs = [], [], 0
-  for num_epochs, factor in phases:
-    values.append(config.optim.lr * factor)
+  for num_epochs, factor in opt.schedule:
+    values.append(lr * factor)
     epochs += num_epochs
     boundaries.append(int(round(epochs * steps_per_epoch)))
-  return optax.join_schedules([optax.constant_schedule(v) for v in values], boundaries[:-1])
+  schedule = optax.join_schedules([optax.constant_schedule(v) for v in values], boundaries[:-1])
+  if not opt.warmup_steps:
+    return schedule
+  # (step + 1) / warmup: the first update already moves (a ramp from 0 would waste it).
+  return lambda step: schedule(step) * jnp.minimum(1.0, (step + 1) / opt.warmup_steps)
 
 
 def num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:

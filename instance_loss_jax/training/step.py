@@ -23,6 +23,7 @@ from instance_loss_jax.config import frozen_scopes, validate_config
 from instance_loss_jax.models import build_model, dropout_mask
 from instance_loss_jax.training import losses, optim
 from instance_loss_jax.training.batch import check_batch
+from instance_loss_jax.training.flops import compiled_flops
 from instance_loss_jax.training.state import TrainState, abstract_train_state, variables_of
 
 
@@ -120,7 +121,8 @@ def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: float, m
 
   state: a global TrainState laid out by `sharding.shardings` (see `init_train_state`,
   `place_state`); batch: this process's rows as numpy (checked against the config first, then
-  assembled into global arrays). Metrics come back replicated. `step.jitted` is the compiled
+  assembled into global arrays), or what `step.place(rows)` returned for them (ahead of time:
+  `training.prefetch.DevicePrefetch`). Metrics come back replicated. `step.jitted` is the compiled
   function of (state arrays `checkpoint.state_tree(state)`, global batch): benchmarks lower it
   (`abstract_batch`) for XLA's analyses.
   """
@@ -145,11 +147,24 @@ def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: float, m
                    out_shardings=(jax.tree_util.tree_map(named, state_specs),
                                   named(jax.sharding.PartitionSpec())))
 
-  def step(state, batch):
+  def place(batch):
     check_batch(batch, config, mesh)
-    arrays, metrics = jitted(checkpoint.state_tree(state), sharding.global_batch(batch, mesh))
+    return sharding.global_batch(batch, mesh)
+
+  def step(state, batch):
+    if not all(isinstance(v, jax.Array) for v in batch.values()):
+      batch = place(batch)
+    arrays, metrics = jitted(checkpoint.state_tree(state), batch)
     return state.replace(**arrays), metrics
 
+  def flops(state, batch) -> float | None:
+    """XLA's FLOP count of one step per device, for a state and placed batch like those of a
+    call made already: the lowering matches that call's, so its executable is reused, not
+    compiled again."""
+    return compiled_flops(jitted.lower(checkpoint.state_tree(state), batch).compile())
+
+  step.place = place
+  step.flops = flops
   step.jitted = jitted
   step.mesh = mesh
   return step
