@@ -230,18 +230,34 @@ def restore_state(mgr: ocp.CheckpointManager, step: int, template):
   return template.replace(**tree)
 
 
-def restore_variables(mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+def restore_variables(mgr: ocp.CheckpointManager, step: int,
+                      w_share: bool = True) -> dict[str, Any]:
   """params and batch_stats of a checkpoint as host numpy arrays, W_share cut to the true class
-  count (any model's; whatever mesh wrote it)."""
+  count (any model's; whatever mesh wrote it). Only these are read: not the optimiser state,
+  nor W_share and its class axis when `w_share` is False (the embeddings do not use it; at
+  millions of classes it is most of the checkpoint).
+
+  Orbax's partial restore over the step's state item: arrays absent from the target are
+  skipped, never read (tests/test_checkpoint.py deletes them from disk first)."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  saved = saved_arrays(mgr, step)
+  wanted = dict(params=saved["params"], batch_stats=saved["batch_stats"])
+  if not w_share:
+    wanted["params"] = {k: v for k, v in wanted["params"].items() if k != sharding.W_SHARE}
   target = jax.tree_util.tree_map(
-      lambda saved: jax.ShapeDtypeStruct(saved.shape, saved.dtype, sharding=device),
-      saved_arrays(mgr, step))
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), wanted)
   target = sharding.pad_classes(target, read_meta(mgr, step)["num_classes"])  # cut the padding
-  tree = mgr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target, strict=False)))["state"]
-  return jax.tree_util.tree_map(np.asarray, dict(params=tree["params"],
-                                                 batch_stats=tree["batch_stats"]))
+  restore_args = jax.tree_util.tree_map(
+      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype,
+                                     strict=False), target)
+  # The manager's "state" handler restores whole trees; a PyTree checkpointer on the same
+  # directory takes the partial target (the layout on disk is the same).
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.restore(
+        paths.path(str(mgr.directory)) / str(step) / "state",
+        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                    partial_restore=True))
+  return jax.tree_util.tree_map(np.asarray, tree)
 
 
 def merge_variables(target: dict[str, Any], loaded: dict[str, Any], source: str,

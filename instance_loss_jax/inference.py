@@ -223,4 +223,6 @@ def load_run(workdir: str, step: int | None = None, *, prefer: str = "best",
                         f"{what}: {mgr.directory}/{step}")
   embed_fns = make_embed_fns(config, sharding.make_mesh(devices or jax.local_devices()))
   return Run(workdir, config, vocab, step,
-             embed_fns, embed_fns.place(checkpoint.restore_variables(mgr, step)))
+             # The embeddings use neither W_share nor the optimiser state: neither is read.
+             embed_fns, embed_fns.place(checkpoint.restore_variables(mgr, step,
+                                                                     w_share=False)))
