@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from instance_loss_jax import backbone, checkpoint, inference, paths, sharding
+from instance_loss_jax import backbone, checkpoint, inference, paths, sharding, writer
 from instance_loss_jax import training
 from instance_loss_jax.config import ConfigError, input_convention, run_config, validate_config
 from instance_loss_jax.data import pipeline, records
@@ -312,6 +312,10 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, Any] | None
   validate_config(config)
   created = not paths.path(workdir).exists()
   check_workdir(workdir)
+  # Before anything is written: a workdir that another live job writes is refused here.
+  claim = writer.WriterClaim(workdir).acquire()
+  if claim.took_over:
+    log.info("took over the workdir from a job that is gone (%s)", claim.took_over)
   phase = {"training": False}
   try:
     return _train_and_evaluate(config, workdir, mesh, phase)
@@ -320,8 +324,11 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, Any] | None
     # backbone) leaves no workdir behind if it made it: the same command, corrected, then
     # starts clean, and `ls` shows no run that never ran.
     if created and not phase["training"] and jax.process_index() == 0:
+      claim.release()
       paths.path(workdir).rmtree()
     raise
+  finally:
+    claim.release()
 
 
 def _train_and_evaluate(config, workdir: str, mesh, phase: dict[str, bool]):

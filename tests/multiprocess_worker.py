@@ -2,7 +2,9 @@
 
     python multiprocess_worker.py PORT PROCESS_ID NUM_PROCESSES DEVICES_PER_PROCESS OUT.npz
 
-Every process feeds its own rows of the same global batches; process 0 saves the variables. One process with all the devices is the reference.
+Every process feeds its own rows of the same global batches; process 0 saves the variables. One
+process with all the devices is the reference. Then the job claims a workdir beside OUT.npz as
+one writer (writer.WriterClaim), and is refused, on every process, a workdir another job holds.
 """
 
 import os
@@ -42,3 +44,28 @@ if process_id == 0:
           for p, x in jax.tree_util.tree_leaves_with_path(variables)}
   np.savez(out, **flat)
 print("done", process_id, float(sharding.to_host(metrics)["loss"]))
+
+import json  # noqa: E402
+import time  # noqa: E402
+
+from jax.experimental import multihost_utils  # noqa: E402
+from instance_loss_jax import writer  # noqa: E402
+
+claims = os.path.join(os.path.dirname(out), "claimed")
+os.makedirs(claims, exist_ok=True)
+with writer.WriterClaim(claims):
+  multihost_utils.sync_global_devices("claimed")
+  print("claim", process_id, os.getpid(), writer.read_claim(claims)["pid"])
+  multihost_utils.sync_global_devices("read")
+busy = os.path.join(os.path.dirname(out), "busy")
+if process_id == 0:
+  os.makedirs(busy, exist_ok=True)
+  with open(os.path.join(busy, writer.CLAIM_FILE), "w") as f:
+    json.dump(dict(host="another-host", pid=1, started=time.time(), heartbeat=time.time(),
+                   job="other"), f)
+multihost_utils.sync_global_devices("busy written")
+try:
+  writer.WriterClaim(busy).acquire()
+  print("not refused", process_id)
+except writer.WorkdirBusy as e:
+  print("refused", process_id, str(e))

@@ -18,7 +18,7 @@ LAYERS = [
     ["errors"],
     ["config", "paths"],
     ["sharding", "models", "data"],
-    ["checkpoint", "backbone"],
+    ["checkpoint", "backbone", "writer"],
     ["training", "inference"],
     ["evaluation"],
     ["trainer", "index"],

@@ -9,6 +9,7 @@ Checkpoints are in Orbax's default format (OCDBT), which needs the object genera
 tests/gcs_emulator.py adds to the emulator's downloads.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from instance_loss_jax import checkpoint, sharding, trainer
+from instance_loss_jax import checkpoint, sharding, trainer, writer
 
 from helpers import xla_flags
 from test_training import (  # noqa: F401  (data_dir: a fixture)
@@ -138,3 +139,19 @@ def test_two_stages_resume_and_evaluation_on_gcs(emulator, data_dir, tmp_path):
   assert written == ["test-8-correlation.png", "test-8-gallery.html", "test-8-similarity.png",
                      "test-8.json", "test-8.md"]
   assert "rsum" in (epath.Path(stage2) / "eval" / "test-8.json").read_text()
+
+
+def test_one_writer_per_workdir_on_gcs(emulator):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  workdir = f"gs://{BUCKET}/claims/run"
+  with writer.WriterClaim(workdir):
+    assert writer.read_claim(workdir)["pid"] == os.getpid()
+    with pytest.raises(writer.WorkdirBusy, match=rf"pid {os.getpid()}, started"):
+      writer.WriterClaim(workdir).acquire()
+  assert writer.read_claim(workdir) is None
+  # A job on another host that stopped heartbeating long ago: its claim is taken over.
+  (epath.Path(workdir) / writer.CLAIM_FILE).write_text(json.dumps(
+      dict(host="another-host", pid=1, started=0.0, heartbeat=0.0, job="gone")))
+  with writer.WriterClaim(workdir) as claim:
+    assert "host another-host, pid 1" in claim.took_over
+    assert writer.read_claim(workdir)["job"] == claim.claim["job"]

@@ -333,9 +333,17 @@ def test_two_processes_match_one_process(tmp_path):
   config = tiny_config(**MULTIPROCESS)
   state, _ = run_steps(config, jax.local_devices()[:4],
                        [random_batch(config, seed=s) for s in range(2)])
+  outs = []
   for p in workers:
-    _, err = p.communicate(timeout=600)
+    out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
+    outs.append(out)
+  # The job is one writer: process 0's claim, seen by both; a workdir held by another job is
+  # refused on both processes.
+  claims = [line.split() for out in outs for line in out.splitlines() if line.startswith("claim")]
+  assert len(claims) == 2 and {c[3] for c in claims} == {claims[0][2]}, outs
+  refused = [line for out in outs for line in out.splitlines() if line.startswith("refused")]
+  assert len(refused) == 2 and all("host another-host, pid 1" in r for r in refused), outs
   two = np.load(tmp_path / "two.npz")
   one = {jax.tree_util.keystr(p): x for p, x in
          jax.tree_util.tree_leaves_with_path(ts.variables_of(state))}

@@ -207,18 +207,23 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(data_dir, tmp_path):
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
 
 
-def run_binary(workdir, overrides, stop_signal=None, when=None):
+def training_command(workdir, overrides):
+  return [sys.executable, "-m", "instance_loss_jax.cli.train", "--config=configs/demo.py:stage2",
+          f"--workdir={workdir}"] + flags_for(overrides)
+
+
+def run_binary(workdir, overrides, stop_signal=None, when=None, while_stopped=None):
   """Runs the training binary on 2 devices. With `stop_signal`: once `when(logged_steps,
-  checkpoint_steps)` holds, freezes the run (SIGSTOP), checks it has not ended, sends the signal
-  and lets it go on (SIGCONT); returns (returncode, stderr, what the run had done at the signal).
+  checkpoint_steps)` holds, freezes the run (SIGSTOP), checks it has not ended, calls
+  `while_stopped(process)` if given, sends the signal and lets it go on (SIGCONT); returns
+  (returncode, stderr, what the run had done at the signal).
 
   The freeze makes the test independent of the machine's speed: the signal always lands in a
   run that is still going, at the point the condition chose (a run of the faster tests' model
   once ended inside a fixed delay before its SIGTERM)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2))
-  cmd = [sys.executable, "-m", "instance_loss_jax.cli.train", "--config=configs/demo.py:stage2",
-         f"--workdir={workdir}"] + flags_for(overrides)
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(training_command(workdir, overrides), cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   # Read as it comes (a full pipe would block the run), and to see the steps it logs.
   lines = []
@@ -235,6 +240,8 @@ def run_binary(workdir, overrides, stop_signal=None, when=None):
       if when(logged, saved):
         proc.send_signal(signal.SIGSTOP)
         if proc.poll() is None:
+          if while_stopped is not None:
+            while_stopped(proc)
           proc.send_signal(stop_signal)
           note = (f"{stop_signal.name} after logged steps {logged[-3:]}, checkpoints {saved}")
         else:
@@ -295,15 +302,36 @@ def test_sigterm_then_sigkill_then_the_resumed_run_ends_as_an_uninterrupted_one(
   assert f"preempted: stopped at step {stopped_at} (SIGTERM)" in err
   assert "Traceback" not in err
   # The next launch resumes from that step; SIGKILL (no chance to save) once it has written a
-  # checkpoint of its own.
+  # checkpoint of its own. Before the kill, while it is frozen, a second job on the same
+  # workdir is refused, naming the writer, and changes nothing.
+  second = {}
+
+  def start_a_second_writer(first):
+    before = dir_state(resumed)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2))
+    done = subprocess.run(training_command(resumed, overrides), cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=300, check=False)
+    second.update(code=done.returncode, err=done.stderr, pid=first.pid,
+                  unchanged=dir_state(resumed) == before)
+
   code, err, note = run_binary(resumed, overrides, signal.SIGKILL,
-                               lambda logged, saved: saved[-1] > stopped_at)
+                               lambda logged, saved: saved[-1] > stopped_at,
+                               while_stopped=start_a_second_writer)
   assert f"resuming from {resumed} step {stopped_at}" in err
   assert code == -signal.SIGKILL, note
+  assert second["code"] == 1, second["err"][-2000:]
+  refusal = [line for line in second["err"].splitlines() if line.startswith("error:")]
+  assert len(refusal) == 1 and re.search(
+      rf"workdir {resumed} is being written by another training job \(host .*, pid "
+      rf"{second['pid']}, started ", refusal[0]), second["err"][-2000:]
+  assert "Traceback" not in second["err"] and second["unchanged"]
   killed_at = checkpoint_steps(resumed)
   assert killed_at[-1] > stopped_at and killed_at[-1] < RESUME_STEPS, note
-  # The third launch resumes from the newest checkpoint and ends as the uninterrupted run did.
+  # The third launch takes over the killed job's claim (its pid is gone), resumes from the
+  # newest checkpoint and ends as the uninterrupted run did.
   log = run_binary(resumed, overrides)
+  assert "took over the workdir from a job that is gone (host" in log
+  assert f"pid {second['pid']}" in log and "on this host is gone" in log
   assert f"resuming from {resumed} step {killed_at[-1]}" in log
   assert_same_final_variables(straight, resumed)
 

@@ -1,0 +1,166 @@
+"""One training job writes a workdir at a time: a claim file, `WRITER.json`, in the workdir.
+
+A second training job started on a workdir that a live job writes (a SLURM requeue while the
+old job still runs, a command typed twice) would write the same checkpoints. The trainer claims
+the workdir before it writes anything and refuses, in one line naming the writer, a workdir that
+another live job holds. The claim is {host, pid, started, heartbeat, job}: process 0 of the job
+writes it (all processes of a multi-host job are one writer) and rewrites `heartbeat` every
+`HEARTBEAT_S` seconds from a thread; the end of the run removes it.
+
+A claim is stale, and is taken over, when its writer is known to be gone: on the same host, a
+pid that no longer exists (a SIGKILL, an out-of-memory kill); anywhere, a heartbeat older than
+`STALE_S` (a host that died or lost the store). The files are plain objects, so this works
+the same on gs://; two jobs starting within the same second on an object store could both
+write a claim, and the one whose claim is not read back refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from instance_loss_jax import paths
+from instance_loss_jax.errors import TrainingError
+
+CLAIM_FILE = "WRITER.json"
+HEARTBEAT_S = 30.0
+STALE_S = 300.0  # ten missed heartbeats
+
+
+class WorkdirBusy(TrainingError):
+  """The workdir is claimed by another live training job."""
+
+
+def read_claim(workdir: str) -> dict[str, Any] | None:
+  """The workdir's claim, or None if there is none (or it is unreadable: a half-written local
+  file cannot occur, see paths.write_bytes)."""
+  path = paths.path(workdir) / CLAIM_FILE
+  try:
+    return json.loads(path.read_text())
+  except (FileNotFoundError, json.JSONDecodeError, ValueError):
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process: alive
+    return True
+  return True
+
+
+def stale_reason(claim: dict[str, Any], now: float | None = None,
+                 stale_s: float = STALE_S) -> str | None:
+  """Why `claim`'s writer is gone (then the claim may be taken over), or None if it may live."""
+  now = time.time() if now is None else now
+  if claim.get("host") == socket.gethostname() and not _pid_alive(int(claim.get("pid", -1))):
+    return f"process {claim.get('pid')} on this host is gone"
+  age = now - float(claim.get("heartbeat", 0))
+  if age > stale_s:
+    return f"its last heartbeat was {age:.0f} s ago (over {stale_s:.0f} s)"
+  return None
+
+
+def describe(claim: dict[str, Any], now: float | None = None) -> str:
+  now = time.time() if now is None else now
+  started = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(float(claim.get("started", 0))))
+  return (f"host {claim.get('host')}, pid {claim.get('pid')}, started {started}, last "
+          f"heartbeat {now - float(claim.get('heartbeat', 0)):.0f} s ago")
+
+
+class WriterClaim:
+  """The claim of this job on `workdir`; `acquire()` before writing, `release()` at the end
+  (or use it as a context manager)."""
+
+  def __init__(self, workdir: str, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S):
+    self.workdir, self.heartbeat_s, self.stale_s = workdir, heartbeat_s, stale_s
+    self.path = paths.path(workdir) / CLAIM_FILE
+    self.claim: dict[str, Any] | None = None
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    self.took_over: str | None = None  # why an earlier claim was stale, if one was there
+
+  def acquire(self) -> "WriterClaim":
+    """Claims the workdir or raises WorkdirBusy naming its writer (on every process of the job:
+    process 0 decides, the others follow)."""
+    refusal = ""
+    if jax.process_index() == 0:
+      refusal = self._claim_or_refusal()
+    if jax.process_count() > 1:
+      refusal = _broadcast_text(refusal)
+    if refusal:
+      raise WorkdirBusy(refusal)
+    return self
+
+  def _claim_or_refusal(self) -> str:
+    existing = read_claim(self.workdir)
+    if existing is not None:
+      reason = stale_reason(existing, stale_s=self.stale_s)
+      if reason is None:
+        return (f"workdir {self.workdir} is being written by another training job ("
+                f"{describe(existing)}); stop it first, or wait {self.stale_s:.0f} s after "
+                f"it stopped heartbeating ({self.path})")
+      self.took_over = f"{describe(existing)}: {reason}"
+    now = time.time()
+    self.claim = dict(host=socket.gethostname(), pid=os.getpid(), started=now, heartbeat=now,
+                      job=uuid.uuid4().hex)
+    self._write()
+    # Two jobs that read "no claim" at once both write one; the store keeps the last.
+    time.sleep(0.2)
+    back = read_claim(self.workdir)
+    if back is None or back.get("job") != self.claim["job"]:
+      self.claim = None
+      return (f"workdir {self.workdir} was claimed at the same moment by another training job"
+              f" ({describe(back) if back else 'unreadable claim'})")
+    self._thread = threading.Thread(target=self._beat, name="writer_heartbeat", daemon=True)
+    self._thread.start()
+    return ""
+
+  def _write(self) -> None:
+    paths.write_text(os.fspath(self.path), json.dumps(self.claim))
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      self.claim["heartbeat"] = time.time()
+      try:
+        self._write()
+      except OSError:  # a store hiccup: the next beat tries again
+        pass
+
+  def release(self) -> None:
+    """Stops the heartbeat and removes the claim if it is still this job's."""
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    if self.claim is not None:
+      back = read_claim(self.workdir)
+      if back is not None and back.get("job") == self.claim["job"]:
+        self.path.unlink()
+      self.claim = None
+
+  def __enter__(self) -> "WriterClaim":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def _broadcast_text(text: str, size: int = 1024) -> str:
+  """Process 0's `text` on every process (a fixed-size byte buffer through a collective)."""
+  buffer = np.zeros(size, np.uint8)
+  data = text.encode("utf-8")[:size]
+  buffer[:len(data)] = np.frombuffer(data, np.uint8)
+  out = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+  return bytes(out[out > 0]).decode("utf-8", errors="replace")
