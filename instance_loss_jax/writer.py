@@ -17,6 +17,7 @@ write a claim, and the one whose claim is not read back refuses.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -31,6 +32,7 @@ import numpy as np
 from instance_loss_jax import paths
 from instance_loss_jax.errors import TrainingError
 
+log = logging.getLogger(__name__)
 CLAIM_FILE = "WRITER.json"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0  # ten missed heartbeats
@@ -135,8 +137,11 @@ class WriterClaim:
       self.claim["heartbeat"] = time.time()
       try:
         self._write()
-      except OSError:  # a store hiccup: the next beat tries again
-        pass
+      except Exception as e:  # pylint: disable=broad-except
+        # A store hiccup must not end the beats (a silent thread would let another job take
+        # the workdir after STALE_S): say so, and the next beat tries again.
+        log.warning("could not renew the claim %s (%s); retrying in %.0f s", self.path, e,
+                    self.heartbeat_s)
 
   def release(self) -> None:
     """Stops the heartbeat and removes the claim if it is still this job's."""

@@ -20,10 +20,12 @@ _END = object()
 class DevicePrefetch:
   """Iterates `place(batch)` for each batch of `batches`, computed `size` ahead in a thread.
 
-  size 0 places each batch when it is asked for (no thread). An error in the thread (a corrupt
-  image, a batch that does not fit the config) is raised by the `next()` that would have
-  returned that batch; batches before it come first, in order. `close()` (or leaving a `with`)
-  stops the thread without waiting for the input: a preempted run exits at once.
+  `size` placed batches wait in a queue, and the thread holds one more while it waits for room:
+  size + 1 batches on the devices beside the one in use. size 0 places each batch when it is
+  asked for (no thread). An error in the thread (a corrupt image, a batch that does not fit the
+  config) is raised by the `next()` that would have returned that batch; batches before it come
+  first, in order. `close()` (or leaving a `with`) stops the thread without waiting for the
+  input: a preempted run exits at once.
   """
 
   def __init__(self, batches: Iterable[dict[str, Any]], place: Callable[[dict], dict],
