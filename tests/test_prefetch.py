@@ -48,12 +48,13 @@ def test_an_error_comes_after_the_batches_before_it_and_then_the_iterator_ends()
     next(batches)
 
 
-def test_close_stops_the_thread_while_it_waits_for_room():
+def test_close_stops_the_thread_and_waits_for_it():
+  # Waits: a daemon thread still inside JAX or TensorFlow at interpreter shutdown aborted 2 of
+  # 6 preempted runs (SIGABRT instead of exit status 143) before close() joined it.
   batches = DevicePrefetch(iter(range(100)), _placed([]), 1)
   next(batches)
   with batches:
     pass
-  batches._thread.join(timeout=5)  # pylint: disable=protected-access
   assert not batches._thread.is_alive()  # pylint: disable=protected-access
 
 

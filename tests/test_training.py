@@ -239,6 +239,7 @@ def run_binary(workdir, overrides, stop_signal=None, when=None, while_stopped=No
           else []
       if when(logged, saved):
         proc.send_signal(signal.SIGSTOP)
+        _wait_until_stopped(proc.pid)
         if proc.poll() is None:
           if while_stopped is not None:
             while_stopped(proc)
@@ -256,6 +257,28 @@ def run_binary(workdir, overrides, stop_signal=None, when=None, while_stopped=No
     return proc.returncode, err, note
   assert proc.returncode == 0, err[-3000:]
   return err
+
+
+def _wait_until_stopped(pid, timeout=30.0):
+  """Until every thread of `pid` is stopped: SIGSTOP takes a thread in a system call (a file
+  write, an fsync) only when the call returns, so the workdir may still change for a moment."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    states = set()
+    try:
+      tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:  # gone already: the caller's poll() says so
+      return
+    for task in tasks:
+      try:
+        with open(f"/proc/{pid}/task/{task}/stat") as f:
+          states.add(f.read().rsplit(")", 1)[1].split()[0])
+      except FileNotFoundError:  # a thread that has just ended
+        continue
+    if states <= {"T", "t", "Z", "X"}:
+      return
+    time.sleep(0.005)
+  raise AssertionError(f"process {pid} did not stop within {timeout} s (states {states})")
 
 
 _STEP_LOGGED = re.compile(r"\] step (\d+)/")

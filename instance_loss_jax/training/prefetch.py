@@ -24,8 +24,8 @@ class DevicePrefetch:
   size + 1 batches on the devices beside the one in use. size 0 places each batch when it is
   asked for (no thread). An error in the thread (a corrupt image, a batch that does not fit the
   config) is raised by the `next()` that would have returned that batch; batches before it come
-  first, in order. `close()` (or leaving a `with`) stops the thread without waiting for the
-  input: a preempted run exits at once.
+  first, in order. `close()` (or leaving a `with`) stops the thread once it has placed the batch
+  in hand, and waits for it.
   """
 
   def __init__(self, batches: Iterable[dict[str, Any]], place: Callable[[dict], dict],
@@ -76,8 +76,13 @@ class DevicePrefetch:
       raise StopIteration
     return placed
 
-  def close(self) -> None:
+  def close(self, timeout: float = 60.0) -> None:
+    """Stops the thread and waits for it: a daemon thread still inside JAX or TensorFlow when
+    the interpreter shuts down can abort the process (a preempted run then exits with SIGABRT
+    instead of its own status)."""
     self._closed.set()
+    if self._queue is not None and self._thread.is_alive():
+      self._thread.join(timeout)
 
   def __enter__(self) -> "DevicePrefetch":
     return self
