@@ -40,6 +40,7 @@ def build(workdir: str, classes: int) -> str:
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
+  import orbax.checkpoint as ocp
   from test_training import small_config
   from instance_loss_jax import checkpoint, trainer
   from instance_loss_jax.data import synthetic
@@ -56,7 +57,7 @@ def build(workdir: str, classes: int) -> str:
     return run
   step = mgr.latest_step()
   meta = checkpoint.read_meta(mgr, step)
-  tree = mgr.restore(step, args=ocp_args().Composite(state=ocp_args().StandardRestore()))["state"]
+  tree = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
   def inflate(path, x):
@@ -74,11 +75,6 @@ def build(workdir: str, classes: int) -> str:
   mgr.wait_until_finished()
   del tree, state
   return run
-
-
-def ocp_args():
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  return ocp.args
 
 
 def peak_rss_kb(checkout: str, run: str, data: str) -> tuple[int, str]:
