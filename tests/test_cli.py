@@ -101,7 +101,7 @@ def test_search_k_below_one_is_one_line_naming_the_flag(k):
 def test_binaries_import_tensorflow_only_when_a_run_starts():
   # --help, --print_config and a flag error answer in ~2 s instead of ~6 s: the binaries leave
   # the trainer, the evaluation and TensorFlow to main(), and catch errors from errors.py.
-  modules = ("train", "evaluate", "export", "search")
+  modules = ("train", "evaluate", "export", "search", "cli.prepare")
   heavy = ("tensorflow", "instance_loss_jax.trainer", "instance_loss_jax.evaluation")
   code = (f"import sys; import {', '.join('instance_loss_jax.' + m for m in modules)}; "
           f"print([m for m in {heavy!r} if m in sys.modules])")

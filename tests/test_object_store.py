@@ -155,3 +155,40 @@ def test_one_writer_per_workdir_on_gcs(emulator):
   with writer.WriterClaim(workdir) as claim:
     assert "host another-host, pid 1" in claim.took_over
     assert writer.read_claim(workdir)["job"] == claim.claim["job"]
+
+
+def test_prepare_uploads_a_tfds_dataset_and_an_upload_cut_short_is_no_dataset(
+    emulator, data_dir, tmp_path, monkeypatch):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  store, local = f"gs://{BUCKET}/tfds", str(tmp_path / "local")
+  staging = tmp_path / "staging"
+  staging.mkdir()
+  prepare.prepare("synthetic", data_dir, local, num_shards=2)
+
+  copy, copied = prepare._copy, []
+
+  def cut_short(local_file, remote_file):
+    if len(copied) == 3:
+      raise OSError("connection reset")
+    copied.append(local_file)
+    copy(local_file, remote_file)
+
+  monkeypatch.setattr(prepare, "_copy", cut_short)
+  with pytest.raises(OSError, match="connection reset"):
+    prepare.prepare("synthetic", data_dir, store, num_shards=2, staging_dir=str(staging))
+  assert not prepare.is_prepared("synthetic", store)
+  assert len(list(epath.Path(prepare.version_dir("synthetic", store)).iterdir())) == 3
+  monkeypatch.undo()
+
+  done = prepare.prepare("synthetic", data_dir, store, num_shards=2, staging_dir=str(staging))
+  assert not done.reused and prepare.is_prepared("synthetic", store)
+  assert os.listdir(staging) == []  # the local build is gone once uploaded
+  ours = epath.Path(prepare.version_dir("synthetic", store))
+  theirs = epath.Path(prepare.version_dir("synthetic", local))
+  names = sorted(p.name for p in theirs.iterdir())
+  assert sorted(p.name for p in ours.iterdir()) == names and len(names) == 8
+  for name in names:  # the same records as a local build, byte for byte
+    assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+  again = prepare.prepare("synthetic", data_dir, store)
+  assert again.reused and again.splits == done.splits and again.bytes == done.bytes

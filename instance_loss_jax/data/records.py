@@ -33,7 +33,7 @@ def tokenize(text: str) -> tuple[str, ...]:
   return tuple(_WORD.findall(text.lower()))
 
 
-def _load_json(path: str) -> Any:
+def load_json(path: str) -> Any:
   if not paths.path(path).is_file():
     raise DataError(f"{path}: no such file")
   try:
@@ -43,7 +43,7 @@ def _load_json(path: str) -> Any:
     raise DataError(f"{path}: not valid JSON ({e})") from None
 
 
-def _field(entry: dict[str, Any], key: str, where: str):
+def field(entry: dict[str, Any], key: str, where: str):
   if not isinstance(entry, dict) or key not in entry:
     raise DataError(f"{where}: missing field '{key}'")
   return entry[key]
@@ -72,39 +72,53 @@ def read_karpathy(path: str, image_root: str, split: str, train_splits: Iterable
                   check_files: bool = True) -> list[Record]:
   """One split of a Karpathy JSON. `split="train"` takes every split in `train_splits` (MSCOCO:
   train + restval); each image is its own class."""
-  data = _load_json(path)
-  images = _field(data, "images", path)
+  data = load_json(path)
+  images = field(data, "images", path)
   wanted = set(train_splits) if split == "train" else {split}
   items = []
   for i, image in enumerate(images):
     where = f"{path}: images[{i}]"
-    if _field(image, "split", where) not in wanted:
+    if field(image, "split", where) not in wanted:
       continue
-    rel = os.path.join(image.get("filepath", ""), _field(image, "filename", where))
-    captions = []
-    for j, sentence in enumerate(_field(image, "sentences", where)):
-      tokens = sentence.get("tokens") if isinstance(sentence, dict) else None
-      if tokens is None:
-        tokens = tokenize(_field(sentence, "raw", f"{where}.sentences[{j}]"))
-      captions.append(tuple(t.lower() for t in tokens))
-    items.append((os.path.join(image_root, rel), tuple(captions), i, where))
+    captions = tuple(tokens for _, tokens in karpathy_captions(image, where))
+    items.append((os.path.join(image_root, karpathy_file(image, where)), captions, i, where))
   return _labelled(path, items, split, check_files)
+
+
+def karpathy_file(image: dict[str, Any], where: str) -> str:
+  """An image's path under the image root: `filepath/filename` (MSCOCO) or `filename`."""
+  return os.path.join(image.get("filepath", ""), field(image, "filename", where))
+
+
+def karpathy_captions(image: dict[str, Any], where: str) -> list[tuple[str, tuple[str, ...]]]:
+  """(raw text, tokens) of each sentence: the JSON's `tokens` lower-cased, or the raw text
+  tokenized where a sentence has none."""
+  captions = []
+  for j, sentence in enumerate(field(image, "sentences", where)):
+    tokens = sentence.get("tokens") if isinstance(sentence, dict) else None
+    raw = sentence.get("raw") if isinstance(sentence, dict) else None
+    if tokens is None:
+      raw = field(sentence, "raw", f"{where}.sentences[{j}]")
+      tokens = tokenize(raw)
+    tokens = tuple(t.lower() for t in tokens)
+    captions.append((" ".join(tokens) if raw is None else raw, tokens))
+  return captions
 
 
 def read_cuhk_pedes(path: str, image_root: str, split: str,
                     check_files: bool = True) -> list[Record]:
   """One split of CUHK-PEDES `reid_raw.json`: the class is the person `id`."""
-  data = _load_json(path)
+  data = load_json(path)
   if not isinstance(data, list):
     raise DataError(f"{path}: expected a list of entries")
   items = []
   for i, entry in enumerate(data):
     where = f"{path}: [{i}]"
-    if _field(entry, "split", where) != split:
+    if field(entry, "split", where) != split:
       continue
-    captions = tuple(tokenize(c) for c in _field(entry, "captions", where))
-    items.append((os.path.join(image_root, _field(entry, "file_path", where)), captions,
-                  _field(entry, "id", where), where))
+    captions = tuple(tokenize(c) for c in field(entry, "captions", where))
+    items.append((os.path.join(image_root, field(entry, "file_path", where)), captions,
+                  field(entry, "id", where), where))
   return _labelled(path, items, split, check_files)
 
 

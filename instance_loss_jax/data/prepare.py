@@ -1,0 +1,120 @@
+r"""Prepare one dataset as a TFDS dataset in the ArrayRecord format, to a local or gs:// data_dir.
+
+    python -m instance_loss_jax.data.prepare --dataset=flickr30k|mscoco|cuhk_pedes|synthetic \
+        --manual_dir=DIR_WITH_THE_FILES --data_dir=LOCAL_OR_GS_DIR
+
+(the binary is instance_loss_jax.cli.prepare; this module is its library and an alias).
+
+ArrayRecord gives random access: a host reads record k of a split without the ones before it.
+Its writer writes local files only, so for an object store the dataset is built in a local
+staging folder and then uploaded, `dataset_info.json` last: TFDS treats a version folder without
+it as not prepared, so an upload cut short is never read as a dataset. On a local disk TFDS
+builds in a temporary `incomplete.*` folder and renames it when done, and deletes it on failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+
+import tensorflow_datasets as tfds
+
+from instance_loss_jax import paths
+from instance_loss_jax.data import records, tfds_datasets
+from instance_loss_jax.errors import DataError
+
+INFO_FILE = "dataset_info.json"  # TFDS writes it last; its presence means "prepared"
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """What was written (or found already prepared)."""
+  path: str  # <data_dir>/<name>/<version>
+  splits: dict[str, tuple[int, int, int]]  # split -> (records, shards, bytes)
+  files: int
+  bytes: int
+  seconds: float
+  reused: bool
+
+  def table(self) -> str:
+    rows = [f"| {s} | {n:,} | {k} | {b / 2**20:,.1f} |" for s, (n, k, b) in self.splits.items()]
+    total = sum(n for n, _, _ in self.splits.values())
+    return "\n".join(["| split | records | shards | MiB |", "|---|---:|---:|---:|", *rows,
+                      f"| all | {total:,} | {sum(k for _, k, _ in self.splits.values())} | "
+                      f"{self.bytes / 2**20:,.1f} |"])
+
+
+def version_dir(dataset: str, data_dir: str) -> str:
+  return paths.join(data_dir, tfds_datasets.SOURCES[dataset].builder, tfds_datasets.DATASET_VERSION)
+
+
+def is_prepared(dataset: str, data_dir: str) -> bool:
+  return paths.path(paths.join(version_dir(dataset, data_dir), INFO_FILE)).is_file()
+
+
+def _summary(dataset: str, data_dir: str, seconds: float, reused: bool) -> Prepared:
+  """The figures, from TFDS's info file (read through our path layer: local or gs://)."""
+  folder = version_dir(dataset, data_dir)
+  info = records.load_json(paths.join(folder, INFO_FILE))
+  splits = {s["name"]: (sum(int(n) for n in s["shardLengths"]), len(s["shardLengths"]),
+                        int(s.get("numBytes", 0))) for s in info["splits"]}
+  files = list(paths.path(folder).iterdir())
+  return Prepared(folder, splits, len(files), sum(f.stat().length for f in files), seconds,
+                  reused)
+
+
+def _upload(local_folder: str, remote_folder: str) -> None:
+  """Copies a finished version folder, streaming each file; the info file goes last."""
+  remote = paths.path(remote_folder)
+  if remote.exists():  # what an earlier upload left unfinished: no info file, so not a dataset
+    remote.rmtree()
+  names = sorted(os.listdir(local_folder), key=lambda n: (n == INFO_FILE, n))
+  for name in names:
+    _copy(os.path.join(local_folder, name), remote / name)
+
+
+def _copy(local_file: str, remote_file) -> None:
+  with open(local_file, "rb") as src, remote_file.open("wb") as dst:
+    shutil.copyfileobj(src, dst, length=16 << 20)
+
+
+def prepare(dataset: str, manual_dir: str, data_dir: str, num_shards: int = 0,
+            staging_dir: str | None = None) -> Prepared:
+  """Builds `dataset` from `manual_dir` into `data_dir` (once: a prepared one is reused).
+
+  num_shards: files per split (0: TFDS's choice, about one per GiB). staging_dir: where a
+  gs:// data_dir's dataset is built before the upload (default: the system's temporary folder;
+  it needs the dataset's size free).
+  """
+  if dataset not in tfds_datasets.BUILDERS:
+    raise ValueError(f"dataset {dataset!r}: one of {', '.join(tfds_datasets.BUILDERS)}")
+  start = time.perf_counter()
+  if is_prepared(dataset, data_dir):
+    return _summary(dataset, data_dir, time.perf_counter() - start, reused=True)
+  # Before TFDS creates anything: a missing file is reported with nothing written.
+  splits = tfds_datasets.read_manual_dir(dataset, manual_dir)
+  smallest = min(splits, key=lambda s: len(splits[s]))
+  if num_shards > len(splits[smallest]):
+    raise DataError(f"num_shards={num_shards}: more than the {len(splits[smallest])} images of "
+                    f"split '{smallest}'")
+  remote = paths.is_remote(data_dir)
+  with tempfile.TemporaryDirectory(prefix="prepare-", dir=staging_dir) as staging:
+    build_dir = os.path.join(staging, "data") if remote else data_dir
+    builder = tfds_datasets.BUILDERS[dataset](data_dir=build_dir, file_format="array_record")
+    builder.download_and_prepare(
+        download_dir=os.path.join(staging, "downloads"),  # nothing is downloaded
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=manual_dir, num_shards=num_shards or None,
+            compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    if remote:
+      _upload(version_dir(dataset, build_dir), version_dir(dataset, data_dir))
+  return _summary(dataset, data_dir, time.perf_counter() - start, reused=False)
+
+
+if __name__ == "__main__":
+  # Run by name: the library does not import the binaries.
+  import runpy  # pylint: disable=g-import-not-at-top
+  runpy.run_module("instance_loss_jax.cli.prepare", run_name="__main__")

@@ -1,0 +1,202 @@
+"""The TFDS builders and `data.prepare`: each dataset's files in their real layout (written
+here), prepared in the ArrayRecord format and read back record by record against the sources
+(the files' bytes, the JSON, and the JSON readers of data/records.py for labels and tokens)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from instance_loss_jax.data import prepare, records, synthetic, tfds_datasets
+from instance_loss_jax.errors import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _image(path, k, fmt):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  rng = np.random.default_rng(k)
+  size = (int(rng.integers(20, 60)), int(rng.integers(20, 60)))
+  Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(path, fmt)
+
+
+def write_karpathy(root, splits, coco=False):
+  """dataset_flickr30k.json + flickr30k-images/, or dataset_coco.json + train2014/, val2014/."""
+  images = []
+  for i, split in enumerate(splits):
+    folder = ("train2014" if split in ("train", "restval") else "val2014") if coco else ""
+    name = f"COCO_{folder}_{i:012d}.jpg" if coco else f"{1000 + i}.jpg"
+    _image(os.path.join(root, folder or "flickr30k-images", name), i, "JPEG")
+    sentences = [dict(tokens=["A", "Dog", str(i), f"w{j}"], raw=f"A Dog {i}, w{j}.",
+                      imgid=i, sentid=5 * i + j) for j in range(5)]
+    if i == 1:  # a sentence with raw text only: the readers tokenize it
+      sentences[0] = dict(raw="Raw only, no tokens!")
+    entry = dict(filename=name, imgid=i, split=split, sentences=sentences)
+    if coco:
+      entry.update(filepath=folder, cocoid=500000 + i)
+    images.append(entry)
+  name = "dataset_coco.json" if coco else "dataset_flickr30k.json"
+  with open(os.path.join(root, name), "w", encoding="utf-8") as f:
+    json.dump(dict(images=images, dataset="coco" if coco else "flickr30k"), f)
+  return os.path.join(root, name), root if coco else os.path.join(root, "flickr30k-images")
+
+
+def write_cuhk_pedes(root):
+  """reid_raw.json + imgs/<camera set>/... (PNG and JPEG, as in the release)."""
+  entries = []
+  people = [(11, "train"), (11, "train"), (4, "train"), (11, "train"), (8, "val"), (8, "val"),
+            (2, "test"), (9, "test"), (2, "test")]
+  for i, (pid, split) in enumerate(people):
+    rel = f"CUHK01/{i:07d}.png" if i % 2 else f"test_query/p{pid}_s{i}.jpg"
+    _image(os.path.join(root, "imgs", rel), i, "PNG" if i % 2 else "JPEG")
+    entries.append(dict(split=split, id=pid, file_path=rel, processed_tokens=[],
+                        captions=[f"A woman in a RED coat {i}.", "She wears black shoes"]))
+  with open(os.path.join(root, "reid_raw.json"), "w", encoding="utf-8") as f:
+    json.dump(entries, f)
+  return os.path.join(root, "reid_raw.json"), os.path.join(root, "imgs")
+
+
+def write_source(dataset, root):
+  """The dataset's files in `root`; (annotation file, image root) for the JSON readers."""
+  if dataset == "flickr30k":
+    return write_karpathy(root, ["train", "val", "train", "test", "train", "val", "test"])
+  if dataset == "mscoco":
+    return write_karpathy(root, ["train", "restval", "val", "test", "restval", "train", "test",
+                                 "val"], coco=True)
+  if dataset == "cuhk_pedes":
+    return write_cuhk_pedes(root)
+  synthetic.generate(root, num_images=20, seed=1, image_size=32, w2v_dim=4, w2v_epochs=1)
+  return os.path.join(root, "dataset.json"), os.path.join(root, "images")
+
+
+def read_back(dataset, data_dir, split):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  source = tfds.builder_from_directory(prepare.version_dir(dataset, data_dir)).as_data_source(
+      split, decoders={"image": tfds.decode.SkipDecoding()})
+  return [source[k] for k in range(len(source))]
+
+
+def expected(dataset, json_path, image_root, split):
+  """What the records of `split` hold, from the sources without the builders' code."""
+  with open(json_path, encoding="utf-8") as f:
+    data = json.load(f)
+  if dataset == "cuhk_pedes":
+    entries = [e for e in data if e["split"] == split]
+    read = records.read_cuhk_pedes(json_path, image_root, split)
+    raws = [e["captions"] for e in entries]
+    rels = [e["file_path"] for e in entries]
+    ids = [i for i, e in enumerate(data) if e["split"] == split]
+    groups = [e["id"] for e in entries]
+  else:
+    entries = [im for im in data["images"] if im["split"] == split]
+    read = records.read_karpathy(json_path, image_root, split, train_splits=(split,))
+    raws = [[s.get("raw") for s in im["sentences"]] for im in entries]
+    rels = [os.path.join(im.get("filepath", ""), im["filename"]) for im in entries]
+    ids = [im.get("cocoid", im["imgid"]) for im in entries]
+    groups = ids
+  return [dict(bytes=open(r.image_path, "rb").read(), filename=rel, id=i, group=g,
+               label=r.label, tokens=r.captions, raw=raw)
+          for r, rel, i, g, raw in zip(read, rels, ids, groups, raws)]
+
+
+@pytest.mark.parametrize("dataset", ["flickr30k", "mscoco", "cuhk_pedes", "synthetic"])
+def test_prepared_records_equal_the_sources(dataset, tmp_path):
+  manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
+  json_path, image_root = write_source(dataset, manual)
+  done = prepare.prepare(dataset, manual, data_dir, num_shards=2)
+  assert not done.reused and done.path == prepare.version_dir(dataset, data_dir)
+  source = tfds_datasets.SOURCES[dataset]
+  assert list(done.splits) == list(source.splits)
+  for split in source.splits:
+    got, want = read_back(dataset, data_dir, split), expected(dataset, json_path, image_root,
+                                                              split)
+    assert done.splits[split][:2] == (len(want), 2)
+    assert len(got) == len(want), split
+    for k, (g, w) in enumerate(zip(got, want)):
+      where = f"{split}[{k}]"
+      assert g["image"] == w["bytes"], where  # as stored, not re-encoded
+      assert g["image/filename"].decode() == w["filename"], where
+      assert (g["image/id"], g["group/id"], g["label"]) == (w["id"], w["group"], w["label"])
+      assert [t.decode() for t in g["captions"]["text"]] == [
+          raw if raw is not None else " ".join(tokens)
+          for raw, tokens in zip(w["raw"], w["tokens"])], where
+      assert [tuple(t.decode().split()) for t in g["captions"]["tokens"]] == list(w["tokens"])
+  # Files: 2 shards per split, TFDS's two JSON files; a second call reuses them.
+  assert done.files == 2 * len(source.splits) + 2
+  again = prepare.prepare(dataset, manual, data_dir)
+  assert again.reused and again.splits == done.splits and again.bytes == done.bytes
+
+
+def test_missing_files_are_counted_and_nothing_is_written(tmp_path):
+  manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
+  write_source("flickr30k", manual)
+  os.remove(os.path.join(manual, "flickr30k-images", "1002.jpg"))
+  os.remove(os.path.join(manual, "flickr30k-images", "1005.jpg"))
+  with pytest.raises(DataError) as e:
+    prepare.prepare("flickr30k", manual, data_dir)
+  first = os.path.join(manual, "flickr30k-images", "1002.jpg")
+  assert str(e.value) == f"manual_dir {manual}: 2 of 7 image files missing, the first: {first}"
+  assert not os.path.exists(data_dir)
+  write_source("flickr30k", manual)
+  with pytest.raises(DataError, match=r"^num_shards=3: more than the 2 images of split 'val'$"):
+    prepare.prepare("flickr30k", manual, data_dir, num_shards=3)
+  assert not os.path.exists(data_dir)
+
+  os.remove(os.path.join(manual, "dataset_flickr30k.json"))
+  with pytest.raises(DataError, match=r"dataset_flickr30k.json not found .*docs/data.md"):
+    prepare.prepare("flickr30k", manual, data_dir)
+  with open(os.path.join(manual, "dataset_flickr30k.json"), "w") as f:
+    f.write('{"images": [')
+  with pytest.raises(DataError, match=r"dataset_flickr30k.json: not valid JSON"):
+    prepare.prepare("flickr30k", manual, data_dir)
+  assert not os.path.exists(data_dir)
+
+
+def test_a_build_that_fails_midway_leaves_no_dataset(tmp_path, monkeypatch):
+  manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
+  write_source("cuhk_pedes", manual)
+  generate = tfds_datasets._CaptionedImages._generate_examples
+
+  def failing(self, folder, images):
+    for k, example in enumerate(generate(self, folder, images)):
+      if k == 2:
+        raise OSError("disk gone")
+      yield example
+
+  monkeypatch.setattr(tfds_datasets._CaptionedImages, "_generate_examples", failing)
+  with pytest.raises(OSError, match="disk gone"):
+    prepare.prepare("cuhk_pedes", manual, data_dir)
+  assert not prepare.is_prepared("cuhk_pedes", data_dir)
+  leftovers = [os.path.join(d, n) for d, dirs, files in os.walk(data_dir) for n in dirs + files]
+  assert leftovers == [os.path.join(data_dir, "cuhk_pedes")], leftovers  # the empty parent
+  monkeypatch.undo()
+  assert not prepare.prepare("cuhk_pedes", manual, data_dir).reused
+  assert len(read_back("cuhk_pedes", data_dir, "train")) == 4
+
+
+@pytest.mark.slow  # two launches of the binary, TensorFlow imported in each
+def test_the_command_reports_figures_and_names_a_missing_file(tmp_path):
+  manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
+  write_source("cuhk_pedes", manual)
+  command = [sys.executable, "-m", "instance_loss_jax.data.prepare", "--dataset=cuhk_pedes",
+             f"--manual_dir={manual}", f"--data_dir={data_dir}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"cuhk_pedes: {prepare.version_dir('cuhk_pedes', data_dir)} prepared in" in done.stdout
+  assert "| train | 4 | 1 |" in done.stdout and "| all | 9 | 3 |" in done.stdout
+
+  os.remove(os.path.join(manual, "imgs", "CUHK01", "0000003.png"))
+  command[-1] = f"--data_dir={tmp_path / 'other'}"
+  done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                        check=False)
+  ours = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+  missing = os.path.join(manual, "imgs", "CUHK01", "0000003.png")
+  assert done.returncode == 1 and ours == [
+      f"error: manual_dir {manual}: 1 of 9 image files missing, the first: {missing}"], done.stderr
+  assert "Traceback" not in done.stderr and not os.path.exists(tmp_path / "other")
