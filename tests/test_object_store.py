@@ -178,17 +178,19 @@ def test_prepare_uploads_a_tfds_dataset_and_an_upload_cut_short_is_no_dataset(
   with pytest.raises(OSError, match="connection reset"):
     prepare.prepare("synthetic", data_dir, store, num_shards=2, staging_dir=str(staging))
   assert not prepare.is_prepared("synthetic", store)
-  assert len(list(epath.Path(prepare.version_dir("synthetic", store)).iterdir())) == 3
+  cut = epath.Path(prepare.version_dir("synthetic", store, "captions"))
+  assert len(list(cut.iterdir())) == 3 and not (cut / prepare.INFO_FILE).exists()
   monkeypatch.undo()
 
   done = prepare.prepare("synthetic", data_dir, store, num_shards=2, staging_dir=str(staging))
   assert not done.reused and prepare.is_prepared("synthetic", store)
   assert os.listdir(staging) == []  # the local build is gone once uploaded
-  ours = epath.Path(prepare.version_dir("synthetic", store))
-  theirs = epath.Path(prepare.version_dir("synthetic", local))
-  names = sorted(p.name for p in theirs.iterdir())
-  assert sorted(p.name for p in ours.iterdir()) == names and len(names) == 8
-  for name in names:  # the same records as a local build, byte for byte
-    assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+  for config, count in (("captions", 5), ("images", 8)):
+    ours = epath.Path(prepare.version_dir("synthetic", store, config))
+    theirs = epath.Path(prepare.version_dir("synthetic", local, config))
+    names = sorted(p.name for p in theirs.iterdir())
+    assert sorted(p.name for p in ours.iterdir()) == names and len(names) == count
+    for name in names:  # the same records as a local build, byte for byte
+      assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
   again = prepare.prepare("synthetic", data_dir, store)
   assert again.reused and again.splits == done.splits and again.bytes == done.bytes

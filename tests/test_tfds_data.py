@@ -73,10 +73,11 @@ def write_source(dataset, root):
   return os.path.join(root, "dataset.json"), os.path.join(root, "images")
 
 
-def read_back(dataset, data_dir, split):
+def read_back(dataset, data_dir, split, config=tfds_datasets.IMAGES):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  source = tfds.builder_from_directory(prepare.version_dir(dataset, data_dir)).as_data_source(
-      split, decoders={"image": tfds.decode.SkipDecoding()})
+  builder = tfds.builder_from_directory(prepare.version_dir(dataset, data_dir, config))
+  decoders = {"image": tfds.decode.SkipDecoding()} if config == tfds_datasets.IMAGES else None
+  source = builder.as_data_source(split, decoders=decoders)
   return [source[k] for k in range(len(source))]
 
 
@@ -108,12 +109,21 @@ def test_prepared_records_equal_the_sources(dataset, tmp_path):
   manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
   json_path, image_root = write_source(dataset, manual)
   done = prepare.prepare(dataset, manual, data_dir, num_shards=2)
-  assert not done.reused and done.path == prepare.version_dir(dataset, data_dir)
+  assert not done.reused and done.path == prepare.dataset_dir(dataset, data_dir)
   source = tfds_datasets.SOURCES[dataset]
   assert list(done.splits) == list(source.splits)
   for split in source.splits:
     got, want = read_back(dataset, data_dir, split), expected(dataset, json_path, image_root,
                                                               split)
+    captions = read_back(dataset, data_dir, split, tfds_datasets.CAPTIONS)
+    assert len(captions) == len(got)
+    for c, g in zip(captions, got):  # the same records without the image
+      assert sorted(c) == sorted(set(g) - {"image"})
+      for key in c:
+        if key != "captions":
+          assert c[key] == g[key], key
+      assert {k: list(v) for k, v in c["captions"].items()} == {
+          k: list(v) for k, v in g["captions"].items()}
     assert done.splits[split][:2] == (len(want), 2)
     assert len(got) == len(want), split
     for k, (g, w) in enumerate(zip(got, want)):
@@ -125,8 +135,8 @@ def test_prepared_records_equal_the_sources(dataset, tmp_path):
           raw if raw is not None else " ".join(tokens)
           for raw, tokens in zip(w["raw"], w["tokens"])], where
       assert [tuple(t.decode().split()) for t in g["captions"]["tokens"]] == list(w["tokens"])
-  # Files: 2 shards per split, TFDS's two JSON files; a second call reuses them.
-  assert done.files == 2 * len(source.splits) + 2
+  # Files: images, 2 shards per split; captions, 1 per split; TFDS's two JSON files each.
+  assert done.files == 3 * len(source.splits) + 4
   again = prepare.prepare(dataset, manual, data_dir)
   assert again.reused and again.splits == done.splits and again.bytes == done.bytes
 
@@ -171,8 +181,13 @@ def test_a_build_that_fails_midway_leaves_no_dataset(tmp_path, monkeypatch):
   with pytest.raises(OSError, match="disk gone"):
     prepare.prepare("cuhk_pedes", manual, data_dir)
   assert not prepare.is_prepared("cuhk_pedes", data_dir)
-  leftovers = [os.path.join(d, n) for d, dirs, files in os.walk(data_dir) for n in dirs + files]
-  assert leftovers == [os.path.join(data_dir, "cuhk_pedes")], leftovers  # the empty parent
+  # No record file, no info file, no incomplete.* folder; TFDS's list of the builder's configs
+  # stays (<name>/.config/metadata.json), and the empty folders.
+  leftovers = [os.path.relpath(os.path.join(d, n), data_dir)
+               for d, _, files in os.walk(data_dir) for n in files]
+  assert leftovers == [os.path.join("cuhk_pedes", ".config", "metadata.json")], leftovers
+  assert sorted(os.listdir(os.path.join(data_dir, "cuhk_pedes"))) == [".config", "captions"]
+  assert os.listdir(os.path.join(data_dir, "cuhk_pedes", "captions")) == []
   monkeypatch.undo()
   assert not prepare.prepare("cuhk_pedes", manual, data_dir).reused
   assert len(read_back("cuhk_pedes", data_dir, "train")) == 4
@@ -188,7 +203,7 @@ def test_the_command_reports_figures_and_names_a_missing_file(tmp_path):
   done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                         check=False)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert f"cuhk_pedes: {prepare.version_dir('cuhk_pedes', data_dir)} prepared in" in done.stdout
+  assert f"cuhk_pedes: {prepare.dataset_dir('cuhk_pedes', data_dir)} prepared in" in done.stdout
   assert "| train | 4 | 1 |" in done.stdout and "| all | 9 | 3 |" in done.stdout
 
   os.remove(os.path.join(manual, "imgs", "CUHK01", "0000003.png"))

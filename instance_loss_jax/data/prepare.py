@@ -32,8 +32,8 @@ INFO_FILE = "dataset_info.json"  # TFDS writes it last; its presence means "prep
 @dataclasses.dataclass(frozen=True)
 class Prepared:
   """What was written (or found already prepared)."""
-  path: str  # <data_dir>/<name>/<version>
-  splits: dict[str, tuple[int, int, int]]  # split -> (records, shards, bytes)
+  path: str  # <data_dir>/<TFDS name>, holding the two configs' version folders
+  splits: dict[str, tuple[int, int, int]]  # split -> the images config's (records, shards, bytes)
   files: int
   bytes: int
   seconds: float
@@ -42,28 +42,41 @@ class Prepared:
   def table(self) -> str:
     rows = [f"| {s} | {n:,} | {k} | {b / 2**20:,.1f} |" for s, (n, k, b) in self.splits.items()]
     total = sum(n for n, _, _ in self.splits.values())
-    return "\n".join(["| split | records | shards | MiB |", "|---|---:|---:|---:|", *rows,
-                      f"| all | {total:,} | {sum(k for _, k, _ in self.splits.values())} | "
-                      f"{self.bytes / 2**20:,.1f} |"])
+    shards = sum(k for _, k, _ in self.splits.values())
+    size = sum(b for _, _, b in self.splits.values())
+    return "\n".join(["| split | images | shards | MiB of records |", "|---|---:|---:|---:|",
+                      *rows, f"| all | {total:,} | {shards} | {size / 2**20:,.1f} |"])
 
 
-def version_dir(dataset: str, data_dir: str) -> str:
-  return paths.join(data_dir, tfds_datasets.SOURCES[dataset].builder, tfds_datasets.DATASET_VERSION)
+def dataset_dir(dataset: str, data_dir: str) -> str:
+  return paths.join(data_dir, tfds_datasets.SOURCES[dataset].builder)
+
+
+def version_dir(dataset: str, data_dir: str, config: str = tfds_datasets.IMAGES) -> str:
+  """<data_dir>/<TFDS name>/<config>/<version>: TFDS's layout."""
+  return paths.join(dataset_dir(dataset, data_dir), config, tfds_datasets.DATASET_VERSION)
+
+
+def _built(folder: str) -> bool:
+  return paths.path(paths.join(folder, INFO_FILE)).is_file()
 
 
 def is_prepared(dataset: str, data_dir: str) -> bool:
-  return paths.path(paths.join(version_dir(dataset, data_dir), INFO_FILE)).is_file()
+  return all(_built(version_dir(dataset, data_dir, c)) for c in tfds_datasets.CONFIGS)
+
+
+def split_sizes(folder: str) -> dict[str, tuple[int, int, int]]:
+  """split -> (records, shards, bytes), from TFDS's info file (through our path layer)."""
+  info = records.load_json(paths.join(folder, INFO_FILE))
+  return {s["name"]: (sum(int(n) for n in s["shardLengths"]), len(s["shardLengths"]),
+                      int(s.get("numBytes", 0))) for s in info["splits"]}
 
 
 def _summary(dataset: str, data_dir: str, seconds: float, reused: bool) -> Prepared:
-  """The figures, from TFDS's info file (read through our path layer: local or gs://)."""
-  folder = version_dir(dataset, data_dir)
-  info = records.load_json(paths.join(folder, INFO_FILE))
-  splits = {s["name"]: (sum(int(n) for n in s["shardLengths"]), len(s["shardLengths"]),
-                        int(s.get("numBytes", 0))) for s in info["splits"]}
-  files = list(paths.path(folder).iterdir())
-  return Prepared(folder, splits, len(files), sum(f.stat().length for f in files), seconds,
-                  reused)
+  files = [f for c in tfds_datasets.CONFIGS
+           for f in paths.path(version_dir(dataset, data_dir, c)).iterdir()]
+  return Prepared(dataset_dir(dataset, data_dir), split_sizes(version_dir(dataset, data_dir)),
+                  len(files), sum(f.stat().length for f in files), seconds, reused)
 
 
 def _upload(local_folder: str, remote_folder: str) -> None:
@@ -103,14 +116,19 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, num_shards: int = 0,
   remote = paths.is_remote(data_dir)
   with tempfile.TemporaryDirectory(prefix="prepare-", dir=staging_dir) as staging:
     build_dir = os.path.join(staging, "data") if remote else data_dir
-    builder = tfds_datasets.BUILDERS[dataset](data_dir=build_dir, file_format="array_record")
-    builder.download_and_prepare(
-        download_dir=os.path.join(staging, "downloads"),  # nothing is downloaded
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=manual_dir, num_shards=num_shards or None,
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
-    if remote:
-      _upload(version_dir(dataset, build_dir), version_dir(dataset, data_dir))
+    for config in tfds_datasets.CONFIGS:  # the small captions first
+      if _built(version_dir(dataset, data_dir, config)):  # an earlier run did it
+        continue
+      builder = tfds_datasets.BUILDERS[dataset](config=config, data_dir=build_dir,
+                                                file_format="array_record")
+      builder.download_and_prepare(
+          download_dir=os.path.join(staging, "downloads"),  # nothing is downloaded
+          download_config=tfds.download.DownloadConfig(
+              manual_dir=manual_dir,
+              num_shards=(num_shards or None) if config == tfds_datasets.IMAGES else None,
+              compute_stats=tfds.download.ComputeStatsMode.SKIP))
+      if remote:
+        _upload(version_dir(dataset, build_dir, config), version_dir(dataset, data_dir, config))
   return _summary(dataset, data_dir, time.perf_counter() - start, reused=False)
 
 

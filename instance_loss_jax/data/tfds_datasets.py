@@ -17,6 +17,11 @@ k of a stream computes which record that is, and reads only it):
   captions/tokens the same caption's tokens as the JSON readers make them, joined by spaces (the
                   Karpathy `tokens`, lower-cased), so a vocabulary built from either is the same
 
+Each builder has two configs: `images` (every feature) and `captions` (all but the image, a few
+MB), so that a reader gets a split's captions and labels, which it needs whole (the vocabulary,
+the caption index, mined negatives), without reading its images; the images it then reads by
+record number.
+
 `data/prepare.py` runs a builder into a local or gs:// data_dir in the ArrayRecord format.
 """
 
@@ -36,6 +41,9 @@ from instance_loss_jax.data import records
 from instance_loss_jax.errors import DataError
 
 DATASET_VERSION = "1.0.0"
+# Two configs of each dataset, record k of a split the same image in both.
+IMAGES, CAPTIONS = "images", "captions"
+CONFIGS = (CAPTIONS, IMAGES)  # in the order prepare.py builds them
 DOCS = "docs/data.md"
 
 
@@ -133,17 +141,18 @@ def read_manual_dir(dataset: str, manual_dir: str) -> dict[str, list[Image]]:
   return splits
 
 
-def _features() -> tfds.features.FeaturesDict:
-  return tfds.features.FeaturesDict({
-      # Any encoding: the stored bytes are kept, decoded (JPEG or PNG) when read.
-      "image": tfds.features.Image(shape=(None, None, 3)),
+def _features(with_image: bool) -> tfds.features.FeaturesDict:
+  features = {
       "image/filename": tfds.features.Text(),
       "image/id": np.int64,
       "group/id": np.int64,
       "label": np.int64,
       "captions": tfds.features.Sequence(
           {"text": tfds.features.Text(), "tokens": tfds.features.Text()}),
-  })
+  }
+  if with_image:  # any encoding: the stored bytes are kept, decoded (JPEG or PNG) when read
+    features["image"] = tfds.features.Image(shape=(None, None, 3))
+  return tfds.features.FeaturesDict(features)
 
 
 class _CaptionedImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -151,11 +160,18 @@ class _CaptionedImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   DATASET = ""
   VERSION = tfds.core.Version(DATASET_VERSION)
   RELEASE_NOTES = {DATASET_VERSION: "Records in source order; image bytes as stored."}
+  BUILDER_CONFIGS = [
+      tfds.core.BuilderConfig(name=IMAGES, description="Every feature, the image's bytes too."),
+      tfds.core.BuilderConfig(
+          name=CAPTIONS, description="Every feature but the image, record for record the same: "
+          "a reader loads a split's captions and labels without reading its images."),
+  ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     source = SOURCES[self.DATASET]
     return tfds.core.DatasetInfo(
-        builder=self, features=_features(), disable_shuffling=True,
+        builder=self, features=_features(self.builder_config.name == IMAGES),
+        disable_shuffling=True,
         description=(f"{self.DATASET} for instance_loss_jax, built from {source.json} "
                      f"(splits: {', '.join(source.splits)}); see {DOCS}."))
 
@@ -166,9 +182,9 @@ class _CaptionedImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {name: self._generate_examples(folder, images) for name, images in splits.items()}
 
   def _generate_examples(self, folder, images):
+    with_image = self.builder_config.name == IMAGES
     for k, image in enumerate(images):
-      yield k, {
-          "image": paths.path(os.path.join(folder, image.filename)).read_bytes(),
+      example = {
           "image/filename": image.filename,
           "image/id": image.image_id,
           "group/id": image.group_id,
@@ -176,6 +192,9 @@ class _CaptionedImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           "captions": {"text": [raw for raw, _ in image.captions],
                        "tokens": [" ".join(tokens) for _, tokens in image.captions]},
       }
+      if with_image:
+        example["image"] = paths.path(os.path.join(folder, image.filename)).read_bytes()
+      yield k, example
 
 
 class Flickr30kKarpathy(_CaptionedImages):
