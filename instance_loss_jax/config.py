@@ -36,7 +36,7 @@ STRIDE_VARIANTS = ("v1", "v1.5")
 #   batch:   normalise with the batch's statistics, keep the stored ones (the original code);
 #   train:   normalise with batch statistics and update the stored ones (Stage II).
 BACKBONE_BN_MODES = ("running", "batch", "train")
-DATA_FORMATS = ("karpathy", "cuhk_pedes", "tfds_coco")
+DATA_FORMATS = ("karpathy", "cuhk_pedes", "tfds")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 EVAL_FEATURES = ("after_relu", "original")
 FLOAT32_PARTS = ("backbone", "text_cnn", "heads", "batch_norm", "w_share")
@@ -63,12 +63,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.float32_parts = ()
 
   c.data = ml_collections.ConfigDict()
-  c.data.format = "karpathy"  # karpathy (Flickr30k, MSCOCO), cuhk_pedes, tfds_coco
+  # karpathy (Flickr30k, MSCOCO) and cuhk_pedes: the published JSON and an image folder; tfds:
+  # a dataset prepared by `python -m instance_loss_jax.data.prepare` (docs/data.md), read by
+  # record number (data.tfds_data_dir, data.tfds_name; data.json and image_root unused).
+  c.data.format = "karpathy"
   c.data.json = ""  # dataset_flickr30k.json / dataset_coco.json / reid_raw.json
   c.data.image_root = ""
   c.data.train_splits = ("train",)  # MSCOCO: ("train", "restval")
-  c.data.tfds_data_dir = ""  # tfds_coco: the prepared TFDS data_dir (image_root: export dir)
-  c.data.tfds_name = "coco_captions"
+  c.data.tfds_data_dir = ""  # tfds: the TFDS data_dir, local or gs://
+  # tfds: flickr30k_karpathy, mscoco_karpathy, cuhk_pedes or synthetic_scenes
+  c.data.tfds_name = ""
   c.data.word2vec = ""  # KeyedVectors file; "" = vocabulary from counts, random init
   c.data.min_word_count = 1  # the no-word2vec vocabulary's threshold
   c.data.resize_shorter = 256

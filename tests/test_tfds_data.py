@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from instance_loss_jax.data import prepare, records, synthetic, tfds_datasets
+from instance_loss_jax.data import prepare, records, synthetic, tfds_datasets, tfds_source
 from instance_loss_jax.errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,3 +215,88 @@ def test_the_command_reports_figures_and_names_a_missing_file(tmp_path):
   assert done.returncode == 1 and ours == [
       f"error: manual_dir {manual}: 1 of 9 image files missing, the first: {missing}"], done.stderr
   assert "Traceback" not in done.stderr and not os.path.exists(tmp_path / "other")
+
+
+# ------------------------------------------------------------------- the pipelines on records
+
+
+@pytest.fixture(scope="module")
+def both_forms(tmp_path_factory):
+  """The synthetic scenes as JSON + folder and as a prepared TFDS dataset (2 shards a split),
+  with a config for each."""
+  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("both")
+  out, data_dir = str(root / "synthetic"), str(root / "tfds")
+  synthetic.generate(out, num_images=40, seed=3, image_size=48, w2v_dim=16, w2v_epochs=2)
+  prepare.prepare("synthetic", out, data_dir, num_shards=2)
+  files = {"data.json": os.path.join(out, "dataset.json"),
+           "data.image_root": os.path.join(out, "images"),
+           "data.word2vec": os.path.join(out, "word2vec.bin")}
+  as_json = tiny_config(**files)
+  as_tfds = tiny_config(**files, **{"data.format": "tfds", "data.tfds_data_dir": data_dir,
+                                    "data.tfds_name": "synthetic_scenes"})
+  return as_json, as_tfds
+
+
+def _encoded(config, split, vocab=None):
+  from instance_loss_jax.data import pipeline, vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+  recs = records.read_split(config, split)
+  if vocab is None:
+    vocab = vocab_lib.from_word2vec(recs, vocab_lib.load_word2vec(config.data.word2vec), "w2v")
+  return recs, vocab, pipeline.encode_split(recs, vocab, config.model.text.max_len,
+                                            for_training=split == "train")
+
+
+def _batches(config, split, n, **kwargs):
+  from instance_loss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  it = pipeline.numpy_batches(pipeline.train_dataset(split, config, 2, **kwargs),
+                              split.image_paths)
+  return [next(it) for _ in range(n)]
+
+
+def test_records_and_files_give_the_same_vocabulary_batches_and_images(both_forms):
+  from instance_loss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  as_json, as_tfds = both_forms
+  recs_j, vocab_j, train_j = _encoded(as_json, "train")
+  recs_t, vocab_t, train_t = _encoded(as_tfds, "train")
+  assert vocab_t.words == vocab_j.words
+  assert [(r.captions, r.label) for r in recs_t] == [(r.captions, r.label) for r in recs_j]
+  assert all(tfds_source.is_image_ref(r.image_path) for r in recs_t)
+  for key in ("labels", "caption_start", "caption_count", "tokens", "lengths"):
+    np.testing.assert_array_equal(getattr(train_t, key), getattr(train_j, key), err_msg=key)
+  # Training batches: one host; each of two hosts; and resumed at step 5 (the stream reads only
+  # records from there on).
+  for kwargs, n in (({}, 6), ({"process_index": 0, "process_count": 2}, 3),
+                    ({"process_index": 1, "process_count": 2}, 3), ({"start_step": 5}, 2)):
+    for a, b in zip(_batches(as_json, train_j, n, **kwargs),
+                    _batches(as_tfds, train_t, n, **kwargs)):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{kwargs} {key}")
+  # Evaluation images, in order.
+  _, _, test_j = _encoded(as_json, "test", vocab_j)
+  _, _, test_t = _encoded(as_tfds, "test", vocab_j)
+  a = list(pipeline.eval_images(test_j, as_json, 3).as_numpy_iterator())
+  b = list(pipeline.eval_images(test_t, as_tfds, 3).as_numpy_iterator())
+  assert len(a) == len(b) == 2
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["images"], y["images"])
+    np.testing.assert_array_equal(x["index"], y["index"])
+  # The evaluation page's thumbnails read the same bytes.
+  for ref, path in zip(test_t.image_paths, test_j.image_paths):
+    assert tfds_source.read_image(ref) == open(path, "rb").read()
+
+
+def test_an_unprepared_dataset_says_which_command_prepares_it(both_forms, tmp_path):
+  _, as_tfds = both_forms
+  config = as_tfds.copy_and_resolve_references()
+  config.data.tfds_data_dir = str(tmp_path / "empty")
+  with pytest.raises(DataError, match=(
+      r"TFDS dataset synthetic_scenes \(captions\) is not prepared under "
+      r"data.tfds_data_dir=.*empty: no .*dataset_info.json. Prepare it with `python -m "
+      r"instance_loss_jax.data.prepare --dataset=synthetic --manual_dir=DIR_WITH_ITS_FILES "
+      r"--data_dir=.*empty`")):
+    records.read_split(config, "train")
+  config = as_tfds.copy_and_resolve_references()
+  config.data.train_splits = ("train", "restval")
+  with pytest.raises(DataError, match=r"has no split 'restval' \(it has train, val, test\)"):
+    records.read_split(config, "train")

@@ -150,6 +150,30 @@ def test_without_device_prefetch_with_a_profile_the_run_is_the_same(data_dir, st
   assert "MFU" not in log
 
 
+@pytest.mark.xdist_group("stage1")
+@pytest.mark.slow
+def test_the_data_prepared_as_tfds_trains_and_evaluates_the_same(data_dir, stage1, tmp_path):
+  # The stage1 fixture's data, prepared as a TFDS dataset and read by record number: the run
+  # ends with the same variables, bit for bit, and the same test figures and page.
+  from instance_loss_jax.data import prepare  # pylint: disable=g-import-not-at-top  (TFDS)
+  workdir, results = stage1
+  tfds_dir = str(tmp_path / "tfds")
+  prepare.prepare("synthetic", data_dir, tfds_dir, num_shards=2)
+  other = str(tmp_path / "run")
+  config = small_config("stage1", data_dir, **{
+      "data.format": "tfds", "data.tfds_data_dir": tfds_dir, "data.tfds_name": "synthetic_scenes",
+      "data.json": "", "data.image_root": ""})
+  again = trainer.train_and_evaluate(config, other)
+  a = checkpoint.restore_variables(checkpoint.manager(workdir, read_only=True), 8)
+  b = checkpoint.restore_variables(checkpoint.manager(other, read_only=True), 8)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+    assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), jax.tree_util.keystr(path)
+  assert again["metrics"] == results["metrics"]
+  pages = [open(r["written"].replace(".json", "-gallery.html")).read() for r in (results, again)]
+  assert pages[0].count("data:image/jpeg;base64,") == pages[1].count("data:image/jpeg;base64,")
+  assert pages[1].count("data:image/jpeg;base64,") > 10
+
+
 def dir_state(path):
   return sorted((root, f, os.path.getmtime(os.path.join(root, f)))
                 for root, _, files in os.walk(path) for f in files)

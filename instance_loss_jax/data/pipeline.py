@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
+from instance_loss_jax.data import tfds_source
 from instance_loss_jax.data.records import DataError, Record
 from instance_loss_jax.data.vocab import Vocabulary, encode
 
@@ -78,6 +79,24 @@ def encode_split(records: Sequence[Record], vocab: Vocabulary, max_len: int,
                       np.asarray(caption_image, np.int32), empty)
 
 
+def image_reader(example_name: str):
+  """How the pipelines get an image's encoded bytes from its name (`example_name`: any image of
+  the list, all of one kind): a file's with tf.io.read_file; a record's of a prepared TFDS
+  dataset (data/tfds_source.py) with ArrayRecord's reader, in a numpy_function (the record's
+  number is in its name, so only that record is read), its `image` feature parsed in the graph."""
+  if not tfds_source.is_image_ref(example_name):
+    return tf.io.read_file
+
+  def read(name):
+    serialized = tf.numpy_function(lambda n: tfds_source.record_of(n.decode("utf-8")), [name],
+                                   tf.string, stateful=False)
+    serialized.set_shape([])
+    return tf.io.parse_single_example(
+        serialized, {"image": tf.io.FixedLenFeature([], tf.string)})["image"]
+
+  return read
+
+
 def _uniform(seed, minval=0.0, maxval=1.0):
   return tf.random.stateless_uniform([], seed, minval=minval, maxval=maxval)
 
@@ -111,10 +130,8 @@ def random_crop_box(height, width, seeds, data):
                    tf.clip_by_value(left, 0, width - crop_w), crop_h, crop_w])
 
 
-def train_image(path, seeds, size: int, data):
-  """Decode, random crop, resize to size x size, random flip, normalise."""
-  contents = tf.io.read_file(path)
-
+def train_image(contents, seeds, size: int, data):
+  """An encoded image's decode, random crop, resize to size x size, random flip, normalise."""
   def jpeg():  # read the size from the header, decode only the crop
     shape = tf.image.extract_jpeg_shape(contents)
     return tf.image.decode_and_crop_jpeg(
@@ -132,9 +149,10 @@ def train_image(path, seeds, size: int, data):
   return _normalise(image, data)
 
 
-def eval_image(path, size: int, data):
-  """The whole image resized to size x size (the mirror is averaged in at embedding time)."""
-  image = tf.image.resize(_decode(tf.io.read_file(path)), (size, size))
+def eval_image(contents, size: int, data):
+  """The whole encoded image resized to size x size (the mirror is averaged in at embedding
+  time)."""
+  image = tf.image.resize(_decode(contents), (size, size))
   return _normalise(image, data)
 
 
@@ -168,6 +186,7 @@ def train_dataset(split: EncodedSplit, config, num_devices: int, start_step: int
     raise DataError(f"process {process_index} has no training image "
                     f"({split.num_images} images, {process_count} processes)")
   paths = tf.constant(split.image_paths[shard])
+  read = image_reader(split.image_paths[0])
   labels = tf.constant(split.labels[shard])
   starts = tf.constant(split.caption_start[shard])
   counts = tf.constant(split.caption_count[shard])
@@ -186,7 +205,7 @@ def train_dataset(split: EncodedSplit, config, num_devices: int, start_step: int
     caption = tf.minimum(caption, starts[i] + counts[i] - 1)
     tokens = position_shift(all_tokens[caption], all_lengths[caption], seeds[6], max_len,
                             data.position_shift)
-    return dict(images=train_image(paths[i], seeds, size, data), tokens=tokens,
+    return dict(images=train_image(read(paths[i]), seeds, size, data), tokens=tokens,
                 labels=labels[i])
 
   ds = tf.data.Dataset.range(start_step * host_batch, 2**62)
@@ -237,8 +256,10 @@ def eval_image_files(paths: Sequence[str], config, batch_size: int) -> tf.data.D
   data, size = config.data, config.image_size
   images = tf.data.Dataset.from_tensor_slices(
       dict(path=np.asarray(paths), index=np.arange(len(paths), dtype=np.int32)))
-  images = images.map(lambda x: dict(images=eval_image(x["path"], size, data), index=x["index"]),
-                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  read = image_reader(paths[0]) if len(paths) else tf.io.read_file
+  images = images.map(
+      lambda x: dict(images=eval_image(read(x["path"]), size, data), index=x["index"]),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return images.batch(batch_size).prefetch(2)
 
 
@@ -252,8 +273,9 @@ def unreadable_images(paths: Sequence[str], limit: int = 5) -> list[str]:
   bad = []
   for path in paths:
     try:
-      _decode(tf.io.read_file(path))
-    except (tf.errors.OpError, ValueError) as e:
+      _decode(tfds_source.image_bytes(path) if tfds_source.is_image_ref(path)
+              else tf.io.read_file(path))
+    except (tf.errors.OpError, ValueError, DataError, RuntimeError) as e:
       bad.append(f"{path}: {e.message if hasattr(e, 'message') else e}".splitlines()[0])
       if len(bad) >= limit:
         break

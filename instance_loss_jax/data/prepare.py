@@ -23,7 +23,7 @@ import time
 import tensorflow_datasets as tfds
 
 from instance_loss_jax import paths
-from instance_loss_jax.data import records, tfds_datasets
+from instance_loss_jax.data import records, tfds_datasets, tfds_source
 from instance_loss_jax.errors import DataError
 
 INFO_FILE = "dataset_info.json"  # TFDS writes it last; its presence means "prepared"
@@ -54,7 +54,7 @@ def dataset_dir(dataset: str, data_dir: str) -> str:
 
 def version_dir(dataset: str, data_dir: str, config: str = tfds_datasets.IMAGES) -> str:
   """<data_dir>/<TFDS name>/<config>/<version>: TFDS's layout."""
-  return paths.join(dataset_dir(dataset, data_dir), config, tfds_datasets.DATASET_VERSION)
+  return tfds_source.version_dir(data_dir, tfds_datasets.SOURCES[dataset].builder, config)
 
 
 def _built(folder: str) -> bool:

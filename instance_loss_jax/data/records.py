@@ -1,4 +1,5 @@
-"""Dataset readers: Karpathy-split JSON (Flickr30k, MSCOCO), CUHK-PEDES, TFDS coco_captions.
+"""Dataset readers: Karpathy-split JSON (Flickr30k, MSCOCO), CUHK-PEDES; prepared TFDS datasets
+through data/tfds_source.py.
 
 Every reader returns `Record`s of one form. `label` is the instance-loss class: the image's index
 within its split for Flickr30k/MSCOCO, the person's index (ids remapped to 0..K-1 per split) for
@@ -14,6 +15,7 @@ import re
 from typing import Any, Iterable, Sequence
 
 from instance_loss_jax import paths
+from instance_loss_jax.data import tfds_source
 from instance_loss_jax.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -122,55 +124,20 @@ def read_cuhk_pedes(path: str, image_root: str, split: str,
   return _labelled(path, items, split, check_files)
 
 
-def read_tfds_coco(data_dir: str, split: str, export_dir: str,
-                   name: str = "coco_captions") -> list[Record]:
-  """A split of TFDS `coco_captions` (or a dataset of the same features: `image`, `image/id`,
-  `captions/text`) from a prepared `data_dir`; never downloads.
-
-  The encoded images are written once into `export_dir/<split>/<image id>.jpg` (as stored, not
-  re-encoded), so the same tf.data pipeline reads every dataset; later runs reuse the files.
-  MSCOCO's training split is TFDS's train + restval.
-  """
-  # Imported here: TensorFlow Datasets (and TensorFlow) only for the tfds_coco format.
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tfds_split = {"train": "train+restval"}.get(split, split) if name == "coco_captions" else split
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-    ds = builder.as_dataset(split=tfds_split, decoders={"image": tfds.decode.SkipDecoding()})
-  except Exception as e:  # TFDS raises several types for a missing or partial dataset.
-    raise DataError(
-        f"TFDS {name} split '{tfds_split}' is not prepared under data_dir={data_dir!r} ({e}). "
-        f"Nothing is downloaded at run time: run `tfds build {name} --data_dir=DIR` where the "
-        f"network is allowed (or copy a prepared {name}/<version>/ folder into DIR), then set "
-        "data.tfds_data_dir=DIR.") from None
-  out_dir = os.path.join(export_dir, tfds_split.replace("+", "_"))
-  os.makedirs(out_dir, exist_ok=True)
-  records = []
-  for i, example in enumerate(tfds.as_numpy(ds)):
-    path = os.path.join(out_dir, f"{int(example['image/id'])}.jpg")
-    if not os.path.isfile(path):
-      with open(path + ".tmp", "wb") as f:
-        f.write(example["image"])
-      os.replace(path + ".tmp", path)
-    captions = tuple(tokenize(c.decode("utf-8")) for c in example["captions"]["text"])
-    records.append(Record(path, captions, i, split))
-  if not records:
-    raise DataError(f"TFDS {name} split '{tfds_split}' under {data_dir} is empty")
-  return records
-
-
 def read_split(config, split: str, check_files: bool = True) -> list[Record]:
   """The records of `split` for a run's `config.data`."""
   d = config.data
-  needed = ("tfds_data_dir",) if d.format == "tfds_coco" else ("json", "image_root")
+  needed = ("tfds_data_dir", "tfds_name") if d.format == "tfds" else ("json", "image_root")
   unset = [f"data.{k}" for k in needed if not d[k]]
   if unset:
-    raise DataError(f"{' and '.join(unset)} not set (--config.{unset[0]}=PATH): the dataset's "
+    raise DataError(f"{' and '.join(unset)} not set (--config.{unset[0]}=...): the dataset's "
                     "files are not known")
   if d.format == "karpathy":
     return read_karpathy(d.json, d.image_root, split, tuple(d.train_splits), check_files)
   if d.format == "cuhk_pedes":
     return read_cuhk_pedes(d.json, d.image_root, split, check_files)
-  if d.format == "tfds_coco":
-    return read_tfds_coco(d.tfds_data_dir, split, d.image_root, d.tfds_name)
+  if d.format == "tfds":
+    parts = tuple(d.train_splits) if split == "train" else (split,)
+    return [Record(ref, captions, label, split) for ref, captions, label in
+            tfds_source.read_split(d.tfds_data_dir, d.tfds_name, parts)]
   raise DataError(f"data.format={d.format!r}: unknown")

@@ -37,36 +37,15 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from instance_loss_jax import paths
-from instance_loss_jax.data import records
+from instance_loss_jax.data import records, tfds_source
 from instance_loss_jax.errors import DataError
 
-DATASET_VERSION = "1.0.0"
-# Two configs of each dataset, record k of a split the same image in both.
-IMAGES, CAPTIONS = "images", "captions"
+# Two configs of each dataset, record k of a split the same image in both (their names and the
+# version: in tfds_source.py, which reads them without importing TFDS).
+IMAGES, CAPTIONS, DATASET_VERSION = tfds_source.IMAGES, tfds_source.CAPTIONS, tfds_source.VERSION
+SOURCES = tfds_source.SOURCES
 CONFIGS = (CAPTIONS, IMAGES)  # in the order prepare.py builds them
 DOCS = "docs/data.md"
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-  """Where a dataset's files sit in its manual_dir."""
-  builder: str  # the TFDS dataset name
-  json: str  # the annotation file
-  image_folder: str  # the folder the annotation's image paths start from ("": manual_dir)
-  splits: tuple[str, ...]
-  kind: str  # "karpathy" or "cuhk_pedes"
-
-
-SOURCES = {
-    "flickr30k": Source("flickr30k_karpathy", "dataset_flickr30k.json", "flickr30k-images",
-                        ("train", "val", "test"), "karpathy"),
-    "mscoco": Source("mscoco_karpathy", "dataset_coco.json", "",
-                     ("train", "restval", "val", "test"), "karpathy"),
-    "cuhk_pedes": Source("cuhk_pedes", "reid_raw.json", "imgs", ("train", "val", "test"),
-                         "cuhk_pedes"),
-    "synthetic": Source("synthetic_scenes", "dataset.json", "images", ("train", "val", "test"),
-                        "karpathy"),
-}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from instance_loss_jax import paths
+from instance_loss_jax.data import tfds_source
 
 THUMBNAIL = 160
 
@@ -36,7 +37,7 @@ h1 { font-size: 1.3em; } h2 { font-size: 1.05em; margin: 1.6em 0 0.4em; }
 def thumbnail_uri(path: str, size: int = THUMBNAIL) -> str:
   """A data: URI of the image file shrunk to fit size x size (JPEG), or "" if unreadable."""
   try:
-    image = Image.open(io.BytesIO(paths.path(path).read_bytes())).convert("RGB")
+    image = Image.open(io.BytesIO(tfds_source.read_image(path))).convert("RGB")
   except (OSError, ValueError):
     return ""
   image.thumbnail((size, size))

@@ -1,0 +1,171 @@
+"""Prepared TFDS datasets (data/prepare.py), read by record number with ArrayRecord's reader.
+
+A split's captions and labels come whole from the small `captions` config; an image is read
+only when the pipeline needs it, from the `images` config, by its record number. An image is
+named by a string, as a file is by its path, so every consumer (the tf.data pipelines, the
+evaluation's HTML page, export and search) takes both:
+
+    <data_dir>/<name>/images/<version>#<split>/<record>/<filename>
+
+ArrayRecord's reader opens local files and gs:// objects itself (Riegeli's GCS reader, through
+google-cloud-cpp: `CLOUD_STORAGE_EMULATOR_ENDPOINT` points it at an emulator); the dataset's two
+JSON files are read through our path layer. TensorFlow's own GCS client is not used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+import threading
+
+from instance_loss_jax import paths
+from instance_loss_jax.errors import DataError
+
+IMAGES, CAPTIONS = "images", "captions"  # the configs; data/tfds_datasets.py builds both
+VERSION = "1.0.0"
+_REF = re.compile(r"^(?P<dir>.+)#(?P<split>[\w-]+)/(?P<k>\d+)/(?P<filename>.*)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where a dataset's files sit in its manual_dir."""
+  builder: str  # the TFDS dataset name
+  json: str  # the annotation file
+  image_folder: str  # the folder the annotation's image paths start from ("": manual_dir)
+  splits: tuple[str, ...]
+  kind: str  # "karpathy" or "cuhk_pedes"
+
+
+SOURCES = {
+    "flickr30k": Source("flickr30k_karpathy", "dataset_flickr30k.json", "flickr30k-images",
+                        ("train", "val", "test"), "karpathy"),
+    "mscoco": Source("mscoco_karpathy", "dataset_coco.json", "",
+                     ("train", "restval", "val", "test"), "karpathy"),
+    "cuhk_pedes": Source("cuhk_pedes", "reid_raw.json", "imgs", ("train", "val", "test"),
+                         "cuhk_pedes"),
+    "synthetic": Source("synthetic_scenes", "dataset.json", "images", ("train", "val", "test"),
+                        "karpathy"),
+}
+
+
+# Which --dataset of data/prepare.py writes each TFDS name.
+_PREPARED_BY = {source.builder: dataset for dataset, source in SOURCES.items()}
+
+
+def version_dir(data_dir: str, name: str, config: str) -> str:
+  return paths.join(data_dir, name, config, VERSION)
+
+
+@functools.lru_cache(maxsize=None)  # read once per process: the pipeline names records by split
+def _info(data_dir: str, name: str, config: str) -> dict:
+  info_file = paths.join(version_dir(data_dir, name, config), "dataset_info.json")
+  if not paths.path(info_file).is_file():
+    dataset = _PREPARED_BY.get(name, "DATASET")
+    raise DataError(
+        f"TFDS dataset {name} ({config}) is not prepared under data.tfds_data_dir={data_dir}: "
+        f"no {info_file}. Prepare it with `python -m instance_loss_jax.data.prepare "
+        f"--dataset={dataset} --manual_dir=DIR_WITH_ITS_FILES --data_dir={data_dir}` "
+        "(docs/data.md)")
+  try:
+    return json.loads(paths.path(info_file).read_text())
+  except json.JSONDecodeError as e:
+    raise DataError(f"{info_file}: not valid JSON ({e})") from None
+
+
+def shard_files(data_dir: str, name: str, config: str, split: str) -> list[str]:
+  """A split's record files in order (record k of the split is the k-th over them)."""
+  info = _info(data_dir, name, config)
+  splits = {s["name"]: s for s in info["splits"]}
+  if split not in splits:
+    raise DataError(f"TFDS dataset {name} under {data_dir} has no split '{split}' (it has "
+                    f"{', '.join(splits)})")
+  count = len(splits[split]["shardLengths"])
+  template = splits[split].get("filepathTemplate",
+                               "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}")
+  folder = version_dir(data_dir, name, config)
+  return [paths.join(folder, template.format(
+      DATASET=name, SPLIT=split, FILEFORMAT=info.get("fileFormat", "array_record"),
+      SHARD_X_OF_Y=f"{i:05d}-of-{count:05d}", SHARD_INDEX=f"{i:05d}", NUM_SHARDS=f"{count:05d}"))
+      for i in range(count)]
+
+
+_sources: dict[tuple[str, ...], object] = {}
+_lock = threading.Lock()
+
+
+def data_source(files: list[str]):
+  """ArrayRecord's random-access reader over `files`, one per set of files in this process."""
+  key = tuple(files)
+  with _lock:
+    if key not in _sources:
+      # Imported here: array_record's reader (C++, with its GCS client) only where a prepared
+      # dataset is read.
+      from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+      _sources[key] = array_record_data_source.ArrayRecordDataSource(list(files))
+    return _sources[key]
+
+
+def _example(serialized: bytes):
+  # Imported here: TensorFlow's Example proto, for the readers of prepared datasets only.
+  from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
+  return example_pb2.Example.FromString(serialized).features.feature
+
+
+def image_ref(data_dir: str, name: str, split: str, k: int, filename: str) -> str:
+  return f"{version_dir(data_dir, name, IMAGES)}#{split}/{k}/{filename}"
+
+
+def is_image_ref(name: str) -> bool:
+  return _REF.match(name) is not None
+
+
+def record_of(ref: str) -> bytes:
+  """The serialized example an image reference names (the image is its `image` feature)."""
+  m = _REF.match(ref)
+  if m is None:
+    raise DataError(f"{ref}: not a record of a prepared TFDS dataset")
+  folder = m["dir"]
+  name = paths.path(folder).parent.parent.name
+  data_dir = str(paths.path(folder).parent.parent.parent)
+  files = shard_files(data_dir, name, IMAGES, m["split"])
+  source = data_source(files)
+  k = int(m["k"])
+  if k >= len(source):
+    raise DataError(f"{ref}: split '{m['split']}' has {len(source)} records")
+  return source[k]
+
+
+def image_bytes(ref: str) -> bytes:
+  """The encoded image (as stored) of an image reference."""
+  return _example(record_of(ref))["image"].bytes_list.value[0]
+
+
+def read_image(name: str) -> bytes:
+  """An image's encoded bytes, by file path (local or gs://) or record reference."""
+  return image_bytes(name) if is_image_ref(name) else paths.path(name).read_bytes()
+
+
+def read_split(data_dir: str, name: str, splits: tuple[str, ...]
+               ) -> list[tuple[str, tuple[tuple[str, ...], ...], int]]:
+  """(image reference, captions' tokens, label) of every image of `splits` (concatenated, in
+  order; MSCOCO's training split: train and restval), from the captions config: the same tokens
+  (the JSON readers') and labels as data/records.py's readers give. Labels number the classes
+  (`group/id`: the image, or the person) in order of first appearance over the splits, as those
+  readers do."""
+  out, labels = [], {}
+  for split in splits:
+    files = shard_files(data_dir, name, CAPTIONS, split)
+    _info(data_dir, name, IMAGES)  # the images must be there too
+    source = data_source(files)
+    for k in range(len(source)):
+      feature = _example(source[k])
+      tokens = feature["captions/tokens"].bytes_list.value
+      filename = feature["image/filename"].bytes_list.value[0].decode("utf-8")
+      label = labels.setdefault(feature["group/id"].int64_list.value[0], len(labels))
+      out.append((image_ref(data_dir, name, split, k, filename),
+                  tuple(tuple(t.decode("utf-8").split()) for t in tokens), label))
+  if not out:
+    raise DataError(f"TFDS dataset {name} under {data_dir}: split(s) {', '.join(splits)} empty")
+  return out
