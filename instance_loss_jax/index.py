@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from instance_loss_jax import paths
-from instance_loss_jax.data import records
+from instance_loss_jax.data import records, tfds_source
 from instance_loss_jax.errors import RetrievalError
 from instance_loss_jax.inference import Run, load_run, top_k
 
@@ -37,7 +37,10 @@ KINDS = ("images", "captions")
 
 
 def image_files(images: str) -> list[str]:
-  """A folder's JPEG/PNG files (sorted), or the files a glob pattern matches."""
+  """A folder's JPEG/PNG files (sorted), or the files a glob pattern matches; an image of a
+  prepared TFDS dataset by its name (data/tfds_source.py) as it is."""
+  if tfds_source.is_image_ref(images):
+    return [images]
   root = paths.path(images)
   if any(c in images for c in "*?["):  # a glob: its folder, then the pattern
     folder, pattern = images.rsplit("/", 1) if "/" in images else (".", images)

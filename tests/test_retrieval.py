@@ -166,6 +166,36 @@ def test_binaries_and_the_html_page(trained_run, tmp_path):
 
 @pytest.mark.xdist_group("trained_run")
 @pytest.mark.slow
+def test_a_gallery_of_a_prepared_tfds_split_is_the_folders_own(trained_run, tmp_path):
+  # The run's data prepared as a TFDS dataset: the test split's gallery has the same embeddings
+  # as from the image folder, its items name records, and search reads them back for the page.
+  from instance_loss_jax.data import prepare, tfds_source  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax.evaluation import pages  # pylint: disable=g-import-not-at-top
+  workdir, config = trained_run
+  data_dir = str(tmp_path / "tfds")
+  prepare.prepare("synthetic", os.path.dirname(config.data.json), data_dir)
+  folder = Index.from_run(workdir, split="test", dtype="float32")
+  index = Index.from_run(workdir, split="test", dtype="float32", overrides={
+      "data.format": "tfds", "data.tfds_data_dir": data_dir, "data.tfds_name": "synthetic_scenes"})
+  np.testing.assert_array_equal(index.embeddings, folder.embeddings)
+  assert all(tfds_source.is_image_ref(item) for item in index.items)
+  assert [item.rsplit("/", 1)[-1] for item in index.items] == [
+      os.path.basename(item) for item in folder.items]
+  loaded = Index.load(index.save(str(tmp_path / "index")))
+  hits, _ = loaded.search_text("a blue square", k=3)
+  page = str(tmp_path / "page.html")
+  pages.write_page(page, "search", [dict(query="a blue square", hits=[
+      dict(rank=h.rank, score=h.score, item=h.item, is_image=True) for h in hits])])
+  assert check_page(page) == 3
+  # An image query by its record's name: the image itself is the top hit of a caption index.
+  captions = Index.from_run(workdir, split="test", split_kind="captions", dtype="float32")
+  top, = captions.search_image(index.items[0], k=1, workdir=workdir)
+  want, = captions.search_image(folder.items[0], k=1, workdir=workdir)
+  assert (top.item, top.score) == (want.item, want.score)
+
+
+@pytest.mark.xdist_group("trained_run")
+@pytest.mark.slow
 def test_relative_image_paths_give_a_page_with_every_thumbnail(trained_run, tmp_path,
                                                                 monkeypatch):
   from instance_loss_jax.evaluation import pages
