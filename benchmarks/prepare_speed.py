@@ -26,9 +26,13 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-flags.DEFINE_integer("images", 2000, "images in the fake Flickr30k")
-flags.DEFINE_string("out", "/tmp/prepare_bench", "working folder (manual/ and tfds/ inside)")
-flags.DEFINE_integer("num_shards", 0, "files per split (0: TFDS's choice)")
+
+
+def define_flags():
+  """The script's flags, defined when it runs (importing it for make_flickr30k_like does not)."""
+  flags.DEFINE_integer("images", 2000, "images in the fake Flickr30k")
+  flags.DEFINE_string("out", "/tmp/prepare_bench", "working folder (manual/ and tfds/ inside)")
+  flags.DEFINE_integer("num_shards", 0, "files per split (0: TFDS's choice)")
 
 
 def make_flickr30k_like(manual_dir: str, num_images: int, seed: int = 0) -> int:
@@ -84,4 +88,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

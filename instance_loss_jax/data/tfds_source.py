@@ -121,16 +121,20 @@ def is_image_ref(name: str) -> bool:
   return _REF.match(name) is not None
 
 
+@functools.lru_cache(maxsize=None)
+def _split_source(folder: str, split: str):
+  """The images of one split of an images config folder (<data_dir>/<name>/images/<version>)."""
+  name_dir = paths.path(folder).parent.parent
+  return data_source(shard_files(str(name_dir.parent), name_dir.name, IMAGES, split))
+
+
 def record_of(ref: str) -> bytes:
-  """The serialized example an image reference names (the image is its `image` feature)."""
+  """The serialized example an image reference names (the image is its `image` feature). Called
+  once per image read, from the pipelines' threads: the split's reader is looked up, not built."""
   m = _REF.match(ref)
   if m is None:
     raise DataError(f"{ref}: not a record of a prepared TFDS dataset")
-  folder = m["dir"]
-  name = paths.path(folder).parent.parent.name
-  data_dir = str(paths.path(folder).parent.parent.parent)
-  files = shard_files(data_dir, name, IMAGES, m["split"])
-  source = data_source(files)
+  source = _split_source(m["dir"], m["split"])
   k = int(m["k"])
   if k >= len(source):
     raise DataError(f"{ref}: split '{m['split']}' has {len(source)} records")
