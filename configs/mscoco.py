@@ -10,7 +10,10 @@ def get_config(stage="stage1"):
   # loss.lambdas: the paper's, from set_stage (Stage I (0, 1, 1), Stage II (1, 1, 1)). The
   # original's training script weighted 2/1/0.1; with our averaged losses that is
   # (1.0, 1.0, 0.1) (config.py explains the factor 1/2 on the ranking term).
-  c.data.format = "karpathy"
+  # The dataset prepared once as TFDS records (docs/data.md; set data.tfds_data_dir). The
+  # files as published: --config.data.format=karpathy with data.json and data.image_root.
+  c.data.format = "tfds"
+  c.data.tfds_name = "mscoco_karpathy"
   c.data.train_splits = ("train", "restval")
   c.model.text.max_len = 32
   c.model.dropout = 0.5

@@ -45,6 +45,17 @@ LR_GROUPS = ("backbone", "word_embedding", "text_cnn", "heads", "w_share")
 LR_BATCH_RULES = ("none", "linear", "sqrt")
 
 
+# The TFDS name CUHK-PEDES is prepared under (data/tfds_source.py's SOURCES; a test keeps the
+# two the same).
+CUHK_PEDES_TFDS_NAME = "cuhk_pedes"
+
+
+def person_retrieval(data) -> bool:
+  """Whether `config.data` is CUHK-PEDES: text->image person retrieval, a class per person."""
+  return data.format == "cuhk_pedes" or (
+      data.format == "tfds" and data.tfds_name == CUHK_PEDES_TFDS_NAME)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field the code reads, with the Flickr30k Stage I values (docs/design.md) as defaults."""
   c = ml_collections.ConfigDict()

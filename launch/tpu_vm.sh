@@ -6,10 +6,11 @@
 #
 #   TPU_NAME=il-v4 ZONE=us-central2-b ACCELERATOR=v4-32 \
 #     bash launch/tpu_vm.sh --config=configs/flickr30k.py:stage1 --workdir=gs://BUCKET/f30k-1 \
-#       --config.data.json=/data/dataset_flickr30k.json ...
+#       --config.data.tfds_data_dir=gs://BUCKET/tfds --config.data.word2vec=gs://BUCKET/w2v.bin
 #
-# Data and word2vec files must be readable on every worker at the same path (a mounted disk or
-# gs:// paths that TensorFlow reads). Nothing is downloaded by the training itself.
+# The dataset prepared once (`python -m instance_loss_jax.data.prepare`, docs/data.md): each
+# worker reads its own images by record number from gs://. Data and word2vec files must be
+# readable on every worker at the same path. Nothing is downloaded by the training itself.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 ACCELERATOR="${ACCELERATOR:-v4-8}"

@@ -300,3 +300,15 @@ def test_an_unprepared_dataset_says_which_command_prepares_it(both_forms, tmp_pa
   config.data.train_splits = ("train", "restval")
   with pytest.raises(DataError, match=r"has no split 'restval' \(it has train, val, test\)"):
     records.read_split(config, "train")
+
+
+def test_cuhk_pedes_is_person_retrieval_in_both_forms():
+  from instance_loss_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  assert tfds_source.SOURCES["cuhk_pedes"].builder == config_lib.CUHK_PEDES_TFDS_NAME
+  for path, person in (("configs/cuhk_pedes.py", True), ("configs/flickr30k.py", False),
+                       ("configs/mscoco.py", False)):
+    config = config_lib.load_config(os.path.join(ROOT, path + ":stage1"))
+    assert config.data.format == "tfds"  # the prepared form by default
+    assert config_lib.person_retrieval(config.data) == person
+    config.data.format = "cuhk_pedes" if person else "karpathy"  # the files as published
+    assert config_lib.person_retrieval(config.data) == person

@@ -129,8 +129,14 @@ def read_split(config, split: str, check_files: bool = True) -> list[Record]:
   d = config.data
   needed = ("tfds_data_dir", "tfds_name") if d.format == "tfds" else ("json", "image_root")
   unset = [f"data.{k}" for k in needed if not d[k]]
+  if unset and d.format == "tfds":
+    raise DataError(
+        f"{' and '.join(unset)} not set (--config.{unset[0]}=...): data.format=tfds reads a "
+        "dataset prepared by `python -m instance_loss_jax.data.prepare` (docs/data.md); "
+        "--config.data.format=karpathy (or cuhk_pedes) with data.json and data.image_root reads "
+        "the files as published")
   if unset:
-    raise DataError(f"{' and '.join(unset)} not set (--config.{unset[0]}=...): the dataset's "
+    raise DataError(f"{' and '.join(unset)} not set (--config.{unset[0]}=PATH): the dataset's "
                     "files are not known")
   if d.format == "karpathy":
     return read_karpathy(d.json, d.image_root, split, tuple(d.train_splits), check_files)

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from instance_loss_jax import config as config_lib
 from instance_loss_jax import paths
 from instance_loss_jax.data import pipeline, records
 from instance_loss_jax.data.vocab import Vocabulary
@@ -67,7 +68,7 @@ def embed_split(config, embed_fns: EmbedFns, variables, split: pipeline.EncodedS
 def compute_metrics(config, split: pipeline.EncodedSplit, img, txt) -> dict[str, float]:
   """The dataset's protocol: CUHK-PEDES person retrieval, otherwise image<->text (+ COCO 1K)."""
   block = config.eval.block_bytes
-  if config.data.format == "cuhk_pedes":
+  if config_lib.person_retrieval(config.data):
     return metrics.person_retrieval_metrics(img, txt, split.labels,
                                             split.labels[split.caption_image], block)
   out = metrics.retrieval_metrics(img, txt, split.caption_image, block)
