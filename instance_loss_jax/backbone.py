@@ -28,6 +28,7 @@ from instance_loss_jax.models.resnet import ResNet
 ORIGIN_FILE = "origin.json"
 VARIABLES_DIR = "variables"
 ORIGIN_KEYS = ("source", "format", "depth", "stride_variant", "bn_epsilon", "input")
+DEFAULT_STEM_POOL_PAD = [1, 1, 1, 1]  # Keras and torchvision (models/resnet.py)
 
 
 def save_backbone(path: str, variables: dict[str, Any], origin: dict[str, Any]) -> None:
@@ -82,13 +83,21 @@ def load_backbone(path: str) -> tuple[ResNet, dict[str, Any]]:
   except Exception as e:  # Orbax raises several types for a damaged checkpoint
     raise BackboneError(f"{path}: cannot read its variables ({e})") from None
   module = ResNet(depth=origin["depth"], width=origin.get("width", 64),
-                  stride_variant=origin["stride_variant"], bn_epsilon=origin["bn_epsilon"])
+                  stride_variant=origin["stride_variant"], bn_epsilon=origin["bn_epsilon"],
+                  stem_pool_pad=tuple(origin.get("stem_pool_pad", DEFAULT_STEM_POOL_PAD)))
   return module, variables
 
 
 def origin_mismatches(origin: dict[str, Any], image_config) -> list[str]:
   """Fields of the run's `model.image` that the backbone record contradicts."""
-  origin = {"width": 64, **origin}  # ImageNet ResNets; small test backbones record theirs
-  return [f"model.image.{k}={image_config[k]!r} but the backbone has {origin[k]!r}"
-          for k in ("depth", "width", "stride_variant", "bn_epsilon")
-          if image_config[k] != origin[k]]
+  # ImageNet ResNets are 64 wide (small test backbones record theirs); a record without a stem
+  # pool padding is from a Keras or torchvision file, written before the field existed.
+  origin = {"width": 64, "stem_pool_pad": DEFAULT_STEM_POOL_PAD, **origin}
+  out = []
+  for key in ("depth", "width", "stride_variant", "bn_epsilon", "stem_pool_pad"):
+    ours, theirs = image_config[key], origin[key]
+    if key == "stem_pool_pad":  # a tuple in the config, a list in JSON
+      ours, theirs = list(ours), list(theirs)
+    if ours != theirs:
+      out.append(f"model.image.{key}={ours!r} but the backbone has {theirs!r}")
+  return out

@@ -108,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.image.width = 64  # channels of the first stage; 64 gives the 2048-d ResNet output
   c.model.image.stride_variant = "v1"  # v1: MSRA/Keras/MatConvNet; v1.5: torchvision
   c.model.image.bn_epsilon = 1e-5
+  # The stem max pool's (top, bottom, left, right) padding: (1, 1, 1, 1) Keras/torchvision,
+  # (0, 1, 0, 1) MatConvNet/Caffe; a backbone directory records its own (backbone.py).
+  c.model.image.stem_pool_pad = (1, 1, 1, 1)
   c.model.text = ml_collections.ConfigDict()
   c.model.text.vocab_size = 20000  # the data pipeline sets this from the saved vocabulary
   c.model.text.max_len = 32
@@ -351,6 +354,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   check(cfg.num_classes >= 0, f"num_classes={cfg.num_classes}: >= 0 (0: from the data)")
   check(m.image.stride_variant in STRIDE_VARIANTS,
         f"model.image.stride_variant={m.image.stride_variant!r}: one of {STRIDE_VARIANTS}")
+  check(len(m.image.stem_pool_pad) == 4 and all(0 <= p <= 2 for p in m.image.stem_pool_pad),
+        f"model.image.stem_pool_pad={tuple(m.image.stem_pool_pad)}: (top, bottom, left, right), "
+        "each 0, 1 or 2 (the pool is 3x3)")
   check(m.image.depth in STAGE_SIZES,
         f"model.image.depth={m.image.depth}: one of {sorted(STAGE_SIZES)}")
   lengths = {len(t.blocks), len(t.widths), len(t.first_mids), len(t.strides)}

@@ -18,7 +18,7 @@ LAYERS = [
     ["errors"],
     ["config", "paths"],
     ["sharding", "models", "data"],
-    ["checkpoint", "backbone", "writer"],
+    ["checkpoint", "backbone", "writer", "matconvnet"],
     ["training", "inference"],
     ["evaluation"],
     ["trainer", "index"],

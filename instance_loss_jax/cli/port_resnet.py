@@ -9,6 +9,10 @@ Sources:
     conv); each conv's bias is folded exactly into the BatchNorm that follows (mean -= bias).
   * torchvision / timm state dicts (`.pth`, `.pt`, `.safetensors`): ResNet v1.5, OIHW kernels
     transposed to HWIO.
+  * MatConvNet DagNN files (`imagenet-resnet-50/101/152-dag.mat`, the Caffe ResNets the paper
+    started from; MATLAB v5/v7 or v7.3): read by following the graph (`matconvnet.py`); the
+    stem pool's Caffe padding (0, 1, 0, 1) and the input mean of `meta.normalization` are
+    recorded.
 The output is a backbone directory (see `instance_loss_jax.backbone`) with the input convention of
 the source framework. Tensors of the source that a backbone does not use (the 1000-way
 classifier, BN step counters) are listed in the summary.
@@ -26,6 +30,7 @@ from absl import flags
 
 from instance_loss_jax.cli import runner
 from instance_loss_jax.config import STAGE_SIZES
+from instance_loss_jax import matconvnet
 from instance_loss_jax.backbone import BackboneError, save_backbone
 
 KERAS_EPSILON = 1.001e-5
@@ -220,19 +225,32 @@ def port(source: str, output: str, depth: int | None = None) -> dict[str, Any]:
     fmt = "safetensors" if source.endswith(".safetensors") else "torch"
     origin = dict(stride_variant="v1.5", bn_epsilon=TORCH_EPSILON, input=TORCH_INPUT)
     read = len(state)
+  elif source.endswith(".mat"):
+    dag = matconvnet.read_dagnn(source)
+    variables, facts, unused = matconvnet.resnet_variables(dag)
+    if depth and depth != facts["depth"]:
+      raise BackboneError(f"{source}: holds a ResNet-{facts['depth']}, --depth={depth} was asked")
+    depth = facts.pop("depth")
+    fmt = "matconvnet-dagnn"
+    origin = dict(facts, input=matconvnet.input_convention(dag))
+    if origin["width"] == 64:
+      del origin["width"]
+    read = len(dag.params)
   else:
-    raise BackboneError(f"{source}: unknown format (.h5, .weights.h5, .pth, .pt, .safetensors)")
+    raise BackboneError(f"{source}: unknown format (.h5, .weights.h5, .pth, .pt, .safetensors, "
+                        ".mat)")
   origin.update(source=os.path.abspath(source), format=fmt, depth=depth)
   save_backbone(output, variables, origin)
   written = len(jax.tree_util.tree_leaves(variables))
   return dict(format=fmt, depth=depth, tensors_read=read, tensors_written=written,
-              unused=unused, output=os.path.abspath(output))
+              unused=unused, output=os.path.abspath(output), origin=origin)
 
 
 def define_flags():
-  flags.DEFINE_string("source", None, "Keras .h5/.weights.h5 or torch .pth/.safetensors.")
+  flags.DEFINE_string("source", None, "Keras .h5/.weights.h5, torch .pth/.safetensors or "
+                      "MatConvNet DagNN .mat.")
   flags.DEFINE_string("output", None, "Backbone directory to create.")
-  flags.DEFINE_integer("depth", None, "50, 101 or 152 (Keras default 50; torch: detected).")
+  flags.DEFINE_integer("depth", None, "50, 101 or 152 (Keras default 50; torch, .mat: detected).")
   flags.mark_flags_as_required(["source", "output"])
 
 
@@ -243,6 +261,10 @@ def main(argv):
   print(f"ported {f.source} ({summary['format']}, ResNet-{summary['depth']}) -> "
         f"{summary['output']}: {summary['tensors_read']} tensors read, "
         f"{summary['tensors_written']} written; not used: {summary['unused'] or 'none'}")
+  pad = summary["origin"].get("stem_pool_pad")
+  if pad and list(pad) != [1, 1, 1, 1]:  # runs must build the same stem (backbone.py checks)
+    print(f"train with --config.model.image.stem_pool_pad='{tuple(pad)}' (the stem pool's "
+          "padding these weights were trained with)")
 
 
 def run():

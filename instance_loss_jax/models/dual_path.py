@@ -71,6 +71,7 @@ class DualPath(nn.Module):
     bn_dtype = jnp.float32 if "batch_norm" in self.float32_parts else None
     self.backbone = ResNet(depth=m.image.depth, width=m.image.width,
                            stride_variant=m.image.stride_variant, bn_epsilon=m.image.bn_epsilon,
+                           stem_pool_pad=tuple(m.image.stem_pool_pad),
                            bn_momentum=m.bn_momentum, axis_name=self.axis_name,
                            dtype=self._dtype("backbone"), bn_dtype=bn_dtype)
     t = m.text

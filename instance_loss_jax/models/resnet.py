@@ -50,6 +50,11 @@ class ResNet(nn.Module):
   width: int = 64
   stride_variant: str = "v1"
   bn_epsilon: float = 1e-5
+  # The stem's 3x3 stride-2 max pool's padding (top, bottom, left, right): (1, 1, 1, 1) as
+  # Keras and torchvision; (0, 1, 0, 1) as Caffe's ceil-mode pooling, made explicit by
+  # MatConvNet's imported ResNets. The windows start one pixel apart, so it must be the one the
+  # weights were trained with.
+  stem_pool_pad: tuple[int, int, int, int] = (1, 1, 1, 1)
   bn_momentum: float = 0.9
   axis_name: str | None = None  # the mesh axis to synchronise BN statistics over (train step)
   # Activations' and matmuls' dtype; parameters and BN statistics stay float32 (BN reduces in
@@ -69,7 +74,8 @@ class ResNet(nn.Module):
                    name="stem_conv")(x)
     x = nn.relu(norm(name="stem_bn")(x))
     # Inputs are >= 0 after the ReLU, so -inf padding (Flax) and zero padding (Keras) agree.
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    top, bottom, left, right = self.stem_pool_pad
+    x = nn.max_pool(x, (3, 3), (2, 2), padding=((top, bottom), (left, right)))
     for stage, num_blocks in enumerate(STAGE_SIZES[self.depth]):
       for block in range(num_blocks):
         x = Bottleneck(self.width * 2**stage, stride=2 if stage > 0 and block == 0 else 1,

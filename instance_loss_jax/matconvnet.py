@@ -1,0 +1,346 @@
+"""MatConvNet DagNN files (.mat, as `dagnn.DagNN.saveobj` writes them) read into plain Python.
+
+A saved DagNN is a struct with `vars` (name, precious), `params` (name, value, learningRate,
+weightDecay), `layers` (name, type such as 'dagnn.Conv', inputs, outputs, params: cells of
+names; block: the layer's properties, e.g. Conv's size, pad [top bottom left right], stride,
+hasBias) and `meta` (e.g. `normalization.averageImage`). MatConvNet's pretrained files store
+these fields at the top level (`save(file, '-struct', 'net')`); a training snapshot
+(`net-epoch-N.mat`) stores them in a variable `net`. Both MATLAB formats are read: v5/v7 with
+scipy.io, v7.3 (HDF5) with h5py.
+
+`read_dagnn(path) -> DagNN` is the reader; `resnet_variables(dag)` turns an ImageNet ResNet
+(`imagenet-resnet-50/101/152-dag.mat`) into this project's backbone variables by walking its
+graph, not by fixed layer names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from instance_loss_jax.config import STAGE_SIZES
+from instance_loss_jax.errors import BackboneError
+
+DAGNN_FIELDS = ("vars", "params", "layers")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  name: str
+  type: str  # the block's class without "dagnn.": Conv, BatchNorm, ReLU, Pooling, Sum, ...
+  inputs: tuple[str, ...]
+  outputs: tuple[str, ...]
+  params: tuple[str, ...]
+  block: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class DagNN:
+  layers: tuple[Layer, ...]
+  params: dict[str, np.ndarray]
+  meta: dict[str, Any]
+  source: str
+
+  def producer(self) -> dict[str, Layer]:
+    return {v: layer for layer in self.layers for v in layer.outputs}
+
+  def consumers(self) -> dict[str, list[Layer]]:
+    out: dict[str, list[Layer]] = {}
+    for layer in self.layers:
+      for v in layer.inputs:
+        out.setdefault(v, []).append(layer)
+    return out
+
+  def param(self, layer: Layer, i: int) -> np.ndarray:
+    if i >= len(layer.params) or layer.params[i] not in self.params:
+      raise BackboneError(f"{self.source}: layer {layer.name} ({layer.type}) lacks its parameter "
+                          f"{i + 1} ({layer.params[i] if i < len(layer.params) else 'unnamed'})")
+    return self.params[layer.params[i]]
+
+
+# ------------------------------------------------------------------------ MATLAB v5 / v7
+
+
+def _from_scipy(x):
+  """scipy.io's objects (squeeze_me, struct_as_record=False) as dicts, lists, arrays, str."""
+  # Imported here: SciPy's MATLAB types, for v5/v7 files only (SciPy comes with gensim).
+  from scipy.io.matlab import mat_struct  # pylint: disable=g-import-not-at-top
+  if isinstance(x, mat_struct):
+    return {k: _from_scipy(getattr(x, k)) for k in x._fieldnames}
+  if isinstance(x, np.ndarray) and x.dtype == object:
+    return [_from_scipy(v) for v in x.ravel(order="F")]
+  if isinstance(x, np.ndarray) and x.dtype.kind == "U":
+    return str(x) if x.ndim == 0 else [str(v) for v in x.ravel(order="F")]
+  return x
+
+
+def _read_v5(path: str) -> dict[str, Any]:
+  # Imported here: SciPy's MATLAB reader, for v5/v7 files only.
+  from scipy import io as scipy_io  # pylint: disable=g-import-not-at-top
+  try:
+    data = scipy_io.loadmat(path, squeeze_me=True, struct_as_record=False, chars_as_strings=True)
+  except (ValueError, TypeError, OSError) as e:
+    raise BackboneError(f"{path}: not a readable MATLAB file ({e})") from None
+  return {k: _from_scipy(v) for k, v in data.items() if not k.startswith("__")}
+
+
+# ------------------------------------------------------------------------ MATLAB v7.3 (HDF5)
+
+
+def _from_h5(f, obj):
+  """A v7.3 object as the v5 reader gives it: MATLAB stores arrays column-major, so numeric
+  arrays come back transposed; cells and struct arrays are arrays of object references."""
+  # Imported here: h5py, for v7.3 files only.
+  import h5py  # pylint: disable=g-import-not-at-top
+  if isinstance(obj, h5py.Group):  # a struct (1x1), or a struct array: fields of references
+    fields = {k: obj[k] for k in obj if not k.startswith("#")}
+    if obj.attrs.get("MATLAB_class", b"struct") not in (b"struct", "struct"):
+      raise ValueError(f"unsupported MATLAB class {obj.attrs.get('MATLAB_class')}")
+    refs = [d for d in fields.values()
+            if isinstance(d, h5py.Dataset) and d.dtype == h5py.ref_dtype]
+    if fields and len(refs) == len(fields) and all("MATLAB_class" not in d.attrs for d in refs):
+      # A struct array: every field an array of references (one per element) with no MATLAB
+      # class of its own; a scalar struct's cell field says 'cell'.
+      n = next(iter(fields.values())).size
+      columns = {k: [_from_h5(f, f[r]) for r in np.asarray(d).T.ravel()] for k, d in fields.items()}
+      items = [{k: columns[k][i] for k in fields} for i in range(n)]
+      return items[0] if n == 1 else items
+    return {k: _from_h5(f, v) for k, v in fields.items()}
+  cls = obj.attrs.get("MATLAB_class", b"")
+  cls = cls.decode() if isinstance(cls, bytes) else str(cls)
+  if obj.attrs.get("MATLAB_empty", 0):
+    return "" if cls == "char" else ([] if cls == "cell" else np.zeros((0,), np.float32))
+  value = np.asarray(obj)
+  if cls == "cell":
+    items = [_from_h5(f, f[r]) for r in value.T.ravel()]
+    return items[0] if len(items) == 1 else items
+  if cls == "char":
+    return "".join(chr(c) for c in value.T.ravel())
+  if cls == "logical":
+    value = value.astype(bool)
+  value = value.T
+  value = np.squeeze(value)
+  return value.item() if value.ndim == 0 else value
+
+
+def _read_v73(path: str) -> dict[str, Any]:
+  # Imported here: h5py, for v7.3 files only.
+  import h5py  # pylint: disable=g-import-not-at-top
+  try:
+    with h5py.File(path, "r") as f:
+      return {k: _from_h5(f, f[k]) for k in f if not k.startswith("#")}
+  except (OSError, ValueError, KeyError) as e:
+    raise BackboneError(f"{path}: not a readable MATLAB v7.3 file ({e})") from None
+
+
+def read_mat(path: str) -> dict[str, Any]:
+  """A .mat file's variables, either format: structs as dicts, struct arrays and cells as lists
+  (a single element as itself), char as str, numeric arrays in MATLAB's shape (squeezed)."""
+  with open(path, "rb") as f:
+    header = f.read(512)
+  if header[:4] == b"\x89HDF" or b"MATLAB 7.3" in header[:128]:
+    return _read_v73(path)
+  return _read_v5(path)
+
+
+# ------------------------------------------------------------------------ the DagNN
+
+
+def _names(x) -> tuple[str, ...]:
+  if x is None or isinstance(x, np.ndarray) and x.size == 0:
+    return ()
+  return (x,) if isinstance(x, str) else tuple(str(v) for v in x)
+
+
+def _as_list(x) -> list:
+  return x if isinstance(x, list) else [x]
+
+
+def read_dagnn(path: str) -> DagNN:
+  """The DagNN in `path`; a file that is not one (a SimpleNN `layers` cell, missing fields) is a
+  BackboneError naming what is missing."""
+  data = read_mat(path)
+  net = data.get("net") if isinstance(data.get("net"), dict) else data
+  if "layers" in net and "vars" not in net and "params" not in net:
+    raise BackboneError(f"{path}: a SimpleNN network (a `layers` cell, no `vars` or `params`), not "
+                        "a DagNN: convert it in MATLAB with dagnn.DagNN.fromSimpleNN and save "
+                        "its saveobj()")
+  missing = [k for k in DAGNN_FIELDS if k not in net]
+  if missing:
+    raise BackboneError(f"{path}: not a MatConvNet DagNN (no {', '.join(missing)}; found "
+                        f"{', '.join(sorted(net)) or 'nothing'})")
+  layers = []
+  for i, entry in enumerate(_as_list(net["layers"])):
+    if not isinstance(entry, dict) or "name" not in entry or "type" not in entry:
+      raise BackboneError(f"{path}: layers({i + 1}) has no name or type")
+    block = entry.get("block") if isinstance(entry.get("block"), dict) else {}
+    layers.append(Layer(str(entry["name"]), str(entry["type"]).removeprefix("dagnn."),
+                        _names(entry.get("inputs")), _names(entry.get("outputs")),
+                        _names(entry.get("params")), block))
+  params = {}
+  for i, entry in enumerate(_as_list(net["params"])):
+    if not isinstance(entry, dict) or "name" not in entry or "value" not in entry:
+      raise BackboneError(f"{path}: params({i + 1}) has no name or value")
+    params[str(entry["name"])] = np.asarray(entry["value"], np.float32)
+  meta = net.get("meta") if isinstance(net.get("meta"), dict) else {}
+  return DagNN(tuple(layers), params, meta, path)
+
+
+# ------------------------------------------------------------------------ ImageNet ResNets
+
+
+def _only(dag: DagNN, layers: list[Layer], want: str, after: str) -> Layer:
+  found = [layer for layer in layers if layer.type == want]
+  if len(found) != 1:
+    raise BackboneError(f"{dag.source}: expected one {want} layer after {after}, found "
+                        f"{[f'{layer.name} ({layer.type})' for layer in layers] or 'none'}")
+  return found[0]
+
+
+def _pad(block, key="pad") -> list[int]:
+  pad = np.atleast_1d(np.asarray(block.get(key, 0), np.int64)).tolist()
+  return pad * 4 if len(pad) == 1 else [pad[0], pad[0], pad[1], pad[1]] if len(pad) == 2 else pad
+
+
+def _pair(block, key) -> list[int]:
+  value = np.atleast_1d(np.asarray(block.get(key, 1), np.int64)).tolist()
+  return value * 2 if len(value) == 1 else value
+
+
+class _Walk:
+  """Follows a ResNet's graph from one variable to the next, collecting conv + BN pairs."""
+
+  def __init__(self, dag: DagNN):
+    self.dag, self.consumers = dag, dag.consumers()
+    self.used: set[str] = set()
+    self.params: dict[str, Any] = {}
+    self.stats: dict[str, Any] = {}
+    self.epsilons: set[float] = set()
+
+  def next_layers(self, var: str) -> list[Layer]:
+    return self.consumers.get(var, [])
+
+  def conv_bn(self, conv: Layer, ours: str, bn_name: str) -> str:
+    """Stores conv `conv` and its BatchNorm as ours; returns the BN's output variable."""
+    dag = self.dag
+    kernel = dag.param(conv, 0)
+    bn = _only(dag, self.next_layers(conv.outputs[0]), "BatchNorm", conv.name)
+    mult, bias, moments = (dag.param(bn, i) for i in range(3))
+    moments = moments.reshape(-1, 2, order="F") if moments.ndim == 1 else moments
+    mean, sigma = moments[:, 0], moments[:, 1]
+    epsilon = float(bn.block.get("epsilon", 1e-5))
+    self.epsilons.add(epsilon)
+    if bool(conv.block.get("hasBias", len(conv.params) > 1)) and len(conv.params) > 1:
+      mean = mean - dag.param(conv, 1).ravel()  # BN(conv(x) + c): the mean moves by c, exactly
+      self.used.add(conv.params[1])
+    self.used.update(conv.params[:1] + bn.params[:3])
+    # The reader squeezes singleton dimensions (a 1x1 conv's [1 1 Cin Cout]): the block's
+    # `size` restores MatConvNet's [H W Cin Cout], which is our HWIO.
+    size = tuple(int(v) for v in np.atleast_1d(conv.block.get("size", kernel.shape)))
+    if int(np.prod(size)) != kernel.size:
+      raise BackboneError(f"{dag.source}: {conv.name}'s filter has {kernel.size} values, its "
+                          f"size is {list(size)}")
+    _put(self.params, ours, dict(kernel=kernel.reshape(size)))
+    # MatConvNet's test-mode BN divides by the stored sigma (= sqrt(var + epsilon), no epsilon
+    # added again); ours by sqrt(var + epsilon): var = sigma^2 - epsilon gives the same sigma.
+    _put(self.params, bn_name, dict(scale=mult.ravel(), bias=bias.ravel()))
+    _put(self.stats, bn_name, dict(mean=mean, var=sigma.astype(np.float64) ** 2 - epsilon))
+    return bn.outputs[0]
+
+  def relu(self, var: str, after: str) -> str:
+    return _only(self.dag, self.next_layers(var), "ReLU", after).outputs[0]
+
+
+def _put(tree, path: str, leaves: dict[str, np.ndarray]):
+  node = tree
+  for part in path.split("/"):
+    node = node.setdefault(part, {})
+  node.update({k: np.asarray(v, np.float32) for k, v in leaves.items()})
+
+
+def resnet_variables(dag: DagNN, input_var: str | None = None):
+  """(variables, facts, unused parameter names) of the bottleneck ResNet in `dag`.
+
+  facts: depth, width, stride_variant, bn_epsilon, stem_pool_pad, as the graph has them.
+  """
+  walk = _Walk(dag)
+  inputs = {v for layer in dag.layers for v in layer.inputs} - set(dag.producer())
+  if input_var is None:
+    if len(inputs) != 1:
+      raise BackboneError(f"{dag.source}: expected one input variable, found {sorted(inputs)}")
+    input_var = next(iter(inputs))
+  stem = _only(dag, walk.next_layers(input_var), "Conv", f"the input {input_var}")
+  if _pair(stem.block, "stride") != [2, 2] or _pad(stem.block) != [3, 3, 3, 3]:
+    raise BackboneError(f"{dag.source}: stem {stem.name} has stride {_pair(stem.block, 'stride')}"
+                        f" and pad {_pad(stem.block)}; a ResNet's is 7x7/2, pad 3")
+  x = walk.relu(walk.conv_bn(stem, "stem_conv", "stem_bn"), stem.name)
+  pool = _only(dag, walk.next_layers(x), "Pooling", "the stem")
+  if str(pool.block.get("method", "max")) != "max" or _pair(pool.block, "poolSize") != [3, 3] \
+      or _pair(pool.block, "stride") != [2, 2]:
+    raise BackboneError(f"{dag.source}: {pool.name} is not the stem's 3x3/2 max pool")
+  stem_pool_pad = _pad(pool.block)
+  x = pool.outputs[0]
+  stages: list[int] = []
+  strides: list[str] = []
+  while True:
+    convs = [layer for layer in walk.next_layers(x) if layer.type == "Conv"]
+    if not convs:
+      break  # the global pool (pool5) and the classifier follow
+    # The shortcut's conv feeds its BN straight into the Sum; the residual branch's goes on.
+    def into_sum(conv):
+      bn = _only(dag, walk.next_layers(conv.outputs[0]), "BatchNorm", conv.name)
+      return any(layer.type == "Sum" for layer in walk.next_layers(bn.outputs[0]))
+    proj = [c for c in convs if into_sum(c)]
+    branch = [c for c in convs if not into_sum(c)]
+    if len(branch) != 1 or len(proj) > 1:
+      raise BackboneError(f"{dag.source}: after {x} expected a residual branch and at most one "
+                          f"projection, found {[c.name for c in convs]}")
+    if proj or not stages:
+      stages.append(0)
+    stages[-1] += 1
+    name = f"stage{len(stages) + 1}_block{stages[-1]}"
+    y, conv = x, branch[0]
+    layer_strides = []
+    for i in (1, 2, 3):
+      layer_strides.append(_pair(conv.block, "stride")[0])
+      y = walk.conv_bn(conv, f"{name}/conv{i}", f"{name}/bn{i}")
+      if i < 3:
+        y = walk.relu(y, conv.name)
+        conv = _only(dag, walk.next_layers(y), "Conv", y)
+    shortcut = x
+    if proj:
+      shortcut = walk.conv_bn(proj[0], f"{name}/proj_conv", f"{name}/proj_bn")
+    total = _only(dag, walk.next_layers(y), "Sum", y)
+    if set(total.inputs) != {y, shortcut}:
+      raise BackboneError(f"{dag.source}: {total.name} adds {total.inputs}, not {y} and "
+                          f"{shortcut}")
+    x = walk.relu(total.outputs[0], total.name)
+    if max(layer_strides) > 1:
+      strides.append("v1" if layer_strides[0] > 1 else "v1.5")
+  blocks = tuple(stages)
+  depth = next((d for d, sizes in STAGE_SIZES.items() if sizes == blocks), None)
+  if depth is None:
+    raise BackboneError(f"{dag.source}: blocks per stage {blocks} match no ResNet "
+                        f"({dict(STAGE_SIZES)})")
+  if len(set(strides)) > 1 or len(walk.epsilons) > 1:
+    raise BackboneError(f"{dag.source}: mixed stride placements {strides} or BN epsilons "
+                        f"{sorted(walk.epsilons)}")
+  width = int(walk.params["stem_conv"]["kernel"].shape[-1])
+  facts = dict(depth=depth, width=width, stride_variant=strides[0] if strides else "v1",
+               bn_epsilon=walk.epsilons.pop(), stem_pool_pad=stem_pool_pad)
+  unused = sorted(set(dag.params) - walk.used)
+  return dict(params=walk.params, batch_stats=walk.stats), facts, unused
+
+
+def input_convention(dag: DagNN) -> dict[str, Any]:
+  """The pixels the network expects, from `meta.normalization`: RGB on 0-255, minus the
+  average image's per-channel mean (a 224x224x3 image in the ImageNet files, or a 3-vector)."""
+  norm = dag.meta.get("normalization", {}) if isinstance(dag.meta, dict) else {}
+  average = np.asarray(norm.get("averageImage", np.zeros(3)), np.float64)
+  if average.size < 3 or average.shape[-1] != 3 and average.size != 3:
+    raise BackboneError(f"{dag.source}: meta.normalization.averageImage has shape "
+                        f"{average.shape}, not ...x3")
+  mean = average.reshape(-1, 3).mean(axis=0) if average.size != 3 else average.ravel()
+  return dict(mean_rgb=[float(v) for v in mean], std_rgb=[1.0, 1.0, 1.0], bgr=False)
