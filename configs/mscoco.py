@@ -15,6 +15,7 @@ def get_config(stage="stage1"):
   c.data.format = "tfds"
   c.data.tfds_name = "mscoco_karpathy"
   c.data.train_splits = ("train", "restval")
+  c.data.original_delimiters = "-.,()?"  # with data.tokenizer="original": the authors' MSCOCO split
   c.model.text.max_len = 32
   c.model.dropout = 0.5
   # Epochs: Stage I ~80; Stage II 15, 5 at lr/10, 1 at lr/100.

@@ -37,6 +37,9 @@ STRIDE_VARIANTS = ("v1", "v1.5")
 #   train:   normalise with batch statistics and update the stored ones (Stage II).
 BACKBONE_BN_MODES = ("running", "batch", "train")
 DATA_FORMATS = ("karpathy", "cuhk_pedes", "tfds")
+# How captions and queries become words: "words" (lower-cased words and numbers; a Karpathy
+# JSON's own `tokens`), "original" (the authors' MATLAB preparation: data/records.tokenizer).
+TOKENIZERS = ("words", "original")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 EVAL_FEATURES = ("after_relu", "original")
 FLOAT32_PARTS = ("backbone", "text_cnn", "heads", "batch_norm", "w_share")
@@ -86,6 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tfds_name = ""
   c.data.word2vec = ""  # KeyedVectors file; "" = vocabulary from counts, random init
   c.data.min_word_count = 1  # the no-word2vec vocabulary's threshold
+  # "words", or "original": the authors' split on original_delimiters and spaces, case kept
+  # (their Flickr30k and CUHK-PEDES preparation; MSCOCO's splits on "?" too).
+  c.data.tokenizer = "words"
+  c.data.original_delimiters = "-.,()"
   c.data.resize_shorter = 256
   c.data.crop_area = (0.64, 1.0)  # fraction of the largest crop of the drawn aspect ratio
   c.data.crop_aspect = (3 / 4, 4 / 3)  # log-uniform
@@ -400,6 +407,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         f"eval.final_checkpoint={cfg.eval.final_checkpoint!r}: 'best' or 'newest'")
   d = cfg.data
   check(d.format in DATA_FORMATS, f"data.format={d.format!r}: one of {DATA_FORMATS}")
+  check(d.tokenizer in TOKENIZERS, f"data.tokenizer={d.tokenizer!r}: one of {TOKENIZERS}")
   check(len(d.crop_area) == 2 and 0 < d.crop_area[0] <= d.crop_area[1] <= 1,
         f"data.crop_area={d.crop_area}: 0 < low <= high <= 1")
   check(len(d.crop_aspect) == 2 and 0 < d.crop_aspect[0] <= d.crop_aspect[1],

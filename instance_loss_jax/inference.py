@@ -19,6 +19,7 @@ import numpy as np
 
 from instance_loss_jax import checkpoint, paths, sharding
 from instance_loss_jax.config import apply_overrides, run_config
+from instance_loss_jax.data import records
 from instance_loss_jax.data.vocab import Vocabulary
 from instance_loss_jax.errors import CheckpointError
 from instance_loss_jax.models import build_model, l2_normalize
@@ -175,7 +176,8 @@ class Run:
 
   def embed_sentences(self, sentences: Sequence[str]) -> tuple[np.ndarray, list[list[str]]]:
     """L2-normalised embeddings of free-text sentences and each one's unknown words."""
-    rows, unknown = self.vocab.encode_sentences(sentences, self.config.model.text.max_len)
+    rows, unknown = self.vocab.encode_sentences(sentences, self.config.model.text.max_len,
+                                                records.tokenizer(self.config.data))
     return self.embed_fns.embed_tokens(self.variables, rows), unknown
 
   def embed_image_files(self, files: Sequence[str]) -> np.ndarray:

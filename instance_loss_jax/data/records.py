@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from instance_loss_jax import paths
 from instance_loss_jax.data import tfds_source
@@ -33,6 +33,17 @@ class Record:
 def tokenize(text: str) -> tuple[str, ...]:
   """Lower-cased words and numbers, as the Karpathy `tokens` fields are."""
   return tuple(_WORD.findall(text.lower()))
+
+
+def tokenizer(data) -> Callable[[str], tuple[str, ...]]:
+  """How captions and queries are split into words, as `config.data.tokenizer` says: "words"
+  (`tokenize`; a Karpathy JSON's own `tokens` where it has them), or "original", the authors'
+  MATLAB preparation: strsplit on `data.original_delimiters` and spaces, runs of them collapsed,
+  case kept (their dictionary is GoogleNews', which is case-sensitive)."""
+  if data.tokenizer != "original":
+    return tokenize
+  pattern = re.compile("[" + re.escape(data.original_delimiters + " ") + "]+")
+  return lambda text: tuple(t for t in pattern.split(text) if t)
 
 
 def load_json(path: str) -> Any:
@@ -71,9 +82,10 @@ def _labelled(path: str, items: Sequence[tuple[str, tuple, Any, str]], split: st
 
 
 def read_karpathy(path: str, image_root: str, split: str, train_splits: Iterable[str] = ("train",),
-                  check_files: bool = True) -> list[Record]:
+                  check_files: bool = True, split_raw=None) -> list[Record]:
   """One split of a Karpathy JSON. `split="train"` takes every split in `train_splits` (MSCOCO:
-  train + restval); each image is its own class."""
+  train + restval); each image is its own class. `split_raw`: a tokenizer for every sentence's
+  `raw` text instead of its `tokens` (data.tokenizer="original")."""
   data = load_json(path)
   images = field(data, "images", path)
   wanted = set(train_splits) if split == "train" else {split}
@@ -82,7 +94,7 @@ def read_karpathy(path: str, image_root: str, split: str, train_splits: Iterable
     where = f"{path}: images[{i}]"
     if field(image, "split", where) not in wanted:
       continue
-    captions = tuple(tokens for _, tokens in karpathy_captions(image, where))
+    captions = tuple(tokens for _, tokens in karpathy_captions(image, where, split_raw))
     items.append((os.path.join(image_root, karpathy_file(image, where)), captions, i, where))
   return _labelled(path, items, split, check_files)
 
@@ -92,11 +104,16 @@ def karpathy_file(image: dict[str, Any], where: str) -> str:
   return os.path.join(image.get("filepath", ""), field(image, "filename", where))
 
 
-def karpathy_captions(image: dict[str, Any], where: str) -> list[tuple[str, tuple[str, ...]]]:
+def karpathy_captions(image: dict[str, Any], where: str,
+                      split_raw=None) -> list[tuple[str, tuple[str, ...]]]:
   """(raw text, tokens) of each sentence: the JSON's `tokens` lower-cased, or the raw text
-  tokenized where a sentence has none."""
+  tokenized where a sentence has none; with `split_raw`, the raw text split by it."""
   captions = []
   for j, sentence in enumerate(field(image, "sentences", where)):
+    if split_raw is not None:
+      raw = field(sentence, "raw", f"{where}.sentences[{j}]")
+      captions.append((raw, tuple(split_raw(raw))))
+      continue
     tokens = sentence.get("tokens") if isinstance(sentence, dict) else None
     raw = sentence.get("raw") if isinstance(sentence, dict) else None
     if tokens is None:
@@ -107,9 +124,10 @@ def karpathy_captions(image: dict[str, Any], where: str) -> list[tuple[str, tupl
   return captions
 
 
-def read_cuhk_pedes(path: str, image_root: str, split: str,
-                    check_files: bool = True) -> list[Record]:
-  """One split of CUHK-PEDES `reid_raw.json`: the class is the person `id`."""
+def read_cuhk_pedes(path: str, image_root: str, split: str, check_files: bool = True,
+                    split_raw=tokenize) -> list[Record]:
+  """One split of CUHK-PEDES `reid_raw.json`: the class is the person `id`; `split_raw` splits
+  the captions."""
   data = load_json(path)
   if not isinstance(data, list):
     raise DataError(f"{path}: expected a list of entries")
@@ -118,7 +136,7 @@ def read_cuhk_pedes(path: str, image_root: str, split: str,
     where = f"{path}: [{i}]"
     if field(entry, "split", where) != split:
       continue
-    captions = tuple(tokenize(c) for c in field(entry, "captions", where))
+    captions = tuple(tuple(split_raw(c)) for c in field(entry, "captions", where))
     items.append((os.path.join(image_root, field(entry, "file_path", where)), captions,
                   field(entry, "id", where), where))
   return _labelled(path, items, split, check_files)
@@ -138,12 +156,14 @@ def read_split(config, split: str, check_files: bool = True) -> list[Record]:
   if unset:
     raise DataError(f"{' and '.join(unset)} not set (--config.{unset[0]}=PATH): the dataset's "
                     "files are not known")
+  original = tokenizer(d) if d.tokenizer == "original" else None  # else each source's own
   if d.format == "karpathy":
-    return read_karpathy(d.json, d.image_root, split, tuple(d.train_splits), check_files)
+    return read_karpathy(d.json, d.image_root, split, tuple(d.train_splits), check_files,
+                         original)
   if d.format == "cuhk_pedes":
-    return read_cuhk_pedes(d.json, d.image_root, split, check_files)
+    return read_cuhk_pedes(d.json, d.image_root, split, check_files, original or tokenize)
   if d.format == "tfds":
     parts = tuple(d.train_splits) if split == "train" else (split,)
     return [Record(ref, captions, label, split) for ref, captions, label in
-            tfds_source.read_split(d.tfds_data_dir, d.tfds_name, parts)]
+            tfds_source.read_split(d.tfds_data_dir, d.tfds_name, parts, original)]
   raise DataError(f"data.format={d.format!r}: unknown")

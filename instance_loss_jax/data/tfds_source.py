@@ -151,13 +151,13 @@ def read_image(name: str) -> bytes:
   return image_bytes(name) if is_image_ref(name) else paths.path(name).read_bytes()
 
 
-def read_split(data_dir: str, name: str, splits: tuple[str, ...]
+def read_split(data_dir: str, name: str, splits: tuple[str, ...], split_raw=None
                ) -> list[tuple[str, tuple[tuple[str, ...], ...], int]]:
   """(image reference, captions' tokens, label) of every image of `splits` (concatenated, in
   order; MSCOCO's training split: train and restval), from the captions config: the same tokens
   (the JSON readers') and labels as data/records.py's readers give. Labels number the classes
   (`group/id`: the image, or the person) in order of first appearance over the splits, as those
-  readers do."""
+  readers do. `split_raw`: a tokenizer for the raw texts instead of the stored tokens."""
   out, labels = [], {}
   for split in splits:
     files = shard_files(data_dir, name, CAPTIONS, split)
@@ -165,11 +165,14 @@ def read_split(data_dir: str, name: str, splits: tuple[str, ...]
     source = data_source(files)
     for k in range(len(source)):
       feature = _example(source[k])
-      tokens = feature["captions/tokens"].bytes_list.value
+      if split_raw is None:
+        tokens = [t.decode("utf-8").split() for t in feature["captions/tokens"].bytes_list.value]
+      else:
+        tokens = [split_raw(t.decode("utf-8")) for t in feature["captions/text"].bytes_list.value]
       filename = feature["image/filename"].bytes_list.value[0].decode("utf-8")
       label = labels.setdefault(feature["group/id"].int64_list.value[0], len(labels))
       out.append((image_ref(data_dir, name, split, k, filename),
-                  tuple(tuple(t.decode("utf-8").split()) for t in tokens), label))
+                  tuple(tuple(t) for t in tokens), label))
   if not out:
     raise DataError(f"TFDS dataset {name} under {data_dir}: split(s) {', '.join(splits)} empty")
   return out

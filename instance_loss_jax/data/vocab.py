@@ -39,16 +39,17 @@ class Vocabulary:
   def index(self) -> dict[str, int]:
     return {w: i + 1 for i, w in enumerate(self.words)}
 
-  def encode_sentences(self, sentences: Sequence[str],
-                       max_len: int) -> tuple[np.ndarray, list[list[str]]]:
+  def encode_sentences(self, sentences: Sequence[str], max_len: int,
+                       split=tokenize) -> tuple[np.ndarray, list[list[str]]]:
     """Token rows [n, max_len] of free-text queries (left-aligned, as the evaluation embeds
-    captions) and each sentence's words that the vocabulary does not know. A sentence with no
-    known word is an error naming it: its embedding would be the padding's."""
+    captions) and each sentence's words that the vocabulary does not know; `split`: the run's
+    tokenizer (records.tokenizer). A sentence with no known word is an error naming it: its
+    embedding would be the padding's."""
     index = self.index()
     rows = np.zeros((len(sentences), max_len), np.int32)
     unknown = []
     for i, sentence in enumerate(sentences):
-      words = tokenize(sentence)
+      words = split(sentence)
       known = encode(index, words, max_len)
       unknown.append([w for w in words if w not in index])
       if not known:
