@@ -103,10 +103,11 @@ def dagnn_resnet(depth, width, rng, pool5=2):
 # ---------------------------------------------------------------- MatConvNet's arithmetic
 
 
-def run_dagnn(net, images, until):
-  """Executes the DagNN on NHWC images in numpy, each layer as MatConvNet's vl_nn* function
-  computes it; returns variable `until`."""
-  values = {"data": images.astype(np.float64)}
+def run_dagnn(net, images, until, input_name="data"):
+  """Executes the DagNN on NHWC `images` given as input `input_name`, in numpy, each layer as
+  MatConvNet's vl_nn* function computes it at test time (DropOut passes through); returns
+  variable `until`. Layers whose inputs never come (another input's branch, losses) wait."""
+  values = {input_name: images.astype(np.float64)}
   params = {p["name"]: np.asarray(p["value"], np.float64) for p in net["params"]}
   pending = list(net["layers"])
   while until not in values:
@@ -125,6 +126,8 @@ def run_dagnn(net, images, until):
         y = mult / moments[:, 1] * (x[0] - moments[:, 0]) + bias  # no epsilon: given moments
       elif kind == "ReLU":
         y = np.maximum(x[0], 0)
+      elif kind == "DropOut":
+        y = x[0]
       elif kind == "Sum":
         y = sum(x)
       elif kind == "Pooling":

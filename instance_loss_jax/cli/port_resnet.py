@@ -10,7 +10,7 @@ Sources:
   * torchvision / timm state dicts (`.pth`, `.pt`, `.safetensors`): ResNet v1.5, OIHW kernels
     transposed to HWIO.
   * MatConvNet DagNN files (`imagenet-resnet-50/101/152-dag.mat`, the Caffe ResNets the paper
-    started from; MATLAB v5/v7 or v7.3): read by following the graph (`matconvnet.py`); the
+    started from; MATLAB v5/v7 or v7.3): read by following the graph (`matconvnet/dagnn.py`); the
     stem pool's Caffe padding (0, 1, 0, 1) and the input mean of `meta.normalization` are
     recorded.
 The output is a backbone directory (see `instance_loss_jax.backbone`) with the input convention of

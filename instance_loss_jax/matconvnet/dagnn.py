@@ -191,7 +191,7 @@ def read_dagnn(path: str) -> DagNN:
 # ------------------------------------------------------------------------ ImageNet ResNets
 
 
-def _only(dag: DagNN, layers: list[Layer], want: str, after: str) -> Layer:
+def only(dag: DagNN, layers: list[Layer], want: str, after: str) -> Layer:
   found = [layer for layer in layers if layer.type == want]
   if len(found) != 1:
     raise BackboneError(f"{dag.source}: expected one {want} layer after {after}, found "
@@ -199,17 +199,17 @@ def _only(dag: DagNN, layers: list[Layer], want: str, after: str) -> Layer:
   return found[0]
 
 
-def _pad(block, key="pad") -> list[int]:
+def pad_of(block, key="pad") -> list[int]:
   pad = np.atleast_1d(np.asarray(block.get(key, 0), np.int64)).tolist()
   return pad * 4 if len(pad) == 1 else [pad[0], pad[0], pad[1], pad[1]] if len(pad) == 2 else pad
 
 
-def _pair(block, key) -> list[int]:
+def pair_of(block, key) -> list[int]:
   value = np.atleast_1d(np.asarray(block.get(key, 1), np.int64)).tolist()
   return value * 2 if len(value) == 1 else value
 
 
-class _Walk:
+class GraphWalk:
   """Follows a ResNet's graph from one variable to the next, collecting conv + BN pairs."""
 
   def __init__(self, dag: DagNN):
@@ -222,11 +222,13 @@ class _Walk:
   def next_layers(self, var: str) -> list[Layer]:
     return self.consumers.get(var, [])
 
-  def conv_bn(self, conv: Layer, ours: str, bn_name: str) -> str:
-    """Stores conv `conv` and its BatchNorm as ours; returns the BN's output variable."""
+  def conv_bn(self, conv: Layer, ours: str, bn_name: str, shape=None) -> str:
+    """Stores conv `conv` and its BatchNorm as ours (at the /-separated paths `ours` and
+    `bn_name`, the kernel reshaped to `shape`, default MatConvNet's [H W Cin Cout]: our HWIO);
+    returns the BN's output variable."""
     dag = self.dag
     kernel = dag.param(conv, 0)
-    bn = _only(dag, self.next_layers(conv.outputs[0]), "BatchNorm", conv.name)
+    bn = only(dag, self.next_layers(conv.outputs[0]), "BatchNorm", conv.name)
     mult, bias, moments = (dag.param(bn, i) for i in range(3))
     moments = moments.reshape(-1, 2, order="F") if moments.ndim == 1 else moments
     mean, sigma = moments[:, 0], moments[:, 1]
@@ -242,7 +244,7 @@ class _Walk:
     if int(np.prod(size)) != kernel.size:
       raise BackboneError(f"{dag.source}: {conv.name}'s filter has {kernel.size} values, its "
                           f"size is {list(size)}")
-    _put(self.params, ours, dict(kernel=kernel.reshape(size)))
+    _put(self.params, ours, dict(kernel=kernel.reshape(shape or size)))
     # MatConvNet's test-mode BN divides by the stored sigma (= sqrt(var + epsilon), no epsilon
     # added again); ours by sqrt(var + epsilon): var = sigma^2 - epsilon gives the same sigma.
     _put(self.params, bn_name, dict(scale=mult.ravel(), bias=bias.ravel()))
@@ -250,7 +252,7 @@ class _Walk:
     return bn.outputs[0]
 
   def relu(self, var: str, after: str) -> str:
-    return _only(self.dag, self.next_layers(var), "ReLU", after).outputs[0]
+    return only(self.dag, self.next_layers(var), "ReLU", after).outputs[0]
 
 
 def _put(tree, path: str, leaves: dict[str, np.ndarray]):
@@ -265,22 +267,31 @@ def resnet_variables(dag: DagNN, input_var: str | None = None):
 
   facts: depth, width, stride_variant, bn_epsilon, stem_pool_pad, as the graph has them.
   """
-  walk = _Walk(dag)
+  walk = GraphWalk(dag)
+  facts, _ = walk_resnet(walk, input_var)
+  unused = sorted(set(dag.params) - walk.used)
+  return dict(params=walk.params, batch_stats=walk.stats), facts, unused
+
+
+def walk_resnet(walk: GraphWalk, input_var: str | None = None) -> tuple[dict[str, Any], str]:
+  """Collects the ResNet that starts at `input_var` (default: the graph's one input) into
+  `walk`; returns its facts and the variable after its last block (what pool5 pools)."""
+  dag = walk.dag
   inputs = {v for layer in dag.layers for v in layer.inputs} - set(dag.producer())
   if input_var is None:
     if len(inputs) != 1:
       raise BackboneError(f"{dag.source}: expected one input variable, found {sorted(inputs)}")
     input_var = next(iter(inputs))
-  stem = _only(dag, walk.next_layers(input_var), "Conv", f"the input {input_var}")
-  if _pair(stem.block, "stride") != [2, 2] or _pad(stem.block) != [3, 3, 3, 3]:
-    raise BackboneError(f"{dag.source}: stem {stem.name} has stride {_pair(stem.block, 'stride')}"
-                        f" and pad {_pad(stem.block)}; a ResNet's is 7x7/2, pad 3")
+  stem = only(dag, walk.next_layers(input_var), "Conv", f"the input {input_var}")
+  if pair_of(stem.block, "stride") != [2, 2] or pad_of(stem.block) != [3, 3, 3, 3]:
+    raise BackboneError(f"{dag.source}: stem {stem.name} has stride {pair_of(stem.block, 'stride')}"
+                        f" and pad {pad_of(stem.block)}; a ResNet's is 7x7/2, pad 3")
   x = walk.relu(walk.conv_bn(stem, "stem_conv", "stem_bn"), stem.name)
-  pool = _only(dag, walk.next_layers(x), "Pooling", "the stem")
-  if str(pool.block.get("method", "max")) != "max" or _pair(pool.block, "poolSize") != [3, 3] \
-      or _pair(pool.block, "stride") != [2, 2]:
+  pool = only(dag, walk.next_layers(x), "Pooling", "the stem")
+  if str(pool.block.get("method", "max")) != "max" or pair_of(pool.block, "poolSize") != [3, 3] \
+      or pair_of(pool.block, "stride") != [2, 2]:
     raise BackboneError(f"{dag.source}: {pool.name} is not the stem's 3x3/2 max pool")
-  stem_pool_pad = _pad(pool.block)
+  stem_pool_pad = pad_of(pool.block)
   x = pool.outputs[0]
   stages: list[int] = []
   strides: list[str] = []
@@ -290,7 +301,7 @@ def resnet_variables(dag: DagNN, input_var: str | None = None):
       break  # the global pool (pool5) and the classifier follow
     # The shortcut's conv feeds its BN straight into the Sum; the residual branch's goes on.
     def into_sum(conv):
-      bn = _only(dag, walk.next_layers(conv.outputs[0]), "BatchNorm", conv.name)
+      bn = only(dag, walk.next_layers(conv.outputs[0]), "BatchNorm", conv.name)
       return any(layer.type == "Sum" for layer in walk.next_layers(bn.outputs[0]))
     proj = [c for c in convs if into_sum(c)]
     branch = [c for c in convs if not into_sum(c)]
@@ -304,15 +315,15 @@ def resnet_variables(dag: DagNN, input_var: str | None = None):
     y, conv = x, branch[0]
     layer_strides = []
     for i in (1, 2, 3):
-      layer_strides.append(_pair(conv.block, "stride")[0])
+      layer_strides.append(pair_of(conv.block, "stride")[0])
       y = walk.conv_bn(conv, f"{name}/conv{i}", f"{name}/bn{i}")
       if i < 3:
         y = walk.relu(y, conv.name)
-        conv = _only(dag, walk.next_layers(y), "Conv", y)
+        conv = only(dag, walk.next_layers(y), "Conv", y)
     shortcut = x
     if proj:
       shortcut = walk.conv_bn(proj[0], f"{name}/proj_conv", f"{name}/proj_bn")
-    total = _only(dag, walk.next_layers(y), "Sum", y)
+    total = only(dag, walk.next_layers(y), "Sum", y)
     if set(total.inputs) != {y, shortcut}:
       raise BackboneError(f"{dag.source}: {total.name} adds {total.inputs}, not {y} and "
                           f"{shortcut}")
@@ -329,9 +340,8 @@ def resnet_variables(dag: DagNN, input_var: str | None = None):
                         f"{sorted(walk.epsilons)}")
   width = int(walk.params["stem_conv"]["kernel"].shape[-1])
   facts = dict(depth=depth, width=width, stride_variant=strides[0] if strides else "v1",
-               bn_epsilon=walk.epsilons.pop(), stem_pool_pad=stem_pool_pad)
-  unused = sorted(set(dag.params) - walk.used)
-  return dict(params=walk.params, batch_stats=walk.stats), facts, unused
+               bn_epsilon=next(iter(walk.epsilons)), stem_pool_pad=stem_pool_pad)
+  return facts, x
 
 
 def input_convention(dag: DagNN) -> dict[str, Any]:

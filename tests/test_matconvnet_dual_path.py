@@ -1,0 +1,180 @@
+"""The authors' dual-path DagNN (layumi/Image-Text-Embedding, resnet52_new_hope_word2_pool.m),
+written here with small sizes and random weights in `saveobj`'s layout, read into DualPath's
+variables by walking the graph, and compared with the numpy DagNN executor of
+test_matconvnet.py on images and one-hot sentences (unknown words and padding included)."""
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import tiny_config
+from instance_loss_jax import matconvnet
+from instance_loss_jax.errors import BackboneError
+from instance_loss_jax.matconvnet import dual_path
+from instance_loss_jax.models import build_model
+
+from test_matconvnet import dagnn_resnet, run_dagnn, save_v5, save_v73
+
+VOCAB, WORD_DIM, CLASSES, EMBED, MAX_LEN = 30, 12, 7, 48, 16
+TEXT = dict(blocks=(1, 2, 1, 1), widths=(16, 32, 32, 64), first_mids=(8, 32, 32, 64),
+            strides=(1, 2, 2, 1), ratio=4)
+
+
+def authors_model(rng, image_head_layers=2):
+  """Their Stage I graph: Caffe ResNet (depth 14, width 4) to pool5, image head (fc1, fc1_1),
+  the text CNN over a one-hot `data2`, its head (fc5_2), and W_share shared by fc_img and
+  fc_txt (params fcsharef, fcshareb)."""
+  net = dagnn_resnet(14, 4, rng)
+  net["layers"] = [e for e in net["layers"] if e["name"] not in ("fc1000", "prob")]
+  net["params"] = [p for p in net["params"] if not p["name"].startswith("fc1000")]
+  layers, params = net["layers"], net["params"]
+
+  def param(name, value):
+    params.append(dict(name=name, value=np.asarray(value, np.float32), learningRate=1.0,
+                       weightDecay=1.0))
+    return name
+
+  def layer(name, kind, inputs, outputs, names, block):
+    layers.append(dict(name=name, type=f"dagnn.{kind}", inputs=list(inputs),
+                       outputs=list(outputs), params=list(names), block=block))
+    return outputs[0]
+
+  def conv(name, x, size, stride=1, pad=(0, 0, 0, 0), bias=False, names=None):
+    w = rng.normal(0, np.sqrt(2 / np.prod(size[:3])), size)
+    names = names or [param(f"{name}f", w)] + (
+        [param(f"{name}b", rng.normal(0, 0.1, size[3]))] if bias else [])
+    return layer(name, "Conv", [x], [name], names, dict(
+        size=np.array(size, np.float64), hasBias=bias, pad=np.array(pad, np.float64),
+        stride=np.array([stride, stride], np.float64), dilate=np.array([1.0, 1.0]), opts=[]))
+
+  def bn(name, x, c, mult=(0.5, 1.5)):
+    moments = np.stack([rng.normal(0, 0.2, c), rng.uniform(0.3, 1.5, c)], 1)
+    return layer(name, "BatchNorm", [x], [name],
+                 [param(f"{name}_w", rng.uniform(*mult, c)), param(f"{name}_b",
+                  rng.normal(0, 0.1, c)), param(f"{name}_m", moments)],
+                 dict(numChannels=float(c), epsilon=1e-5, opts=["NoCuDNN"]))
+
+  def relu(name, x):
+    return layer(name, "ReLU", [x], [name], [], dict(useShortCircuit=True, leak=0.0, opts=[]))
+
+  def dropout(name, x, rate=0.75):
+    return layer(name, "DropOut", [x], [name], [], dict(rate=rate, frozen=False))
+
+  # Image head: pool5 (128 channels) -> fc1 -> ... -> dropout.
+  x, cin = "pool5", 128
+  for i in range(image_head_layers):
+    tag = "fc1" if i == 0 else f"fc1_{i}"
+    x = relu(f"{tag}x", bn(f"{tag}bn", conv(tag, x, [1, 1, cin, EMBED]), EMBED))
+    cin = EMBED
+  image_out = dropout("dropout", x)
+  # Text: the embedding as a 1x1 conv with bias over the one-hot input, its BN, the blocks.
+  x = bn("fc2bn", conv("fc2", "data2", [1, 1, VOCAB, WORD_DIM], bias=True), WORD_DIM)
+  cin = WORD_DIM
+  for s, blocks in enumerate(TEXT["blocks"]):
+    width = TEXT["widths"][s]
+    for b in range(blocks):
+      tag = f"t{s + 1}_{b + 1}"
+      stride = TEXT["strides"][s] if b == 0 else 1
+      mid = TEXT["first_mids"][s] if b == 0 else width // TEXT["ratio"]
+      shortcut = x
+      if b == 0:
+        shortcut = bn(f"{tag}bbn", conv(f"{tag}b", x, [1, 1, cin, width], stride), width)
+      y = relu(f"{tag}_1x", bn(f"{tag}_1bn", conv(f"{tag}_1", x, [1, 1, cin, mid]), mid))
+      y = relu(f"{tag}_2x", bn(f"{tag}_2bn", conv(f"{tag}_2", y, [1, 2, mid, mid], stride,
+                                                  (0, 0, 1, 0)), mid))
+      y = bn(f"{tag}_3bn", conv(f"{tag}_3", y, [1, 1, mid, width]), width, mult=(0.1, 0.4))
+      x = relu(f"{tag}x", layer(f"{tag}sum", "Sum", [shortcut, y], [f"{tag}sum"], [], {}))
+      cin = width
+  pooled = MAX_LEN // int(np.prod(TEXT["strides"]))
+  x = layer("fc5_1", "Pooling", [x], ["fc5_1bnx"], [], dict(
+      method="max", poolSize=np.array([1.0, pooled]), pad=np.zeros(4), stride=np.ones(2),
+      opts=["cuDNN"]))
+  x = relu("fc5_2x", bn("fc5_2bn", conv("fc5_2", x, [1, 1, cin, EMBED]), EMBED))
+  text_out = dropout("dropout2", x)
+  share = [param("fcsharef", rng.normal(0, 0.05, (1, 1, EMBED, CLASSES))),
+           param("fcshareb", rng.normal(0, 0.1, CLASSES))]
+  conv("fc_img", image_out, [1, 1, EMBED, CLASSES], bias=True, names=share)
+  conv("fc_txt", text_out, [1, 1, EMBED, CLASSES], bias=True, names=share)
+  for pred, label in (("fc_img", "label_img"), ("fc_txt", "label_txt")):
+    layer(f"softmaxloss_{pred}", "Loss", [pred, label], [f"objective_{pred}"], [],
+          dict(loss="softmaxlog", opts=[]))
+  net["vars"] = [dict(name=n, precious=False) for n in sorted(
+      {v for e in layers for v in e["inputs"] + e["outputs"]})]
+  return net
+
+
+def our_model(facts):
+  config = tiny_config(num_classes=facts["num_classes"], **{
+      f"model.image.{k}": tuple(v) if isinstance(v, list) else v
+      for k, v in facts["image"].items()}, **{
+      f"model.text.{k}": v for k, v in facts["text"].items()}, **{
+      "model.text.max_len": facts["max_len"], "model.embed_dim": facts["embed_dim"],
+      "model.image_head_layers": facts["image_head_layers"],
+      "model.text_head_layers": facts["text_head_layers"], "model.dropout": facts["dropout"],
+      "image_size": 64})
+  return build_model(config)
+
+
+def one_hot(tokens):
+  """[N, L] indices (0 = padding, k + 1 = dictionary word k) -> MatConvNet's [N, 1, L, V]."""
+  out = np.zeros(tokens.shape + (VOCAB,), np.float32)
+  for (n, j), t in np.ndenumerate(tokens):
+    if t:
+      out[n, j, t - 1] = 1.0
+  return out[:, None]
+
+
+@pytest.mark.parametrize("save", [save_v5, save_v73], ids=["v5", "v7.3"])
+def test_authors_model_gives_their_features(save, tmp_path):
+  rng = np.random.default_rng(0)
+  net = authors_model(rng)
+  path = str(tmp_path / "net-epoch-1.mat")
+  save(path, {"net": net, "state": {"epoch": 1.0}})  # a training snapshot: the DagNN in `net`
+  variables, facts, unused = dual_path.dual_path_variables(matconvnet.read_dagnn(path))
+  assert unused == []
+  assert facts["image"] == dict(depth=14, width=4, stride_variant="v1", bn_epsilon=1e-5,
+                                stem_pool_pad=[0, 1, 0, 1])
+  assert facts["text"] == dict(blocks=TEXT["blocks"], widths=TEXT["widths"],
+                               first_mids=TEXT["first_mids"], strides=TEXT["strides"],
+                               bottleneck_ratio=4, vocab_size=VOCAB + 1, word_dim=WORD_DIM,
+                               pooling="max")
+  assert (facts["embed_dim"], facts["num_classes"], facts["max_len"], facts["dropout"]) == (
+      EMBED, CLASSES, MAX_LEN, 0.75)
+  model = our_model(facts)
+  # Sentences of different lengths, with padding; index 0 never hits a dictionary column.
+  tokens = rng.integers(1, VOCAB + 1, (3, MAX_LEN))
+  tokens[0, 9:] = 0
+  tokens[1, 2:] = 0
+  images = rng.normal(0, 50, (2, 64, 64, 3)).astype(np.float32)
+  text = np.asarray(jax.jit(lambda v, t: model.apply(v, t, method=model.text_features))(
+      variables, tokens))
+  image = np.asarray(jax.jit(lambda v, x: model.apply(v, x, method=model.image_features))(
+      variables, images))
+  want_text = run_dagnn(net, one_hot(tokens), "fc5_2x", input_name="data2").reshape(3, -1)
+  want_image = run_dagnn(net, images, "fc1_1x").reshape(2, -1)
+  for ours, theirs in ((image, want_image), (text, want_text)):
+    cosine = np.sum(ours * theirs, 1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs,
+                                                                                       axis=1)
+    assert cosine.min() >= 0.9999, cosine
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+  # W_share: the shared prediction layer, applied to the features as their fc_img does.
+  logits = np.asarray(model.apply(variables, image, method=model.classify))
+  np.testing.assert_allclose(logits, run_dagnn(net, images, "fc_img").reshape(2, -1),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_what_is_not_the_authors_model_is_named(tmp_path):
+  rng = np.random.default_rng(1)
+  save_v5(str(tmp_path / "resnet.mat"), dagnn_resnet(14, 4, rng))
+  with pytest.raises(BackboneError, match=r"not a dual-path model: no input data2"):
+    dual_path.dual_path_variables(matconvnet.read_dagnn(str(tmp_path / "resnet.mat")))
+  net = authors_model(rng)
+  for entry in net["layers"]:
+    if entry["name"] == "fc_txt":
+      entry["params"] = ["fcsharef_t", "fcshareb"]
+  net["params"].append(dict(name="fcsharef_t", value=np.zeros((1, 1, EMBED, CLASSES),
+                                                             np.float32),
+                            learningRate=1.0, weightDecay=1.0))
+  save_v73(str(tmp_path / "unshared.mat"), net)
+  with pytest.raises(BackboneError, match="fc_img and fc_txt do not share one weight and bias"):
+    dual_path.dual_path_variables(matconvnet.read_dagnn(str(tmp_path / "unshared.mat")))
