@@ -24,7 +24,7 @@ LAYERS = [
     ["trainer", "index"],
     ["cli"],  # the binaries
     # Their entry points at the old paths (kept for one release), and "": the package's face.
-    ["", "train", "evaluate", "export", "search", "ablate", "port_resnet"],
+    ["", "train", "evaluate", "export", "search", "ablate", "port_resnet", "import_matconvnet"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 FRAMEWORKS = ("jax", "flax", "optax", "orbax", "tensorflow", "tensorflow_datasets", "torch")

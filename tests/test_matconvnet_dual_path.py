@@ -13,14 +13,17 @@ from instance_loss_jax.errors import BackboneError
 from instance_loss_jax.matconvnet import dual_path
 from instance_loss_jax.models import build_model
 
+import os
+
 from test_matconvnet import dagnn_resnet, run_dagnn, save_v5, save_v73
+from test_training import data_dir  # noqa: F401  (a fixture)
 
 VOCAB, WORD_DIM, CLASSES, EMBED, MAX_LEN = 30, 12, 7, 48, 16
 TEXT = dict(blocks=(1, 2, 1, 1), widths=(16, 32, 32, 64), first_mids=(8, 32, 32, 64),
             strides=(1, 2, 2, 1), ratio=4)
 
 
-def authors_model(rng, image_head_layers=2):
+def authors_model(rng, image_head_layers=2, vocab=VOCAB, classes=CLASSES):
   """Their Stage I graph: Caffe ResNet (depth 14, width 4) to pool5, image head (fc1, fc1_1),
   the text CNN over a one-hot `data2`, its head (fc5_2), and W_share shared by fc_img and
   fc_txt (params fcsharef, fcshareb)."""
@@ -68,7 +71,7 @@ def authors_model(rng, image_head_layers=2):
     cin = EMBED
   image_out = dropout("dropout", x)
   # Text: the embedding as a 1x1 conv with bias over the one-hot input, its BN, the blocks.
-  x = bn("fc2bn", conv("fc2", "data2", [1, 1, VOCAB, WORD_DIM], bias=True), WORD_DIM)
+  x = bn("fc2bn", conv("fc2", "data2", [1, 1, vocab, WORD_DIM], bias=True), WORD_DIM)
   cin = WORD_DIM
   for s, blocks in enumerate(TEXT["blocks"]):
     width = TEXT["widths"][s]
@@ -91,10 +94,10 @@ def authors_model(rng, image_head_layers=2):
       opts=["cuDNN"]))
   x = relu("fc5_2x", bn("fc5_2bn", conv("fc5_2", x, [1, 1, cin, EMBED]), EMBED))
   text_out = dropout("dropout2", x)
-  share = [param("fcsharef", rng.normal(0, 0.05, (1, 1, EMBED, CLASSES))),
-           param("fcshareb", rng.normal(0, 0.1, CLASSES))]
-  conv("fc_img", image_out, [1, 1, EMBED, CLASSES], bias=True, names=share)
-  conv("fc_txt", text_out, [1, 1, EMBED, CLASSES], bias=True, names=share)
+  share = [param("fcsharef", rng.normal(0, 0.05, (1, 1, EMBED, classes))),
+           param("fcshareb", rng.normal(0, 0.1, classes))]
+  conv("fc_img", image_out, [1, 1, EMBED, classes], bias=True, names=share)
+  conv("fc_txt", text_out, [1, 1, EMBED, classes], bias=True, names=share)
   for pred, label in (("fc_img", "label_img"), ("fc_txt", "label_txt")):
     layer(f"softmaxloss_{pred}", "Loss", [pred, label], [f"objective_{pred}"], [],
           dict(loss="softmaxlog", opts=[]))
@@ -115,9 +118,9 @@ def our_model(facts):
   return build_model(config)
 
 
-def one_hot(tokens):
+def one_hot(tokens, vocab=VOCAB):
   """[N, L] indices (0 = padding, k + 1 = dictionary word k) -> MatConvNet's [N, 1, L, V]."""
-  out = np.zeros(tokens.shape + (VOCAB,), np.float32)
+  out = np.zeros(tokens.shape + (vocab,), np.float32)
   for (n, j), t in np.ndenumerate(tokens):
     if t:
       out[n, j, t - 1] = 1.0
@@ -178,3 +181,70 @@ def test_what_is_not_the_authors_model_is_named(tmp_path):
   save_v73(str(tmp_path / "unshared.mat"), net)
   with pytest.raises(BackboneError, match="fc_img and fc_txt do not share one weight and bias"):
     dual_path.dual_path_variables(matconvnet.read_dagnn(str(tmp_path / "unshared.mat")))
+
+
+@pytest.mark.slow  # an import, an export, a Stage II run
+def test_imported_run_exports_searches_and_starts_stage2(data_dir, tmp_path):
+  import json
+  from instance_loss_jax import checkpoint, trainer
+  from instance_loss_jax.cli import import_matconvnet
+  from instance_loss_jax.data import records as records_lib
+  from instance_loss_jax.index import Index
+  from test_training import small_config
+  # Their dictionary: the synthetic captions' words (so that Stage II trains on that data),
+  # plus a capitalised one; word k is one-hot column k.
+  with open(f"{data_dir}/dataset.json") as f:
+    sentences = [s["raw"] for im in json.load(f)["images"] for s in im["sentences"]]
+  split = records_lib.tokenizer(small_config("stage1", data_dir, **{
+      "data.tokenizer": "original"}).data)
+  words = sorted({w for s in sentences for w in split(s)}) + ["Circle"]
+  num_train = sum(1 for r in records_lib.read_split(small_config("stage1", data_dir), "train"))
+  rng = np.random.default_rng(7)
+  net = authors_model(rng, vocab=len(words), classes=num_train)
+  save_v73(str(tmp_path / "net-epoch-9.mat"), {"net": net})
+  save_v5(str(tmp_path / "dictionary.mat"), {"subset": {"names": words,
+                                                        "features": np.zeros((3, len(words)))}})
+  workdir = str(tmp_path / "imported")
+  config = small_config("stage2", data_dir)
+  done = import_matconvnet.import_run(str(tmp_path / "net-epoch-9.mat"),
+                                      str(tmp_path / "dictionary.mat"), workdir, config)
+  assert done["words"] == len(words) and done["unused"] == []
+  assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "vocab.json"]
+  # Export: sentence embeddings (the original tokenizer: "circle" is not "Circle") against
+  # their graph, L2-normalised, at the feature the run evaluates (eval.features).
+  queries = ["two small red circles", "Circle and a blue square", "a unknownword circle"]
+  index = Index.from_run(workdir, captions=_write_lines(tmp_path / "q.txt", queries),
+                         dtype="float32")
+  run_config = checkpoint.read_config(workdir)
+  var = "fc5_2bn" if run_config.eval.features == "original" else "fc5_2x"
+  index_of = {w: i + 1 for i, w in enumerate(words)}
+  tokens = np.zeros((3, MAX_LEN), np.int64)
+  for n, q in enumerate(queries):
+    known = [index_of[w] for w in split(q) if w in index_of][:MAX_LEN]
+    tokens[n, :len(known)] = known
+  want = run_dagnn(net, one_hot(tokens, len(words)), var, input_name="data2").reshape(3, -1)
+  want /= np.linalg.norm(want, axis=1, keepdims=True)
+  cosine = np.sum(index.embeddings * want, 1) / np.linalg.norm(index.embeddings, axis=1)
+  assert cosine.min() >= 0.9999, cosine
+  from instance_loss_jax.inference import load_run
+  _, unknown = load_run(workdir).embed_sentences(["CIRCLE Circle circle"])
+  assert unknown == [["CIRCLE"]]  # case kept, as their dictionary lookup
+  # The evaluation binary's function reads it like one of our runs.
+  from instance_loss_jax.evaluation import evaluator
+  figures = evaluator.evaluate(small_config("stage2", data_dir, **import_matconvnet._overrides(
+      done["facts"]), **{"image_size": 64}), workdir, "test")
+  assert figures["step"] == 0 and 0 <= figures["metrics"]["t2i_r10"] <= 100
+  # Stage II starts from the imported run, trains and evaluates.
+  config2 = small_config("stage2", data_dir, init_from=workdir, **{
+      k: v for k, v in import_matconvnet._overrides(done["facts"]).items()},
+      **{"optim.schedule": ((1, 1.0),), "image_size": 64})
+  results = trainer.train_and_evaluate(config2, str(tmp_path / "stage2"))
+  assert np.isfinite(results["metrics"]["rsum"])
+  with pytest.raises(BackboneError, match="exists; choose a new run directory"):
+    import_matconvnet.import_run(str(tmp_path / "net-epoch-9.mat"),
+                                 str(tmp_path / "dictionary.mat"), workdir, config)
+
+
+def _write_lines(path, lines):
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
