@@ -134,6 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.text_head_layers = 1
   c.model.dropout = 0.75  # drop probability
   c.model.w_share_init_scale = 0.1  # W_share = He init x 0.1, as in the original
+  # W_share's bias: the authors' Flickr30k and CUHK-PEDES models have one, their MSCOCO model
+  # not (fc_img / fc_txt, hasBias false); an imported model sets it from its graph.
+  c.model.w_share_bias = True
   c.model.bn_momentum = 0.9
   # How W_share (and its momentum) lie on the device mesh: "classes" splits its classes over
   # every device (memory / device count; the softmax is completed with collectives),

@@ -23,7 +23,7 @@ TEXT = dict(blocks=(1, 2, 1, 1), widths=(16, 32, 32, 64), first_mids=(8, 32, 32,
             strides=(1, 2, 2, 1), ratio=4)
 
 
-def authors_model(rng, image_head_layers=2, vocab=VOCAB, classes=CLASSES):
+def authors_model(rng, image_head_layers=2, vocab=VOCAB, classes=CLASSES, share_bias=True):
   """Their Stage I graph: Caffe ResNet (depth 14, width 4) to pool5, image head (fc1, fc1_1),
   the text CNN over a one-hot `data2`, its head (fc5_2), and W_share shared by fc_img and
   fc_txt (params fcsharef, fcshareb)."""
@@ -94,10 +94,11 @@ def authors_model(rng, image_head_layers=2, vocab=VOCAB, classes=CLASSES):
       opts=["cuDNN"]))
   x = relu("fc5_2x", bn("fc5_2bn", conv("fc5_2", x, [1, 1, cin, EMBED]), EMBED))
   text_out = dropout("dropout2", x)
-  share = [param("fcsharef", rng.normal(0, 0.05, (1, 1, EMBED, classes))),
-           param("fcshareb", rng.normal(0, 0.1, classes))]
-  conv("fc_img", image_out, [1, 1, EMBED, classes], bias=True, names=share)
-  conv("fc_txt", text_out, [1, 1, EMBED, classes], bias=True, names=share)
+  share = [param("fcsharef", rng.normal(0, 0.05, (1, 1, EMBED, classes)))]
+  if share_bias:  # their MSCOCO model has none
+    share.append(param("fcshareb", rng.normal(0, 0.1, classes)))
+  conv("fc_img", image_out, [1, 1, EMBED, classes], bias=share_bias, names=share)
+  conv("fc_txt", text_out, [1, 1, EMBED, classes], bias=share_bias, names=share)
   for pred, label in (("fc_img", "label_img"), ("fc_txt", "label_txt")):
     layer(f"softmaxloss_{pred}", "Loss", [pred, label], [f"objective_{pred}"], [],
           dict(loss="softmaxlog", opts=[]))
@@ -114,7 +115,7 @@ def our_model(facts):
       "model.text.max_len": facts["max_len"], "model.embed_dim": facts["embed_dim"],
       "model.image_head_layers": facts["image_head_layers"],
       "model.text_head_layers": facts["text_head_layers"], "model.dropout": facts["dropout"],
-      "image_size": 64})
+      "model.w_share_bias": facts["w_share_bias"], "image_size": 64})
   return build_model(config)
 
 
@@ -127,10 +128,11 @@ def one_hot(tokens, vocab=VOCAB):
   return out[:, None]
 
 
-@pytest.mark.parametrize("save", [save_v5, save_v73], ids=["v5", "v7.3"])
-def test_authors_model_gives_their_features(save, tmp_path):
+@pytest.mark.parametrize("save,share_bias", [(save_v5, True), (save_v73, False)],
+                         ids=["v5", "v7.3-mscoco"])
+def test_authors_model_gives_their_features(save, share_bias, tmp_path):
   rng = np.random.default_rng(0)
-  net = authors_model(rng)
+  net = authors_model(rng, share_bias=share_bias)
   path = str(tmp_path / "net-epoch-1.mat")
   save(path, {"net": net, "state": {"epoch": 1.0}})  # a training snapshot: the DagNN in `net`
   variables, facts, unused = dual_path.dual_path_variables(matconvnet.read_dagnn(path))
@@ -141,8 +143,8 @@ def test_authors_model_gives_their_features(save, tmp_path):
                                first_mids=TEXT["first_mids"], strides=TEXT["strides"],
                                bottleneck_ratio=4, vocab_size=VOCAB + 1, word_dim=WORD_DIM,
                                pooling="max")
-  assert (facts["embed_dim"], facts["num_classes"], facts["max_len"], facts["dropout"]) == (
-      EMBED, CLASSES, MAX_LEN, 0.75)
+  assert (facts["embed_dim"], facts["num_classes"], facts["max_len"], facts["dropout"],
+          facts["w_share_bias"]) == (EMBED, CLASSES, MAX_LEN, 0.75, share_bias)
   model = our_model(facts)
   # Sentences of different lengths, with padding; index 0 never hits a dictionary column.
   tokens = rng.integers(1, VOCAB + 1, (3, MAX_LEN))
@@ -179,7 +181,7 @@ def test_what_is_not_the_authors_model_is_named(tmp_path):
                                                              np.float32),
                             learningRate=1.0, weightDecay=1.0))
   save_v73(str(tmp_path / "unshared.mat"), net)
-  with pytest.raises(BackboneError, match="fc_img and fc_txt do not share one weight and bias"):
+  with pytest.raises(BackboneError, match=r"fc_img and fc_txt do not share one weight \(and bias\)"):
     dual_path.dual_path_variables(matconvnet.read_dagnn(str(tmp_path / "unshared.mat")))
 
 
@@ -200,7 +202,8 @@ def test_imported_run_exports_searches_and_starts_stage2(data_dir, tmp_path):
   words = sorted({w for s in sentences for w in split(s)}) + ["Circle"]
   num_train = sum(1 for r in records_lib.read_split(small_config("stage1", data_dir), "train"))
   rng = np.random.default_rng(7)
-  net = authors_model(rng, vocab=len(words), classes=num_train)
+  # As their MSCOCO model: no W_share bias (model.w_share_bias=False through Stage II's mesh).
+  net = authors_model(rng, vocab=len(words), classes=num_train, share_bias=False)
   save_v73(str(tmp_path / "net-epoch-9.mat"), {"net": net})
   save_v5(str(tmp_path / "dictionary.mat"), {"subset": {"names": words,
                                                         "features": np.zeros((3, len(words)))}})

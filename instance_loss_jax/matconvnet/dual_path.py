@@ -6,8 +6,8 @@ input `data` through the Caffe ResNet to `pool5`, then `n` x (1x1 conv without b
 ReLU) and a DropOut; the text input `data2`, a one-hot [1 x L x V] image, through a 1x1 conv
 with bias (the word embedding: `fc2f`, `fc2b`), a BatchNorm, residual bottlenecks of 1x1 / 1x2
 (left pad 1, the stage's stride) / 1x1 convs, a max pool over the remaining length, then its own
-head; both heads' dropped-out features into one 1x1 conv with bias whose parameters the two
-prediction layers share (W_share: `fcsharef`, `fcshareb`).
+head; both heads' dropped-out features into one 1x1 conv whose parameters the two prediction
+layers share (W_share: `fcsharef`, and `fcshareb` except in their MSCOCO model).
 
 `dual_path_variables(dag) -> (variables, facts, unused)`: the variables in DualPath's tree
 (backbone, image_head, text_encoder, text_head, w_share) and the config facts the graph fixes.
@@ -151,14 +151,16 @@ def dual_path_variables(dag: DagNN) -> tuple[dict[str, Any], dict[str, Any], lis
   # W_share: one 1x1 conv after each head's dropout, the same parameters in both.
   share_img = only(dag, walk.next_layers(image_out), "Conv", image_out)
   share_txt = only(dag, walk.next_layers(text_out), "Conv", text_out)
-  if share_img.params != share_txt.params or len(share_img.params) != 2:
+  if share_img.params != share_txt.params or len(share_img.params) not in (1, 2):
     raise BackboneError(f"{dag.source}: {share_img.name} and {share_txt.name} do not share one "
-                        f"weight and bias ({share_img.params} vs {share_txt.params})")
-  w, b = dag.param(share_img, 0), dag.param(share_img, 1)
-  classes = int(b.size)
+                        f"weight (and bias) ({share_img.params} vs {share_txt.params})")
+  w = dag.param(share_img, 0)
+  classes = int(w.size // embed_dim)
   walk.used.update(share_img.params)
-  walk.params["w_share"] = {"kernel": w.reshape(embed_dim, classes).astype(np.float32),
-                            "bias": b.reshape(classes).astype(np.float32)}
+  walk.params["w_share"] = {"kernel": w.reshape(embed_dim, classes).astype(np.float32)}
+  has_bias = len(share_img.params) == 2  # their MSCOCO model has none
+  if has_bias:
+    walk.params["w_share"]["bias"] = dag.param(share_img, 1).reshape(classes).astype(np.float32)
   if text_dim != embed_dim or image_drop != text_drop:
     raise BackboneError(f"{dag.source}: heads of widths {embed_dim} / {text_dim}, dropout "
                         f"{image_drop} / {text_drop}: ours has one of each")
@@ -171,7 +173,7 @@ def dual_path_variables(dag: DagNN) -> tuple[dict[str, Any], dict[str, Any], lis
                     pooling="max" if str(pool.block.get("method", "max")) == "max" else "mean")
   facts = dict(image=image_facts, text=text_facts, embed_dim=embed_dim,
                image_head_layers=image_layers, text_head_layers=text_layers,
-               dropout=image_drop, num_classes=classes,
+               dropout=image_drop, num_classes=classes, w_share_bias=has_bias,
                max_len=pooled_len * int(np.prod(text_facts["strides"])))
   unused = sorted(set(dag.params) - walk.used)
   return {"params": params, "batch_stats": stats}, facts, unused

@@ -86,7 +86,7 @@ class DualPath(nn.Module):
                           self._dtype("heads"), bn_dtype)
     # He init x 0.1 (original): variance 2 / fan_in scaled by 0.1^2.
     self.w_share = nn.Dense(
-        self.num_classes, dtype=self._dtype("w_share"),
+        self.num_classes, dtype=self._dtype("w_share"), use_bias=m.w_share_bias,
         kernel_init=nn.initializers.variance_scaling(
             2.0 * m.w_share_init_scale**2, "fan_in", "normal"))
 
