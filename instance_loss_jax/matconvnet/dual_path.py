@@ -78,6 +78,10 @@ def _text_cnn(walk: GraphWalk, var: str) -> tuple[dict[str, Any], str]:
           raise BackboneError(f"{dag.source}: {conv.name} pads {pad_of(conv.block)}; ours pads "
                               "one zero on the left, [0 0 1 0]")
         stride = pair_of(conv.block, "stride")[1]
+      elif pair_of(conv.block, "stride")[1] != 1:  # ours strides the 1x2 conv only
+        raise BackboneError(f"{dag.source}: {conv.name} has stride "
+                            f"{pair_of(conv.block, 'stride')}; in our text bottleneck only the "
+                            "1x2 convolution (and the projection) stride")
       y = walk.conv_bn(conv, f"{name}/conv{i}", f"{name}/bn{i}", shape=(size[1],) + tuple(
           size[2:]))
       if i == 1:
@@ -88,6 +92,9 @@ def _text_cnn(walk: GraphWalk, var: str) -> tuple[dict[str, Any], str]:
     shortcut = var
     if proj:
       size = [int(v) for v in np.atleast_1d(proj[0].block.get("size"))]
+      if pair_of(proj[0].block, "stride")[1] != stride:
+        raise BackboneError(f"{dag.source}: projection {proj[0].name} strides "
+                            f"{pair_of(proj[0].block, 'stride')[1]}, its block {stride}")
       shortcut = walk.conv_bn(proj[0], f"{name}/proj_conv", f"{name}/proj_bn",
                               shape=(1,) + tuple(size[2:]))
     total = only(dag, walk.next_layers(y), "Sum", y)
