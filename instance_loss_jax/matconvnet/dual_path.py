@@ -106,6 +106,9 @@ def _text_cnn(walk: GraphWalk, var: str) -> tuple[dict[str, Any], str]:
       widths.append(int(dag.param(conv, 0).shape[-1]))
       first_mids.append(mid)
       strides.append(stride)
+    elif stride != 1:
+      raise BackboneError(f"{dag.source}: block {blocks[-1]} of text stage {len(blocks)} "
+                          f"strides {stride}; ours strides a stage's first block only")
     else:
       mids.add(widths[-1] // mid)
   if len(mids) > 1:
