@@ -1,4 +1,8 @@
 """Small configs and batches shared by the tests."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 
 from instance_loss_jax.config import apply_overrides, base_config
@@ -7,12 +11,30 @@ from instance_loss_jax.config import apply_overrides, base_config
 # ~30% faster (benchmarks/RESULTS.md, "Fifth pass"), and compiling is most of the suite's CPU
 # time. The flag only changes how XLA:CPU generates code: TPU and GPU programs, and what the
 # tests check, are the same.
-FAST_COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+_LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+_KNOWN = "INSTANCE_LOSS_TEST_LOOP_EMITTERS"  # the probe's answer, for workers and binaries
+
+
+def _fast_compile_flags() -> str:
+  """The flag where this jaxlib's XLA has it, else nothing: jaxlib 0.12 (Python 3.12's) dropped
+  it, and XLA aborts a process whose XLA_FLAGS name an unknown flag. Probed once, in a
+  subprocess (~2 s), by the first test process; pytest-xdist's workers and the binaries the
+  tests start inherit the answer through the environment."""
+  known = os.environ.get(_KNOWN)
+  if known is None:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_LOOP_EMITTERS)
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
+                           capture_output=True, timeout=300, check=False)
+    known = os.environ[_KNOWN] = "1" if probe.returncode == 0 else "0"
+  return _LOOP_EMITTERS if known == "1" else ""
+
+
+FAST_COMPILE_FLAGS = _fast_compile_flags()
 
 
 def xla_flags(devices: int) -> str:
   """XLA_FLAGS for a test process (or a binary a test starts) with `devices` CPU devices."""
-  return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}"
+  return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}".strip()
 
 
 def tiny_config(**overrides):
