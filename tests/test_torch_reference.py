@@ -4,7 +4,10 @@ The benchmark's ratio only means something if both sides compute the same functi
 weights and batch must give the same losses step after step (forward, backward and SGD update).
 """
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -12,19 +15,20 @@ import pytest
 
 from instance_loss_jax.config import set_stage
 from instance_loss_jax.training import abstract_variables, create_train_state, variables_of
-from helpers import random_batch, tiny_config
+from helpers import random_batch, tiny_config, xla_flags
 
 torch = pytest.importorskip("torch")
 
-_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "torch_reference.py")
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+_PATH = os.path.join(_TESTS, os.pardir, "benchmarks", "torch_reference.py")
 _spec = importlib.util.spec_from_file_location("torch_reference", _PATH)
 torch_reference = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(torch_reference)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-@pytest.mark.slow
-def test_same_losses_as_pytorch(stage):
+def losses_for_stage(stage: int) -> dict[str, list[float]]:
+  """Three steps of ours and of the PyTorch reference (float32, float64) from the same weights
+  and batch: the losses of each."""
   config = set_stage(tiny_config(), stage)
   # Distinct rates per group and a large weight decay, so a parameter in the wrong group or a
   # decay on the wrong tensors would show in the losses.
@@ -37,7 +41,28 @@ def test_same_losses_as_pytorch(stage):
   torch.manual_seed(0)
   losses = torch_reference.check_equivalence(config, variables_of(state), batch, steps=3,
                                              torch_dtypes=(torch.float32, torch.float64))
-  ours, exact = losses["ours"], losses["torch.float64"]
+  return {k: [float(x) for x in v] for k, v in losses.items()}
+
+
+def _in_own_process(stage: int) -> dict[str, list[float]]:
+  """`losses_for_stage` in a fresh Python. On Python 3.12's stack (PyPI's torch 2.13 with
+  triton, jaxlib 0.12), PyTorch's first optimiser step imports triton, which crashed the pytest
+  worker (a segmentation fault) once TensorFlow and other tests' JAX programs were loaded in
+  it; in a process of its own it runs, whatever ran before (issue #38)."""
+  code = ("import json, sys; sys.path[:0] = [sys.argv[1]]; import test_torch_reference as t; "
+          "print(json.dumps(t.losses_for_stage(int(sys.argv[2]))))")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
+  done = subprocess.run([sys.executable, "-c", code, _TESTS, str(stage)], env=env,
+                        capture_output=True, text=True, timeout=900, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.slow
+def test_same_losses_as_pytorch(stage):
+  losses = _in_own_process(stage)
+  ours, exact = np.asarray(losses["ours"]), np.asarray(losses["torch.float64"])
   # float32 against float64: ~1e-6 relative here; a heads group without weight decay, 1e-4.
   np.testing.assert_allclose(ours, exact, rtol=3e-5)
   np.testing.assert_allclose(losses["torch.float32"], exact, rtol=3e-5)
