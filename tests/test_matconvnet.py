@@ -21,45 +21,59 @@ IMAGE = 64
 # ---------------------------------------------------------------- a DagNN ResNet, as Caffe's
 
 
+class DagBuilder:
+  """Adds layers and their random parameters to a DagNN's `saveobj` lists (`layers`,
+  `params`), as dagnn.DagNN.addLayer would; each adder returns the layer's output variable."""
+
+  def __init__(self, rng, layers=None, params=None):
+    self.rng = rng
+    self.layers = [] if layers is None else layers
+    self.params = [] if params is None else params
+
+  def param(self, name, value):
+    self.params.append(dict(name=name, value=np.asarray(value, np.float32), learningRate=1.0,
+                            weightDecay=1.0))
+    return name
+
+  def layer(self, name, kind, inputs, outputs, names, block):
+    self.layers.append(dict(name=name, type=f"dagnn.{kind}", inputs=list(inputs),
+                            outputs=list(outputs), params=list(names), block=block))
+    return outputs[0]
+
+  def conv(self, name, x, size, stride=1, pad=(0, 0, 0, 0), bias=False, names=None):
+    """A conv of `size` [H W Cin Cout] (He-initialised; `names`: existing, shared params)."""
+    w = self.rng.normal(0, np.sqrt(2 / np.prod(size[:3])), size)
+    names = names or [self.param(f"{name}_filter", w)] + (
+        [self.param(f"{name}_bias", self.rng.normal(0, 0.1, size[3]))] if bias else [])
+    return self.layer(name, "Conv", [x], [name], names, dict(
+        size=np.array(size, np.float64), hasBias=bias, pad=np.array(pad, np.float64),
+        stride=np.array([stride, stride], np.float64), dilate=np.array([1.0, 1.0]), opts=[]))
+
+  def bn(self, name, x, c, mult=(0.5, 1.5), sigma=(0.05, 1.5)):
+    # [mu, sigma]; sigmas down to 0.05, where an epsilon added twice (1e-5 / 0.05^2 = 0.4%) shows
+    moments = np.stack([self.rng.normal(0, 0.2, c), self.rng.uniform(*sigma, c)], 1)
+    return self.layer(name, "BatchNorm", [x], [name],
+                      [self.param(f"{name}_mult", self.rng.uniform(*mult, c)),
+                       self.param(f"{name}_bias", self.rng.normal(0, 0.1, c)),
+                       self.param(f"{name}_moments", moments)],
+                      dict(numChannels=float(c), epsilon=1e-5, opts=["NoCuDNN"]))
+
+  def relu(self, name, x):
+    return self.layer(name, "ReLU", [x], [name], [], dict(useShortCircuit=True, leak=0.0,
+                                                          opts=[]))
+
+  def dropout(self, name, x, rate=0.75):
+    return self.layer(name, "DropOut", [x], [name], [], dict(rate=rate, frozen=False))
+
+
 def dagnn_resnet(depth, width, rng, pool5=2):
   """The `saveobj` struct of a Caffe-style ResNet (MatConvNet's layer and parameter names:
   conv1, bn_conv1, pool1 with pad [0 1 0 1], res2a_branch1, bn2a_branch2a, res2a, ...,
   pool5, fc1000, prob), random weights; only conv1 and fc1000 have biases."""
-  layers, params = [], []
+  net = DagBuilder(rng)
+  layer, conv, bn, relu = net.layer, net.conv, net.bn, net.relu
 
-  def param(name, value):
-    params.append(dict(name=name, value=np.asarray(value, np.float32), learningRate=1.0,
-                       weightDecay=1.0))
-    return name
-
-  def layer(name, kind, inputs, outputs, names, block):
-    layers.append(dict(name=name, type=f"dagnn.{kind}", inputs=list(inputs),
-                       outputs=list(outputs), params=list(names), block=block))
-
-  def conv(name, x, h, cin, cout, stride, pad, bias=False):
-    w = rng.normal(0, np.sqrt(2 / (h * h * cin)), (h, h, cin, cout))
-    names = [param(f"{name}_filter", w)] + ([param(f"{name}_bias", rng.normal(0, 0.1, cout))]
-                                             if bias else [])
-    layer(name, "Conv", [x], [name], names, dict(
-        size=np.array([h, h, cin, cout], np.float64), hasBias=bias,
-        pad=np.array(pad, np.float64), stride=np.array([stride, stride], np.float64),
-        dilate=np.array([1.0, 1.0]), opts=[]))
-    return name
-
-  def bn(name, x, c, mult=(0.5, 1.5)):
-    # [mu, sigma]; sigmas down to 0.05, where an epsilon added twice (1e-5 / 0.05^2 = 0.4%) shows
-    moments = np.stack([rng.normal(0, 0.2, c), rng.uniform(0.05, 1.5, c)], 1)
-    layer(name, "BatchNorm", [x], [name],
-          [param(f"{name}_mult", rng.uniform(*mult, c)),
-           param(f"{name}_bias", rng.normal(0, 0.1, c)), param(f"{name}_moments", moments)],
-          dict(numChannels=float(c), epsilon=1e-5, opts=["NoCuDNN"]))
-    return name
-
-  def relu(name, x):
-    layer(name, "ReLU", [x], [name], [], dict(useShortCircuit=True, leak=0.0, opts=[]))
-    return name
-
-  x = relu("conv1_relu", bn("bn_conv1", conv("conv1", "data", 7, 3, width, 2, [3, 3, 3, 3],
+  x = relu("conv1_relu", bn("bn_conv1", conv("conv1", "data", [7, 7, 3, width], 2, [3, 3, 3, 3],
                                                  bias=True), width))
   layer("pool1", "Pooling", [x], ["pool1"], [], dict(
       method="max", poolSize=np.array([3.0, 3.0]), pad=np.array([0.0, 1.0, 0.0, 1.0]),
@@ -73,22 +87,21 @@ def dagnn_resnet(depth, width, rng, pool5=2):
       stride = 2 if s > 0 and b == 0 else 1
       shortcut = x
       if b == 0:
-        shortcut = bn(f"bn{tag}_branch1", conv(f"res{tag}_branch1", x, 1, cin, 4 * mid, stride,
-                                                [0, 0, 0, 0]), 4 * mid)
+        shortcut = bn(f"bn{tag}_branch1", conv(f"res{tag}_branch1", x, [1, 1, cin, 4 * mid],
+                                                stride), 4 * mid)
       y = relu(f"res{tag}_branch2a_relu", bn(f"bn{tag}_branch2a", conv(
-          f"res{tag}_branch2a", x, 1, cin, mid, stride, [0, 0, 0, 0]), mid))
+          f"res{tag}_branch2a", x, [1, 1, cin, mid], stride), mid))
       y = relu(f"res{tag}_branch2b_relu", bn(f"bn{tag}_branch2b", conv(
-          f"res{tag}_branch2b", y, 3, mid, mid, 1, [1, 1, 1, 1]), mid))
+          f"res{tag}_branch2b", y, [3, 3, mid, mid], 1, [1, 1, 1, 1]), mid))
       # A residual branch's last BN scaled down (as trained ResNets have it), so that 33 blocks
       # of random weights keep the activations' scale.
-      y = bn(f"bn{tag}_branch2c", conv(f"res{tag}_branch2c", y, 1, mid, 4 * mid, 1,
-                                        [0, 0, 0, 0]), 4 * mid, mult=(0.05, 0.3))
+      y = bn(f"bn{tag}_branch2c", conv(f"res{tag}_branch2c", y, [1, 1, mid, 4 * mid]), 4 * mid, mult=(0.05, 0.3))
       layer(f"res{tag}", "Sum", [shortcut, y], [f"res{tag}"], [], {})
       x, cin = relu(f"res{tag}_relu", f"res{tag}"), 4 * mid
   layer("pool5", "Pooling", [x], ["pool5"], [], dict(
       method="avg", poolSize=np.array([float(pool5)] * 2), pad=np.zeros(4),
       stride=np.array([1.0, 1.0]), opts=["cuDNN"]))
-  conv("fc1000", "pool5", 1, cin, 10, 1, [0, 0, 0, 0], bias=True)
+  conv("fc1000", "pool5", [1, 1, cin, 10], bias=True)
   layer("prob", "SoftMax", ["fc1000"], ["prob"], [], {})
   average = np.broadcast_to(np.array([123.68, 116.779, 103.939]), (4, 4, 3)).copy()
   average[0, 0] += 4.0  # a per-channel mean over a non-constant average image
@@ -96,8 +109,8 @@ def dagnn_resnet(depth, width, rng, pool5=2):
                                  interpolation="bilinear", keepAspect=True, border=[32., 32]),
               classes=dict(name=["a", "b"], description=["A", "B"]))
   vars_ = [dict(name=n, precious=False) for n in
-           ["data"] + [o for entry in layers for o in entry["outputs"]]]
-  return dict(vars=vars_, params=params, layers=layers, meta=meta)
+           ["data"] + [o for entry in net.layers for o in entry["outputs"]]]
+  return dict(vars=vars_, params=net.params, layers=net.layers, meta=meta)
 
 
 # ---------------------------------------------------------------- MatConvNet's arithmetic

@@ -15,7 +15,7 @@ from instance_loss_jax.models import build_model
 
 import os
 
-from test_matconvnet import dagnn_resnet, run_dagnn, save_v5, save_v73
+from test_matconvnet import DagBuilder, dagnn_resnet, run_dagnn, save_v5, save_v73
 from test_training import data_dir  # noqa: F401  (a fixture)
 
 VOCAB, WORD_DIM, CLASSES, EMBED, MAX_LEN = 30, 12, 7, 48, 16
@@ -30,38 +30,12 @@ def authors_model(rng, image_head_layers=2, vocab=VOCAB, classes=CLASSES, share_
   net = dagnn_resnet(14, 4, rng)
   net["layers"] = [e for e in net["layers"] if e["name"] not in ("fc1000", "prob")]
   net["params"] = [p for p in net["params"] if not p["name"].startswith("fc1000")]
-  layers, params = net["layers"], net["params"]
-
-  def param(name, value):
-    params.append(dict(name=name, value=np.asarray(value, np.float32), learningRate=1.0,
-                       weightDecay=1.0))
-    return name
-
-  def layer(name, kind, inputs, outputs, names, block):
-    layers.append(dict(name=name, type=f"dagnn.{kind}", inputs=list(inputs),
-                       outputs=list(outputs), params=list(names), block=block))
-    return outputs[0]
-
-  def conv(name, x, size, stride=1, pad=(0, 0, 0, 0), bias=False, names=None):
-    w = rng.normal(0, np.sqrt(2 / np.prod(size[:3])), size)
-    names = names or [param(f"{name}f", w)] + (
-        [param(f"{name}b", rng.normal(0, 0.1, size[3]))] if bias else [])
-    return layer(name, "Conv", [x], [name], names, dict(
-        size=np.array(size, np.float64), hasBias=bias, pad=np.array(pad, np.float64),
-        stride=np.array([stride, stride], np.float64), dilate=np.array([1.0, 1.0]), opts=[]))
+  build = DagBuilder(rng, net["layers"], net["params"])
+  param, layer, conv, relu, dropout = (build.param, build.layer, build.conv, build.relu,
+                                       build.dropout)
 
   def bn(name, x, c, mult=(0.5, 1.5)):
-    moments = np.stack([rng.normal(0, 0.2, c), rng.uniform(0.3, 1.5, c)], 1)
-    return layer(name, "BatchNorm", [x], [name],
-                 [param(f"{name}_w", rng.uniform(*mult, c)), param(f"{name}_b",
-                  rng.normal(0, 0.1, c)), param(f"{name}_m", moments)],
-                 dict(numChannels=float(c), epsilon=1e-5, opts=["NoCuDNN"]))
-
-  def relu(name, x):
-    return layer(name, "ReLU", [x], [name], [], dict(useShortCircuit=True, leak=0.0, opts=[]))
-
-  def dropout(name, x, rate=0.75):
-    return layer(name, "DropOut", [x], [name], [], dict(rate=rate, frozen=False))
+    return build.bn(name, x, c, mult, sigma=(0.3, 1.5))
 
   # Image head: pool5 (128 channels) -> fc1 -> ... -> dropout.
   x, cin = "pool5", 128
@@ -103,7 +77,7 @@ def authors_model(rng, image_head_layers=2, vocab=VOCAB, classes=CLASSES, share_
     layer(f"softmaxloss_{pred}", "Loss", [pred, label], [f"objective_{pred}"], [],
           dict(loss="softmaxlog", opts=[]))
   net["vars"] = [dict(name=n, precious=False) for n in sorted(
-      {v for e in layers for v in e["inputs"] + e["outputs"]})]
+      {v for e in net["layers"] for v in e["inputs"] + e["outputs"]})]
   return net
 
 
@@ -234,13 +208,13 @@ def test_imported_run_exports_searches_and_starts_stage2(data_dir, tmp_path):
   assert unknown == [["CIRCLE"]]  # case kept, as their dictionary lookup
   # The evaluation binary's function reads it like one of our runs.
   from instance_loss_jax.evaluation import evaluator
-  figures = evaluator.evaluate(small_config("stage2", data_dir, **import_matconvnet._overrides(
-      done["facts"]), **{"image_size": 64}), workdir, "test")
+  from_graph = import_matconvnet.config_overrides(done["facts"])
+  figures = evaluator.evaluate(small_config("stage2", data_dir, **from_graph,
+                                            **{"image_size": 64}), workdir, "test")
   assert figures["step"] == 0 and 0 <= figures["metrics"]["t2i_r10"] <= 100
   # Stage II starts from the imported run, trains and evaluates.
-  config2 = small_config("stage2", data_dir, init_from=workdir, **{
-      k: v for k, v in import_matconvnet._overrides(done["facts"]).items()},
-      **{"optim.schedule": ((1, 1.0),), "image_size": 64})
+  config2 = small_config("stage2", data_dir, init_from=workdir, **from_graph,
+                         **{"optim.schedule": ((1, 1.0),), "image_size": 64})
   results = trainer.train_and_evaluate(config2, str(tmp_path / "stage2"))
   assert np.isfinite(results["metrics"]["rsum"])
   with pytest.raises(BackboneError, match="exists; choose a new run directory"):

@@ -14,6 +14,8 @@ from PIL import Image
 from instance_loss_jax.data import prepare, records, synthetic, tfds_datasets, tfds_source
 from instance_loss_jax.errors import DataError
 
+from test_data import train_batches
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -247,13 +249,6 @@ def _encoded(config, split, vocab=None):
                                             for_training=split == "train")
 
 
-def _batches(config, split, n, **kwargs):
-  from instance_loss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  it = pipeline.numpy_batches(pipeline.train_dataset(split, config, 2, **kwargs),
-                              split.image_paths)
-  return [next(it) for _ in range(n)]
-
-
 def test_records_and_files_give_the_same_vocabulary_batches_and_images(both_forms):
   from instance_loss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   as_json, as_tfds = both_forms
@@ -268,8 +263,8 @@ def test_records_and_files_give_the_same_vocabulary_batches_and_images(both_form
   # records from there on).
   for kwargs, n in (({}, 6), ({"process_index": 0, "process_count": 2}, 3),
                     ({"process_index": 1, "process_count": 2}, 3), ({"start_step": 5}, 2)):
-    for a, b in zip(_batches(as_json, train_j, n, **kwargs),
-                    _batches(as_tfds, train_t, n, **kwargs)):
+    for a, b in zip(train_batches(as_json, train_j, n, **kwargs),
+                    train_batches(as_tfds, train_t, n, **kwargs)):
       for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=f"{kwargs} {key}")
   # Evaluation images, in order.

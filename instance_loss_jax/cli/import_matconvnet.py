@@ -28,7 +28,7 @@ from instance_loss_jax.cli import runner
 log = logging.getLogger("instance_loss_jax.import_matconvnet")
 
 
-def _overrides(facts: dict[str, Any]) -> dict[str, Any]:
+def config_overrides(facts: dict[str, Any]) -> dict[str, Any]:
   out = {f"model.image.{k}": tuple(v) if isinstance(v, list) else v
          for k, v in facts["image"].items()}
   out.update({f"model.text.{k}": v for k, v in facts["text"].items() if k != "vocab_size"})
@@ -81,7 +81,7 @@ def import_run(model: str, dictionary: str, workdir: str, config) -> dict[str, A
   if len(words) + 1 != facts["text"]["vocab_size"]:
     raise BackboneError(f"{dictionary}: {len(words)} words, but {model}'s word embedding takes "
                         f"{facts['text']['vocab_size'] - 1}")
-  overrides = _overrides(facts)
+  overrides = config_overrides(facts)
   config = config_lib.apply_overrides(config.copy_and_resolve_references(), overrides)
   for key, value in sorted(overrides.items()):
     log.info("from the graph: %s = %s", key, value)

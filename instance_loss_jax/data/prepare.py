@@ -121,6 +121,7 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, num_shards: int = 0,
         continue
       builder = tfds_datasets.BUILDERS[dataset](config=config, data_dir=build_dir,
                                                 file_format="array_record")
+      builder.manual_splits = splits
       builder.download_and_prepare(
           download_dir=os.path.join(staging, "downloads"),  # nothing is downloaded
           download_config=tfds.download.DownloadConfig(

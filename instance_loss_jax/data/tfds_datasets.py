@@ -154,9 +154,13 @@ class _CaptionedImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         description=(f"{self.DATASET} for instance_loss_jax, built from {source.json} "
                      f"(splits: {', '.join(source.splits)}); see {DOCS}."))
 
+  # read_manual_dir's result when the caller has it already (data/prepare.py checks the files
+  # before TFDS starts, then builds two configs): the JSON is parsed and the files listed once.
+  manual_splits = None
+
   def _split_generators(self, dl_manager):
     manual_dir = os.fspath(dl_manager.manual_dir)
-    splits = read_manual_dir(self.DATASET, manual_dir)
+    splits = self.manual_splits or read_manual_dir(self.DATASET, manual_dir)
     folder = image_folder(self.DATASET, manual_dir)
     return {name: self._generate_examples(folder, images) for name, images in splits.items()}
 

@@ -254,6 +254,48 @@ class GraphWalk:
   def relu(self, var: str, after: str) -> str:
     return only(self.dag, self.next_layers(var), "ReLU", after).outputs[0]
 
+  def next_block(self, var: str) -> tuple[Layer, Layer | None] | None:
+    """(the residual branch's first conv, the projection's conv or None) of the bottleneck that
+    reads `var`, or None when no conv reads it (the network's pooling follows). The
+    projection's conv feeds its BN straight into the Sum; the branch's goes on."""
+    convs = [layer for layer in self.next_layers(var) if layer.type == "Conv"]
+    if not convs:
+      return None
+
+    def into_sum(conv):
+      bn = only(self.dag, self.next_layers(conv.outputs[0]), "BatchNorm", conv.name)
+      return any(layer.type == "Sum" for layer in self.next_layers(bn.outputs[0]))
+
+    proj = [c for c in convs if into_sum(c)]
+    branch = [c for c in convs if not into_sum(c)]
+    if len(branch) != 1 or len(proj) > 1:
+      raise BackboneError(f"{self.dag.source}: after {var} expected a residual branch and at "
+                          f"most one projection, found {[c.name for c in convs]}")
+    return branch[0], proj[0] if proj else None
+
+  def residual_block(self, var: str, branch: Layer, proj: Layer | None, name: str,
+                     shape=None) -> tuple[str, list[Layer]]:
+    """Stores the bottleneck `next_block(var)` found (conv-BN-ReLU, conv-BN-ReLU, conv-BN, the
+    projection's conv-BN, their Sum) as `name`/conv1..3, bn1..3, proj_conv, proj_bn, each
+    kernel reshaped by `shape(conv)` (default: HWIO); returns the block's output (after the
+    Sum's ReLU) and the branch's three convs."""
+    shape = shape or (lambda conv: None)
+    y, conv, chain = var, branch, []
+    for i in (1, 2, 3):
+      chain.append(conv)
+      y = self.conv_bn(conv, f"{name}/conv{i}", f"{name}/bn{i}", shape(conv))
+      if i < 3:
+        y = self.relu(y, conv.name)
+        conv = only(self.dag, self.next_layers(y), "Conv", y)
+    shortcut = var
+    if proj is not None:
+      shortcut = self.conv_bn(proj, f"{name}/proj_conv", f"{name}/proj_bn", shape(proj))
+    total = only(self.dag, self.next_layers(y), "Sum", y)
+    if set(total.inputs) != {y, shortcut}:
+      raise BackboneError(f"{self.dag.source}: {total.name} adds {total.inputs}, not {y} and "
+                          f"{shortcut}")
+    return self.relu(total.outputs[0], total.name), chain
+
 
 def _put(tree, path: str, leaves: dict[str, np.ndarray]):
   node = tree
@@ -295,39 +337,13 @@ def walk_resnet(walk: GraphWalk, input_var: str | None = None) -> tuple[dict[str
   x = pool.outputs[0]
   stages: list[int] = []
   strides: list[str] = []
-  while True:
-    convs = [layer for layer in walk.next_layers(x) if layer.type == "Conv"]
-    if not convs:
-      break  # the global pool (pool5) and the classifier follow
-    # The shortcut's conv feeds its BN straight into the Sum; the residual branch's goes on.
-    def into_sum(conv):
-      bn = only(dag, walk.next_layers(conv.outputs[0]), "BatchNorm", conv.name)
-      return any(layer.type == "Sum" for layer in walk.next_layers(bn.outputs[0]))
-    proj = [c for c in convs if into_sum(c)]
-    branch = [c for c in convs if not into_sum(c)]
-    if len(branch) != 1 or len(proj) > 1:
-      raise BackboneError(f"{dag.source}: after {x} expected a residual branch and at most one "
-                          f"projection, found {[c.name for c in convs]}")
-    if proj or not stages:
+  while (found := walk.next_block(x)) is not None:  # then pool5 and the classifier
+    branch, proj = found
+    if proj is not None or not stages:
       stages.append(0)
     stages[-1] += 1
-    name = f"stage{len(stages) + 1}_block{stages[-1]}"
-    y, conv = x, branch[0]
-    layer_strides = []
-    for i in (1, 2, 3):
-      layer_strides.append(pair_of(conv.block, "stride")[0])
-      y = walk.conv_bn(conv, f"{name}/conv{i}", f"{name}/bn{i}")
-      if i < 3:
-        y = walk.relu(y, conv.name)
-        conv = only(dag, walk.next_layers(y), "Conv", y)
-    shortcut = x
-    if proj:
-      shortcut = walk.conv_bn(proj[0], f"{name}/proj_conv", f"{name}/proj_bn")
-    total = only(dag, walk.next_layers(y), "Sum", y)
-    if set(total.inputs) != {y, shortcut}:
-      raise BackboneError(f"{dag.source}: {total.name} adds {total.inputs}, not {y} and "
-                          f"{shortcut}")
-    x = walk.relu(total.outputs[0], total.name)
+    x, chain = walk.residual_block(x, branch, proj, f"stage{len(stages) + 1}_block{stages[-1]}")
+    layer_strides = [pair_of(conv.block, "stride")[0] for conv in chain]
     if max(layer_strides) > 1:
       strides.append("v1" if layer_strides[0] > 1 else "v1.5")
   blocks = tuple(stages)

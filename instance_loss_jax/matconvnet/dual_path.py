@@ -45,65 +45,40 @@ def _head(walk: GraphWalk, var: str, scope: str) -> tuple[int, float, str, int]:
                                  shape=(kernel.shape[-2], width)), conv.name)
 
 
+def _size(conv) -> list[int]:
+  return [int(v) for v in np.atleast_1d(conv.block.get("size"))]
+
+
 def _text_cnn(walk: GraphWalk, var: str) -> tuple[dict[str, Any], str]:
   """Facts and output variable of the text CNN after the embedding's BatchNorm."""
   dag = walk.dag
   blocks, widths, first_mids, strides, mids = [], [], [], [], set()
-  while True:
-    convs = [layer for layer in walk.next_layers(var) if layer.type == "Conv"]
-    if not convs:
-      break
-
-    def into_sum(conv):
-      bn = only(dag, walk.next_layers(conv.outputs[0]), "BatchNorm", conv.name)
-      return any(layer.type == "Sum" for layer in walk.next_layers(bn.outputs[0]))
-
-    proj = [c for c in convs if into_sum(c)]
-    branch = [c for c in convs if not into_sum(c)]
-    if len(branch) != 1 or len(proj) > 1:
-      raise BackboneError(f"{dag.source}: after {var} expected a residual branch and at most one "
-                          f"projection, found {[c.name for c in convs]}")
-    if proj or not blocks:
+  while (found := walk.next_block(var)) is not None:  # then the pool over the length
+    branch, proj = found
+    if proj is not None or not blocks:
       blocks.append(0)
     blocks[-1] += 1
-    name = f"text_encoder/stage{len(blocks)}_block{blocks[-1]}"
-    y, conv = var, branch[0]
-    for i in (1, 2, 3):
-      size = [int(v) for v in np.atleast_1d(conv.block.get("size"))]
-      if size[:2] != ([1, 2] if i == 2 else [1, 1]):
-        raise BackboneError(f"{dag.source}: {conv.name} is {size[0]}x{size[1]}; a text "
-                            f"bottleneck's convolution {i} is {'1x2' if i == 2 else '1x1'}")
-      if i == 2:
-        if pad_of(conv.block) != [0, 0, 1, 0]:
-          raise BackboneError(f"{dag.source}: {conv.name} pads {pad_of(conv.block)}; ours pads "
-                              "one zero on the left, [0 0 1 0]")
-        stride = pair_of(conv.block, "stride")[1]
-      elif pair_of(conv.block, "stride")[1] != 1:  # ours strides the 1x2 conv only
+    # Kernels [1 W Cin Cout] as ours: [W, Cin, Cout] (PointwiseConv W=1, PairConv W=2).
+    var, chain = walk.residual_block(var, branch, proj,
+                                     f"text_encoder/stage{len(blocks)}_block{blocks[-1]}",
+                                     shape=lambda conv: tuple(_size(conv)[1:]))
+    for i, conv in enumerate(chain, 1):
+      if _size(conv)[:2] != ([1, 2] if i == 2 else [1, 1]):
+        raise BackboneError(f"{dag.source}: {conv.name} is {_size(conv)[0]}x{_size(conv)[1]}; a "
+                            f"text bottleneck's convolution {i} is {'1x2' if i == 2 else '1x1'}")
+      if i != 2 and pair_of(conv.block, "stride")[1] != 1:  # ours strides the 1x2 conv only
         raise BackboneError(f"{dag.source}: {conv.name} has stride "
                             f"{pair_of(conv.block, 'stride')}; in our text bottleneck only the "
                             "1x2 convolution (and the projection) stride")
-      y = walk.conv_bn(conv, f"{name}/conv{i}", f"{name}/bn{i}", shape=(size[1],) + tuple(
-          size[2:]))
-      if i == 1:
-        mid = size[3]
-      if i < 3:
-        y = walk.relu(y, conv.name)
-        conv = only(dag, walk.next_layers(y), "Conv", y)
-    shortcut = var
-    if proj:
-      size = [int(v) for v in np.atleast_1d(proj[0].block.get("size"))]
-      if pair_of(proj[0].block, "stride")[1] != stride:
-        raise BackboneError(f"{dag.source}: projection {proj[0].name} strides "
-                            f"{pair_of(proj[0].block, 'stride')[1]}, its block {stride}")
-      shortcut = walk.conv_bn(proj[0], f"{name}/proj_conv", f"{name}/proj_bn",
-                              shape=(1,) + tuple(size[2:]))
-    total = only(dag, walk.next_layers(y), "Sum", y)
-    if set(total.inputs) != {y, shortcut}:
-      raise BackboneError(f"{dag.source}: {total.name} adds {total.inputs}, not {y} and "
-                          f"{shortcut}")
-    var = walk.relu(total.outputs[0], total.name)
+    if pad_of(chain[1].block) != [0, 0, 1, 0]:
+      raise BackboneError(f"{dag.source}: {chain[1].name} pads {pad_of(chain[1].block)}; ours "
+                          "pads one zero on the left, [0 0 1 0]")
+    stride, mid = pair_of(chain[1].block, "stride")[1], _size(chain[0])[3]
+    if proj is not None and pair_of(proj.block, "stride")[1] != stride:
+      raise BackboneError(f"{dag.source}: projection {proj.name} strides "
+                          f"{pair_of(proj.block, 'stride')[1]}, its block {stride}")
     if blocks[-1] == 1:  # a stage's first block sets its width, mid and stride
-      widths.append(int(dag.param(conv, 0).shape[-1]))
+      widths.append(_size(chain[2])[3])
       first_mids.append(mid)
       strides.append(stride)
     elif stride != 1:
