@@ -13,7 +13,8 @@
 #   PYTHON=.venv/bin/python OUT=/tmp/gpu bash benchmarks/gpu.sh
 #   STAGES=2 CHECK=0 bash benchmarks/gpu.sh   # Stage II and the sweep only, no loss check
 # Installing is not part of this script (GPU machines often have no network): install the
-# package with its `cuda` extra first, e.g. `pip install -e '.[cuda,test]'`.
+# package with its `cuda` extra first, e.g. `pip install -e '.[cuda,test,torch]'`
+# (torch: the PyTorch eager column; PyPI's Linux wheel has CUDA).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"

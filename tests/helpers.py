@@ -1,9 +1,11 @@
 """Small configs and batches shared by the tests."""
+import importlib.util
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from instance_loss_jax.config import apply_overrides, base_config
 
@@ -30,6 +32,13 @@ def _fast_compile_flags() -> str:
 
 
 FAST_COMPILE_FLAGS = _fast_compile_flags()
+
+
+# PyTorch is the torch extra, not the test extra: PyPI's build is 4.6 GB (setup.cfg).
+requires_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None,
+    reason="PyTorch is not installed (the torch extra; launch/test.sh installs it unless "
+    "INSTALL_EXTRAS leaves it out)")
 
 
 def xla_flags(devices: int) -> str:

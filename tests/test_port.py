@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import requires_torch
 from instance_loss_jax import backbone
 from instance_loss_jax.cli import port_resnet
 
@@ -125,6 +126,7 @@ def torch_reference(state, images_nhwc, depth):
 
 
 @pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+@requires_torch  # the reference forward is PyTorch's
 def test_torchvision_resnet50_features_match_torch(fmt, tmp_path):
   state = torchvision_state(50, np.random.default_rng(2))
   source = str(tmp_path / f"resnet50.{fmt}")

@@ -17,7 +17,8 @@ from instance_loss_jax.config import set_stage
 from instance_loss_jax.training import abstract_variables, create_train_state, variables_of
 from helpers import random_batch, tiny_config, xla_flags
 
-torch = pytest.importorskip("torch")
+# The reference module imports PyTorch as it loads.
+torch = pytest.importorskip("torch", reason="PyTorch is not installed (the torch extra)")
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 _PATH = os.path.join(_TESTS, os.pardir, "benchmarks", "torch_reference.py")
@@ -58,15 +59,25 @@ def _in_own_process(stage: int) -> dict[str, list[float]]:
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# Relative tolerance of each step's loss against PyTorch in float64, for ours and for PyTorch's
+# own float32 run. float32 rounding alone moves the losses by (largest measured, Stage I and II,
+# jax 0.10.2 and 0.12.0.1; benchmarks/torch_reference_spread.py, RESULTS.md): 2.4e-7 at step 1,
+# 1.7e-6 at step 2 and 4e-5 at step 3: each update amplifies the previous step's rounding
+# (Stage II's hardest negatives and BatchNorm over 4 examples). A wrong optimiser moves them far
+# more: from step 2 on, at least 7e-4 (weight decay on biases too, a learning rate 1% off, no
+# Nesterov, momentum 0.8). Each tolerance sits between the two, ~5x above the noise.
+STEP_RTOL = (1e-5, 3e-5, 2e-4)
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.slow
 def test_same_losses_as_pytorch(stage):
   losses = _in_own_process(stage)
-  ours, exact = np.asarray(losses["ours"]), np.asarray(losses["torch.float64"])
-  # float32 against float64: ~1e-6 relative here; a heads group without weight decay, 1e-4.
-  np.testing.assert_allclose(ours, exact, rtol=3e-5)
-  np.testing.assert_allclose(losses["torch.float32"], exact, rtol=3e-5)
-  assert ours[-1] < ours[0]  # the steps did move the parameters
+  exact = np.asarray(losses["torch.float64"])
+  for name in ("ours", "torch.float32"):
+    gap = np.abs(np.asarray(losses[name]) - exact) / np.abs(exact)
+    assert (gap <= STEP_RTOL).all(), f"{name}: relative gaps {gap} to float64, allowed {STEP_RTOL}"
+  assert losses["ours"][-1] < losses["ours"][0]  # the steps did move the parameters
 
 
 def test_parameter_count_matches_flax():

@@ -160,12 +160,21 @@ def test_step_loss_is_the_batch_loss_of_the_models_outputs():
     np.testing.assert_allclose(history[0][f"{name}_loss"], value, rtol=1e-5, err_msg=name)
 
 
+# Relative tolerance of bfloat16's first-step losses against float32's from the same start.
+# bfloat16 keeps 8 bits of mantissa; over 16 seeds (benchmarks/bf16_spread.py, RESULTS.md) the
+# first step's gap was at most 2.0e-2 for the ranking loss (a hinge on differences of cosine
+# similarities, so rounding is large against it), 1.4e-3 and 5.2e-4 for the two softmax losses,
+# on jax 0.10.2 and 0.12.0.1 alike. Later steps add two trajectories' divergence (up to 13% by
+# step 2): not a property of the arithmetic, so not compared.
+BF16_FIRST_STEP_RTOL = {"rank_loss": 6e-2, "visual_loss": 5e-3, "textual_loss": 5e-3}
+
+
 @pytest.mark.slow
 def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
   # compute_dtype changes the arithmetic only: the state (params, momentum, BN statistics) stays
-  # float32, and the step's losses stay close to float32's from the same start.
+  # float32, and one step's losses stay close to float32's from the same start.
   config = tiny_config(**STAGE2)
-  batches = [random_batch(config, seed=s) for s in range(3)]
+  batches = [random_batch(config, seed=0)]
   init = ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
   devices = jax.local_devices()[:1]
   state32, hist32 = run_steps(config, devices, batches, state=init)
@@ -175,10 +184,8 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
   for tree in (state16.params, state16.batch_stats, state16.opt_state):
     assert {x.dtype for x in jax.tree_util.tree_leaves(tree)} <= {np.dtype(np.float32),
                                                                   np.dtype(np.int32)}
-  # bfloat16 keeps 8 bits of mantissa: ~1% on a loss, not 1e-6.
-  for m16, m32 in zip(hist16, hist32):
-    for key in ("rank_loss", "visual_loss", "textual_loss"):
-      np.testing.assert_allclose(m16[key], m32[key], rtol=5e-2, err_msg=key)
+  for key, rtol in BF16_FIRST_STEP_RTOL.items():
+    np.testing.assert_allclose(hist16[0][key], hist32[0][key], rtol=rtol, err_msg=key)
   # ... and not 0 either: the arithmetic did change.
   assert not np.allclose(state16.params["text_head"]["fc1"]["kernel"],
                          state32.params["text_head"]["fc1"]["kernel"], rtol=1e-6, atol=0)
