@@ -8,7 +8,9 @@ model or vocabulary is refused with the differences listed instead of failing in
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from typing import Any
 
 import flax
@@ -20,9 +22,11 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint._src.serialization import type_handler_registry
 
-from instance_loss_jax import paths, sharding
+from instance_loss_jax import faults, paths, sharding
 from instance_loss_jax.config import input_convention
-from instance_loss_jax.errors import CheckpointError
+from instance_loss_jax.errors import CheckpointError, UnreadableCheckpoint
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"  # the run's config as built (`config.run_config`), every field
@@ -75,8 +79,15 @@ def reader(workdir: str) -> ocp.CheckpointManager | None:
 
 
 def newest_meta(mgr: ocp.CheckpointManager | None) -> dict[str, Any] | None:
-  """The meta of the manager's newest checkpoint, or None when there is none."""
-  return read_meta(mgr, mgr.latest_step()) if mgr is not None and mgr.all_steps() else None
+  """The meta of the manager's newest readable checkpoint, or None when there is none (what
+  it says is the same for every step of a run; an unreadable step is the restore's to
+  report)."""
+  for step in sorted(mgr.all_steps() if mgr is not None else (), reverse=True):
+    try:
+      return read_meta(mgr, step)
+    except UnreadableCheckpoint:
+      continue
+  return None
 
 
 def meta_differences(saved: dict[str, Any], current: dict[str, Any],
@@ -104,11 +115,14 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False,
   policies = ocp.checkpoint_managers
   options = (ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
                                           save_interval_steps=0) if read_only else
-             ocp.CheckpointManagerOptions(create=True, preservation_policy=(
-                 policies.AnyPreservationPolicy([
+             ocp.CheckpointManagerOptions(
+                 # A save that failed leaves `<step>.orbax-checkpoint-tmp`: the next writer
+                 # removes it (readers never take it for a checkpoint).
+                 create=True, cleanup_tmp_directories=True,
+                 preservation_policy=policies.AnyPreservationPolicy([
                      policies.LatestN(n=keep),
                      policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
-                                    keep_checkpoints_without_metrics=False)]))))
+                                    keep_checkpoints_without_metrics=False)])))
   return ocp.CheckpointManager(
       paths.join(paths.absolute(workdir), CHECKPOINT_DIR), options=options,
       item_handlers=dict(state=ocp.StandardCheckpointHandler(use_ocdbt=ocdbt),
@@ -126,28 +140,109 @@ def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict[str, Any],
   """Saves a train state of global arrays: every process calls this and writes the shards it
   holds. W_share is stored as it lies on the mesh, padded with zero classes up to a multiple
   of the device count; `meta["num_classes"]` is the true count, and every restore pads or cuts
-  to what the reader needs (the padding is zeros, so nothing is lost either way)."""
+  to what the reader needs (the padding is zeros, so nothing is lost either way).
+
+  The write goes on in the background (Orbax's async save): a failure surfaces at the next
+  `save` or `finish`, as a StorageError naming the step that failed."""
+  finish(mgr)  # a failure of the previous save is that step's, not this one's
   metrics = None
   if val_metrics is not None:
     metrics = {k: float(v) for k, v in val_metrics.items()}
     meta = dict(meta, val=metrics)
-  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree(state)),
-                                         meta=ocp.args.JsonSave(meta)), metrics=metrics,
-           force=True)
+  _SAVING[str(mgr.directory)] = step
+  try:
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree(state)),
+                                           meta=ocp.args.JsonSave(meta)), metrics=metrics,
+             force=True)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise _save_failure(mgr, step, e) from None
+
+
+_SAVING: dict[str, int] = {}  # checkpoint directory -> the step its newest save() started
+
+
+def finish(mgr: ocp.CheckpointManager) -> None:
+  """Waits for the background save; one that failed is raised as a StorageError."""
+  try:
+    mgr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise _save_failure(mgr, _SAVING.get(str(mgr.directory)), e) from None
+
+
+def _save_failure(mgr: ocp.CheckpointManager, step: int | None, error: BaseException):
+  try:
+    kept = sorted(mgr.all_steps())
+  except Exception:  # pylint: disable=broad-exception-caught
+    kept = []
+  return faults.save_failure(str(mgr.directory), step, error, kept)
 
 
 def best_step(mgr: ocp.CheckpointManager) -> int | None:
   """The kept checkpoint with the highest validation rsum, or None if none was validated."""
   scored = []
   for step in mgr.all_steps():
-    val = read_meta(mgr, step).get("val")
+    try:
+      val = read_meta(mgr, step).get("val")
+    except UnreadableCheckpoint as e:  # the reader that restores it says so
+      log.warning("%s", e)
+      continue
     if val and BEST_METRIC in val:
       scored.append((val[BEST_METRIC], -step, step))  # ties: the earlier step
   return max(scored)[2] if scored else None
 
 
 def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-  return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  with _reading(mgr, step):
+    return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+@contextlib.contextmanager
+def _reading(mgr: ocp.CheckpointManager, step: int):
+  """Any failure to read step's files (Orbax's, TensorStore's, the file system's) raised as an
+  UnreadableCheckpoint naming it, the cause and the other steps; our own refusals (a
+  checkpoint that does not fit the run) pass as they are."""
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    others = sorted(s for s in mgr.all_steps() if s != step)
+    raise UnreadableCheckpoint(
+        f"checkpoint {mgr.directory}/{step} cannot be read: {faults.cause(e)} (other steps there: "
+        f"{', '.join(map(str, others)) or 'none'})", step) from None
+
+
+def newest_readable(mgr: ocp.CheckpointManager, read, what: str):
+  """(step, read(step)) for the newest step that `read` can read. Steps newer than it that
+  could not be read (UnreadableCheckpoint) are then moved aside (`faults.move_aside`), each
+  logged in one line. When no step can be read, nothing is moved (the same failure on every
+  step says more about the reader than the files) and one CheckpointError names each.
+
+  One process only: with several, each would judge the files it reads (its own shards), and
+  they could resume from different steps; there the first unreadable step stops the run,
+  named, to be moved aside by hand."""
+  failed = []
+  for step in sorted(mgr.all_steps(), reverse=True):
+    try:
+      result = read(step)
+    except UnreadableCheckpoint as e:
+      if jax.process_count() > 1:
+        raise UnreadableCheckpoint(f"{what}: {e}; with several processes it is not moved "
+                                   f"aside automatically: rename it to {step}"
+                                   f"{faults.UNREADABLE_SUFFIX} to go on from the older one",
+                                   step) from None
+      failed.append(e)
+      continue
+    for error in failed:
+      moved = faults.move_aside(str(mgr.directory), error.step)
+      log.warning("%s: %s; moved to %s", what, error, moved)
+    if failed:
+      mgr.reload()
+    return step, result
+  if not failed:
+    raise CheckpointError(f"{what}: no checkpoint in {mgr.directory}")
+  raise CheckpointError(f"{what}: no checkpoint in {mgr.directory} can be read (none moved): "
+                        + "; ".join(str(e) for e in failed))
 
 
 STEP_PREFERENCES = ("newest", "best")
@@ -224,9 +319,10 @@ def restore_state(mgr: ocp.CheckpointManager, step: int, template):
   of ShapeDtypeStructs with shardings (`training.abstract_train_state`) on any mesh. W_share
   is padded or cut to the template's width (the stored padding is zeros)."""
   target = state_tree(template)
-  _check_shapes(mgr, step, target, "resuming")
-  tree = mgr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target, strict=False)))["state"]
+  with _reading(mgr, step):
+    _check_shapes(mgr, step, target, "resuming")
+    tree = mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target, strict=False)))["state"]
   return template.replace(**tree)
 
 
@@ -239,25 +335,27 @@ def restore_variables(mgr: ocp.CheckpointManager, step: int,
 
   Orbax's partial restore over the step's state item: arrays absent from the target are
   skipped, never read (tests/test_checkpoint.py deletes them from disk first)."""
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  saved = saved_arrays(mgr, step)
-  wanted = dict(params=saved["params"], batch_stats=saved["batch_stats"])
-  if not w_share:
-    wanted["params"] = {k: v for k, v in wanted["params"].items() if k != sharding.W_SHARE}
-  target = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), wanted)
-  target = sharding.pad_classes(target, read_meta(mgr, step)["num_classes"])  # cut the padding
-  restore_args = jax.tree_util.tree_map(
-      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype,
-                                     strict=False), target)
-  # The manager's "state" handler restores whole trees; a PyTree checkpointer on the same
-  # directory takes the partial target (the layout on disk is the same).
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    tree = checkpointer.restore(
-        paths.path(str(mgr.directory)) / str(step) / "state",
-        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                    partial_restore=True))
-  return jax.tree_util.tree_map(np.asarray, tree)
+  with _reading(mgr, step):
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    saved = saved_arrays(mgr, step)
+    wanted = dict(params=saved["params"], batch_stats=saved["batch_stats"])
+    if not w_share:
+      wanted["params"] = {k: v for k, v in wanted["params"].items() if k != sharding.W_SHARE}
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), wanted)
+    # Cut the padding.
+    target = sharding.pad_classes(target, read_meta(mgr, step)["num_classes"])
+    restore_args = jax.tree_util.tree_map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype,
+                                       strict=False), target)
+    # The manager's "state" handler restores whole trees; a PyTree checkpointer on the same
+    # directory takes the partial target (the layout on disk is the same).
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      tree = checkpointer.restore(
+          paths.path(str(mgr.directory)) / str(step) / "state",
+          args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                      partial_restore=True))
+    return jax.tree_util.tree_map(np.asarray, tree)
 
 
 def merge_variables(target: dict[str, Any], loaded: dict[str, Any], source: str,

@@ -19,6 +19,20 @@ class CheckpointError(ValueError):
   """A checkpoint that is missing or does not fit the run, with the reasons."""
 
 
+class UnreadableCheckpoint(CheckpointError):
+  """A checkpoint whose files cannot be read (truncated, deleted, corrupt), naming it, the
+  reason and the steps beside it."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+class StorageError(RuntimeError):
+  """A checkpoint that could not be written (no space, permission, quota, the object store),
+  naming the step, the directory and the cause."""
+
+
 class BackboneError(ValueError):
   """A backbone directory that is missing, incomplete or does not fit the run."""
 
@@ -36,8 +50,8 @@ class RetrievalError(ValueError):
 
 
 # Reported by the binaries as one `error: ...` line with exit status 1, without a traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, BackboneError, BatchError, TrainingError,
-               RetrievalError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, StorageError, BackboneError, BatchError,
+               TrainingError, RetrievalError)
 
 
 class Preempted(Exception):

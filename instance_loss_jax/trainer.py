@@ -76,18 +76,29 @@ def initial_state(config, workdir: str, mgr, source, meta, table, steps_per_epoc
   init_from's (`source`). Checkpoints are checked against the run (meta, then names and shapes)
   before anything is compiled."""
   if mgr.all_steps():
-    step = checkpoint.checked_step(mgr, meta, what=f"resuming {workdir}")
+    what = f"resuming {workdir}"
     template = training.abstract_train_state(config, steps_per_epoch, mesh)
+
+    def resume(step):
+      checkpoint.checked_step(mgr, meta, step, what=what)
+      return checkpoint.restore_state(mgr, step, template)
+
+    # An unreadable newest checkpoint is moved aside and the one before it taken.
+    step, state = checkpoint.newest_readable(mgr, resume, what)
     log.info("resuming from %s step %d", workdir, step)
-    return checkpoint.restore_state(mgr, step, template), step
+    return state, step
   loaded, scopes = None, ()
   if config.init_from:
     if source is None:
       raise checkpoint.CheckpointError(f"init_from={config.init_from}: no checkpoint in "
                                        f"{paths.join(config.init_from, 'checkpoints')}")
-    step = checkpoint.checked_step(source, meta, what=f"init_from={config.init_from}",
-                                   keys=("num_classes", "vocab"))
-    loaded = checkpoint.restore_variables(source, step)
+    what = f"init_from={config.init_from}"
+
+    def initialise(step):
+      checkpoint.checked_step(source, meta, step, what=what, keys=("num_classes", "vocab"))
+      return checkpoint.restore_variables(source, step)
+
+    step, loaded = checkpoint.newest_readable(source, initialise, what)
     name = f"{config.init_from} step {step}"
   elif config.backbone_init:
     _, ported = backbone.load_backbone(config.backbone_init)
@@ -293,7 +304,7 @@ def _after_step(config, state, step, metrics, pending, mgr, meta, logger, stop, 
     pending = []
     for s, m in history:
       if not np.isfinite(m["loss"]):
-        mgr.wait_until_finished()
+        checkpoint.finish(mgr)
         raise TrainingError(f"non-finite loss ({m['loss']}) at step {s}; the newest checkpoint "
                             f"(step {mgr.latest_step()}) is kept")
     logger.log(history)
@@ -301,7 +312,7 @@ def _after_step(config, state, step, metrics, pending, mgr, meta, logger, stop, 
       val = validate(state, step)["metrics"] if evaluate else None
       checkpoint.save(mgr, step, state, meta, val)  # global arrays: each process its shards
   if reason:
-    mgr.wait_until_finished()
+    checkpoint.finish(mgr)  # a failed save raises here: the run did not stop with it saved
     raise Preempted(step, reason)
   return pending
 
@@ -374,7 +385,9 @@ def _train_and_evaluate(config, workdir: str, mesh, phase: dict[str, bool]):
                 validate)
   finally:
     batches.close()
-    mgr.wait_until_finished()  # an error must not leave a half-written checkpoint behind
+    # An error must not leave a half-written checkpoint behind; a failed save raises here as
+    # one StorageError line.
+    checkpoint.finish(mgr)
     stop.restore()
   if not config.eval.at_end:
     return None

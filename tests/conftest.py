@@ -56,6 +56,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 LONGEST_FIRST = (
     "uninterrupted",  # SIGTERM, SIGKILL and the resume: four launches of the training binary
     "stage1",
+    "storage_faults",  # a full disk (in process and the binary), damaged checkpoints
     "trained_run",
     "test_object_store.py::test_two_stages_resume_and_evaluation_on_gcs",
     "test_train_step.py::test_two_processes_match_one_process",

@@ -17,7 +17,7 @@ PACKAGE = "instance_loss_jax"
 LAYERS = [
     ["errors"],
     ["config", "paths"],
-    ["sharding", "models", "data"],
+    ["sharding", "models", "data", "faults"],
     ["checkpoint", "backbone", "writer", "matconvnet"],
     ["training", "inference"],
     ["evaluation"],

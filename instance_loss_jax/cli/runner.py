@@ -1,5 +1,6 @@
 """What the absl binaries share: multi-host set-up, quiet library logs, clean user errors."""
 
+import inspect
 import logging
 import os
 import re
@@ -33,9 +34,10 @@ def configure_logging():
   """Our INFO lines on the console, the libraries' only from WARNING up (Orbax logs INFO through
   absl's logger, gensim, TF, fsspec through their own).
 
-  Levels, not filters: the `instance_loss_jax` logger is set to INFO, absl's verbosity and the
-  root logger (which every other library's logger inherits) to WARNING. `--verbosity=0` (or
-  `-v 1` for debug) shows the libraries' INFO again.
+  Levels: the `instance_loss_jax` logger is set to INFO, absl's verbosity and the root logger
+  (which every other library's logger inherits) to WARNING; one filter, for Orbax's reports of
+  a failed save (below). `--verbosity=0` (or `-v 1` for debug) shows the libraries' INFO again,
+  and everything Orbax reports.
   """
   verbosity = flags.FLAGS["verbosity"]
   if verbosity.present:  # absl has set its own logger's level from it
@@ -43,7 +45,29 @@ def configure_logging():
   else:
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)
+    # A checkpoint save that fails is reported as one StorageError line (checkpoint.save):
+    # Orbax's own reports of it, a traceback from each of its writer threads, and what its
+    # abandoned asyncio writes raise afterwards would bury that line.
+    logging.getLogger("absl").addFilter(_not_orbax_errors)
+    sys.unraisablehook = _quiet_abandoned_writes
   logging.getLogger("instance_loss_jax").setLevel(logging.INFO)
+
+
+def _not_orbax_errors(record: logging.LogRecord) -> bool:
+  return not (record.levelno >= logging.ERROR and
+              f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
+
+
+def _quiet_abandoned_writes(unraisable) -> None:
+  """sys.unraisablehook without two kinds of noise that follow a failed asynchronous save:
+  TensorStore's callbacks finding Orbax's event loop closed, and Orbax's coroutines failing to
+  import as the interpreter shuts down."""
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return
+  if isinstance(error, ImportError) and inspect.iscoroutine(unraisable.object):
+    return
+  sys.__unraisablehook__(unraisable)
 
 
 def initialize():
