@@ -48,8 +48,8 @@ def save_failure(directory: str, step: int | None, error: BaseException,
       pass
   what = f"step {step}" if step is not None else "a checkpoint"
   if kept:
-    after = (f"the checkpoints already written ({', '.join(map(str, kept))}) are intact; make "
-             "room and re-run the same command to resume")
+    after = (f"the checkpoints already written ({', '.join(map(str, kept))}) are intact; once "
+             "it is mended, the same command resumes")
   else:
     after = "no checkpoint was written before it"
   return StorageError(f"saving {what} to {directory} failed: {cause(error)}{free}; {after}")

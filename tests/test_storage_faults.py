@@ -1,6 +1,8 @@
 """Storage faults met with one line and no lost work: a disk that fills during a checkpoint save
 (a real tmpfs, filled for real), and a newest checkpoint whose data files are truncated or
-deleted (resume moves it aside and goes on from the one before; readers name it)."""
+deleted (resume moves it aside and goes on from the one before; readers name it). A run that
+met a fault must end with the uninterrupted run's variables, bit for bit (so with its
+evaluation too)."""
 
 import errno
 import os
@@ -172,6 +174,7 @@ def test_an_unreadable_newest_checkpoint_is_named_moved_aside_and_resume_goes_on
       source, lambda step: checkpoint.restore_variables(source, step), f"init_from={workdir}")
   assert step == 12
   assert steps_in(workdir) == sorted(["8", "12", aside, f"{aside}.2"])
+
   # When no step can be read (here: a reader that fails on every one), nothing is moved.
   def never(step):
     raise UnreadableCheckpoint(f"step {step}: unreadable", step)
@@ -180,3 +183,30 @@ def test_an_unreadable_newest_checkpoint_is_named_moved_aside_and_resume_goes_on
                      r"step 12: unreadable"):
     checkpoint.newest_readable(source, never, "resuming")
   assert "12" in steps_in(workdir)
+
+
+def test_the_cause_is_the_operating_systems_words_else_the_first_line(tmp_path):
+  # Whatever raised it: the OS, TensorStore (an errno in its message), Orbax (chained).
+  assert faults.cause(OSError(errno.EACCES, "Permission denied")) == "Permission denied"
+  quota = ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x\": Failed to write 8 "
+                     "bytes [os_error_code='122']")
+  assert faults.cause(quota) == os.strerror(122)  # "Disk quota exceeded"
+  try:
+    try:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError as inner:
+      raise RuntimeError("Save Finalize thread failed") from inner
+  except RuntimeError as outer:
+    assert faults.cause(outer) == "No space left on device"
+  store = ValueError("PERMISSION_DENIED: gs://bucket/run: 403 Forbidden\n{json: ...}")
+  assert faults.cause(store) == "PERMISSION_DENIED: gs://bucket/run: 403 Forbidden"
+  # On an object store there is no free space to read; what is kept is still said.
+  remote = faults.save_failure("gs://bucket/run/checkpoints", 60, store, [40, 50])
+  assert str(remote) == ("saving step 60 to gs://bucket/run/checkpoints failed: PERMISSION_DENIED:"
+                         " gs://bucket/run: 403 Forbidden; the checkpoints already written (40, "
+                         "50) are intact; once it is mended, the same command resumes")
+  # Moving aside never overwrites: a second damaged 60 gets its own name.
+  for _ in range(2):
+    (tmp_path / "60").mkdir()
+    faults.move_aside(str(tmp_path), 60)
+  assert sorted(os.listdir(tmp_path)) == ["60.unreadable", "60.unreadable.2"]
