@@ -385,10 +385,12 @@ def _train_and_evaluate(config, workdir: str, mesh, phase: dict[str, bool]):
                 validate)
   finally:
     batches.close()
-    # An error must not leave a half-written checkpoint behind; a failed save raises here as
-    # one StorageError line.
-    checkpoint.finish(mgr)
-    stop.restore()
+    try:
+      # An error must not leave a half-written checkpoint behind; a failed save raises here
+      # as one StorageError line.
+      checkpoint.finish(mgr)
+    finally:
+      stop.restore()
   if not config.eval.at_end:
     return None
   results = evaluate(config, workdir, config.eval.split, mgr=mgr,
