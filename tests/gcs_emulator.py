@@ -7,13 +7,19 @@ differences from its released behaviour, both toward what GCS itself does:
   fails with "Malformed StorageGeneration" without them.
 - No metadata file: on every write the emulator serialises every object it holds into a JSON
   file that only a restart reads back (none here); with the objects of a few checkpoints that
-  made each save quadratic. The HTTP API it serves is unchanged.
+  made each save quadratic.
+- objects.move (`POST .../o/SRC/moveTo/o/DST`, what gcsfs renames with), as a copy and a
+  delete: the emulator answers 501, which gcsfs retries with back-off for ~40 s per object
+  before it copies and deletes itself.
 """
 
 import runpy
 import sys
 
-from gcp_storage_emulator import server, storage
+from http import HTTPStatus
+
+from gcp_storage_emulator import server, settings, storage
+from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
 _download = objects.download
@@ -27,12 +33,30 @@ def _download_with_generation(request, response, store, *args, **kwargs):
     response["x-goog-metageneration"] = str(obj["metageneration"])
 
 
+def _move(request, response, store, *args, **kwargs):
+  del args, kwargs
+  bucket, source, target = (request.params[k] for k in ("bucket_name", "object_id",
+                                                        "dest_object_id"))
+  # pylint: disable=protected-access
+  try:
+    moved = objects._copy(request.base_url, store, bucket, source, bucket, target)
+  except NotFound:
+    response.status = HTTPStatus.NOT_FOUND
+    return
+  objects._delete(store, bucket, source)
+  response.json(moved)
+
+
 def main():
   storage.Storage._write_config_to_file = lambda self: None  # pylint: disable=protected-access
   # objects.get calls the module's `download` for alt=media; the /download route holds the
   # function itself.
   objects.download = _download_with_generation
-  server.HANDLERS = tuple(
+  move_routes = tuple(
+      (rf"^{prefix}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
+       rf"(?P<dest_object_id>.*[^/]+)$", {server.POST: _move})
+      for prefix in (settings.API_ENDPOINT, ""))
+  server.HANDLERS = move_routes + tuple(
       (route, {method: _download_with_generation if fn is _download else fn
                for method, fn in handlers.items()})
       for route, handlers in server.HANDLERS)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from instance_loss_jax import checkpoint, sharding, trainer, writer
+from instance_loss_jax import checkpoint, faults, sharding, trainer, writer
 
 from helpers import xla_flags
 from test_training import (  # noqa: F401  (data_dir: a fixture)
@@ -220,3 +220,20 @@ def test_prepare_uploads_a_tfds_dataset_and_an_upload_cut_short_is_no_dataset(
   for a, b in zip(*streams):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_an_unreadable_checkpoint_is_moved_aside_on_gcs(emulator):
+  # A "directory" on an object store is its objects' common prefix: moving one aside renames
+  # every object under it, and none is left under the step's name to be taken for a step.
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  root = f"gs://{BUCKET}/aside/checkpoints"
+  for name in ("60/state/d/0", "60/state/_METADATA", "60/meta/metadata", "40/state/_METADATA"):
+    (epath.Path(root) / name).write_text(name)
+  assert faults.move_aside(root, 60) == f"{root}/60.unreadable"
+
+  def files(path):
+    return [f for p in path.iterdir() for f in (files(p) if p.is_dir() else [p])]
+
+  moved = sorted(str(p.relative_to(epath.Path(root))) for p in files(epath.Path(root)))
+  assert moved == ["40/state/_METADATA", "60.unreadable/meta/metadata",
+                   "60.unreadable/state/_METADATA", "60.unreadable/state/d/0"]
