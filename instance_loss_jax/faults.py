@@ -1,6 +1,6 @@
 """Storage faults in words: what a failed checkpoint save or an unreadable checkpoint is
-reported as, and the file operations that keep the work (a half-written step removed, an
-unreadable one moved aside, never deleted). docs/training.md, "Storage faults", has the table.
+reported as, and moving an unreadable checkpoint aside (never deleted). docs/training.md,
+"Storage faults", has the table.
 """
 
 from __future__ import annotations

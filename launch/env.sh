@@ -7,14 +7,15 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="${VENV:-.venv}"
+minor() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
 # Several processes on a shared file system (SLURM tasks) take turns: one installs, the others
 # then find it done.
 exec 9>"$ROOT/$VENV.lock"
 flock 9
 if [ -x "$VENV/bin/python" ]; then
   if [ -n "${PYTHON:-}" ]; then
-    want="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-    have="$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    want="$(minor "$PYTHON")"
+    have="$(minor "$VENV/bin/python")"
     if [ "$want" != "$have" ]; then
       echo "error: $VENV holds Python $have, PYTHON=$PYTHON is $want; name another" \
         "environment (VENV=.venv-$want) or remove $VENV" >&2

@@ -35,10 +35,9 @@ FAST_COMPILE_FLAGS = _fast_compile_flags()
 
 
 # PyTorch is the torch extra, not the test extra: PyPI's build is 4.6 GB (setup.cfg).
-requires_torch = pytest.mark.skipif(
-    importlib.util.find_spec("torch") is None,
-    reason="PyTorch is not installed (the torch extra; launch/test.sh installs it unless "
-    "INSTALL_EXTRAS leaves it out)")
+NO_TORCH = ("PyTorch is not installed (the torch extra; launch/test.sh installs it unless "
+            "INSTALL_EXTRAS leaves it out)")
+requires_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason=NO_TORCH)
 
 
 def xla_flags(devices: int) -> str:

@@ -15,10 +15,10 @@ import pytest
 
 from instance_loss_jax.config import set_stage
 from instance_loss_jax.training import abstract_variables, create_train_state, variables_of
-from helpers import random_batch, tiny_config, xla_flags
+from helpers import NO_TORCH, random_batch, tiny_config, xla_flags
 
 # The reference module imports PyTorch as it loads.
-torch = pytest.importorskip("torch", reason="PyTorch is not installed (the torch extra)")
+torch = pytest.importorskip("torch", reason=NO_TORCH)
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 _PATH = os.path.join(_TESTS, os.pardir, "benchmarks", "torch_reference.py")
@@ -63,7 +63,7 @@ def _in_own_process(stage: int) -> dict[str, list[float]]:
 # own float32 run. float32 rounding alone moves the losses by (largest measured, Stage I and II,
 # jax 0.10.2 and 0.12.0.1; benchmarks/torch_reference_spread.py, RESULTS.md): 2.4e-7 at step 1,
 # 1.7e-6 at step 2 and 4e-5 at step 3: each update amplifies the previous step's rounding
-# (Stage II's hardest negatives and BatchNorm over 4 examples). A wrong optimiser moves them far
+# (Stage II's hardest negatives and BatchNorm over batches of 8). A wrong optimiser moves them far
 # more: from step 2 on, at least 7e-4 (weight decay on biases too, a learning rate 1% off, no
 # Nesterov, momentum 0.8). Each tolerance sits between the two, ~5x above the noise.
 STEP_RTOL = (1e-5, 3e-5, 2e-4)

@@ -154,8 +154,8 @@ def read_torch(path: str) -> dict[str, np.ndarray]:
     # Imported here: PyTorch is optional (not a dependency), only for .pth files.
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise BackboneError(f"{path}: reading .pth needs PyTorch (pip install torch), or convert "
-                        "the file to .safetensors") from None
+    raise BackboneError(f"{path}: reading .pth needs PyTorch (the package's torch extra: pip "
+                        "install -e '.[torch]'), or convert the file to .safetensors") from None
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for a damaged file
