@@ -193,7 +193,19 @@ def best_step(mgr: ocp.CheckpointManager) -> int | None:
 
 def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   with _reading(mgr, step):
-    return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return _restore_item(mgr, step, "meta", ocp.JsonCheckpointHandler(), ocp.args.JsonRestore())
+
+
+def _restore_item(mgr: ocp.CheckpointManager, step: int, item: str, handler, args):
+  """One item of a step, read by this process without waiting for the others. Orbax's restore
+  ends at a barrier of every process: one that failed to read (its own shards: a damaged file
+  another process never opens) would leave the others waiting there, where
+  `faults.newest_readable` needs every process to meet and agree on a step instead. What each
+  process reads is the same either way: the shards of its own devices."""
+  me = jax.process_index()
+  alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  with ocp.Checkpointer(handler, multiprocessing_options=alone) as checkpointer:
+    return checkpointer.restore(paths.path(str(mgr.directory)) / str(step) / item, args=args)
 
 
 @contextlib.contextmanager
@@ -210,39 +222,6 @@ def _reading(mgr: ocp.CheckpointManager, step: int):
     raise UnreadableCheckpoint(
         f"checkpoint {mgr.directory}/{step} cannot be read: {faults.cause(e)} (other steps there: "
         f"{', '.join(map(str, others)) or 'none'})", step) from None
-
-
-def newest_readable(mgr: ocp.CheckpointManager, read, what: str):
-  """(step, read(step)) for the newest step that `read` can read. Steps newer than it that
-  could not be read (UnreadableCheckpoint) are then moved aside (`faults.move_aside`), each
-  logged in one line. When no step can be read, nothing is moved (the same failure on every
-  step says more about the reader than the files) and one CheckpointError names each.
-
-  One process only: with several, each would judge the files it reads (its own shards), and
-  they could resume from different steps; there the first unreadable step stops the run,
-  named, to be moved aside by hand."""
-  failed = []
-  for step in sorted(mgr.all_steps(), reverse=True):
-    try:
-      result = read(step)
-    except UnreadableCheckpoint as e:
-      if jax.process_count() > 1:
-        raise UnreadableCheckpoint(f"{what}: {e}; with several processes it is not moved "
-                                   f"aside automatically: rename it to {step}"
-                                   f"{faults.UNREADABLE_SUFFIX} to go on from the older one",
-                                   step) from None
-      failed.append(e)
-      continue
-    for error in failed:
-      moved = faults.move_aside(str(mgr.directory), error.step)
-      log.warning("%s: %s; moved to %s", what, error, moved)
-    if failed:
-      mgr.reload()
-    return step, result
-  if not failed:
-    raise CheckpointError(f"{what}: no checkpoint in {mgr.directory}")
-  raise CheckpointError(f"{what}: no checkpoint in {mgr.directory} can be read (none moved): "
-                        + "; ".join(str(e) for e in failed))
 
 
 STEP_PREFERENCES = ("newest", "best")
@@ -321,8 +300,8 @@ def restore_state(mgr: ocp.CheckpointManager, step: int, template):
   target = state_tree(template)
   with _reading(mgr, step):
     _check_shapes(mgr, step, target, "resuming")
-    tree = mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target, strict=False)))["state"]
+    tree = _restore_item(mgr, step, "state", ocp.StandardCheckpointHandler(),
+                         ocp.args.StandardRestore(target, strict=False))
   return template.replace(**tree)
 
 
@@ -348,13 +327,11 @@ def restore_variables(mgr: ocp.CheckpointManager, step: int,
     restore_args = jax.tree_util.tree_map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype,
                                        strict=False), target)
-    # The manager's "state" handler restores whole trees; a PyTree checkpointer on the same
+    # The manager's "state" handler restores whole trees; a PyTree handler on the same
     # directory takes the partial target (the layout on disk is the same).
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      tree = checkpointer.restore(
-          paths.path(str(mgr.directory)) / str(step) / "state",
-          args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                      partial_restore=True))
+    tree = _restore_item(mgr, step, "state", ocp.PyTreeCheckpointHandler(),
+                         ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                partial_restore=True))
     return jax.tree_util.tree_map(np.asarray, tree)
 
 

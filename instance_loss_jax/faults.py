@@ -1,18 +1,27 @@
 """Storage faults in words: what a failed checkpoint save or an unreadable checkpoint is
-reported as, and moving an unreadable checkpoint aside (never deleted). docs/training.md,
-"Storage faults", has the table.
+reported as; going on from the newest checkpoint every process can read, the unreadable ones
+moved aside (never deleted). docs/training.md, "Storage faults", has the table.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from instance_loss_jax import paths
-from instance_loss_jax.errors import StorageError
+from instance_loss_jax.errors import CheckpointError, StorageError, UnreadableCheckpoint
+
+log = logging.getLogger(__name__)
 
 UNREADABLE_SUFFIX = ".unreadable"
+READ, UNREADABLE, REFUSED = 0, 1, 2  # one process's verdict on one checkpoint
+MESSAGE_BYTES = 1024  # of each process's reason, as gathered
 
 
 def cause(error: BaseException) -> str:
@@ -66,3 +75,83 @@ def move_aside(directory: str, step: int) -> str:
     target = root / f"{step}{UNREADABLE_SUFFIX}.{n}"
   (root / str(step)).rename(target)
   return str(target)
+
+
+def newest_readable(mgr, read, what: str):
+  """(step, read(step)) for the newest step of `mgr` that `read` can read on every process.
+  Steps newer than it that could not be read (UnreadableCheckpoint, on any process) are then
+  moved aside by process 0 (`move_aside`), each logged in one line with the reason. When no
+  step can be read, nothing is moved (the same failure on every step says more about the
+  reader than the files) and one CheckpointError names each.
+
+  Each process reads its own shards, so a damaged file may fail one process only: after each
+  try, every process learns every verdict (`_gathered`, a collective) and they all go on to
+  the same step. `read` must therefore not wait for the other processes itself (see
+  checkpoint._restore_item). A refusal (CheckpointError: the checkpoint does not fit the run)
+  stops every process."""
+  unreadable = []  # (step, reason) of the steps newer than the one read
+  for step in sorted(mgr.all_steps(), reverse=True):
+    result, verdict, refusal = None, (READ, ""), None
+    try:
+      result = read(step)
+    except UnreadableCheckpoint as e:
+      verdict = (UNREADABLE, str(e))
+    except CheckpointError as e:
+      verdict, refusal = (REFUSED, str(e)), e
+    verdicts = _gathered(*verdict)
+    if refusal is not None:
+      raise refusal
+    refused = [i for i, (status, _) in enumerate(verdicts) if status == REFUSED]
+    if refused:
+      raise CheckpointError(f"{what}: {verdicts[refused[0]][1]} (on process {refused[0]})")
+    failed = [(i, reason) for i, (status, reason) in enumerate(verdicts) if status == UNREADABLE]
+    if not failed:
+      _move_all_aside(mgr, unreadable, what)
+      return step, result
+    reason = failed[0][1]
+    if len(verdicts) > 1:
+      reason += f" (on process{'es' if len(failed) > 1 else ''} "
+      reason += ", ".join(str(i) for i, _ in failed) + ")"
+    unreadable.append((step, reason))
+  if not unreadable:
+    raise CheckpointError(f"{what}: no checkpoint in {mgr.directory}")
+  raise CheckpointError(f"{what}: no checkpoint in {mgr.directory} can be read (none moved): "
+                        + "; ".join(reason for _, reason in unreadable))
+
+
+def _move_all_aside(mgr, unreadable: list[tuple[int, str]], what: str) -> None:
+  """Process 0 moves the unreadable steps aside; every process then reloads the step list."""
+  if not unreadable:
+    return
+  verdict = (READ, "")
+  for step, reason in unreadable:
+    if jax.process_index() != 0:
+      log.warning("%s: %s; process 0 moves it aside", what, reason)
+      continue
+    try:
+      moved = move_aside(str(mgr.directory), step)
+    except Exception as e:  # pylint: disable=broad-exception-caught  (gcsfs's are not OSErrors)
+      verdict = (UNREADABLE, f"{what}: {reason}; moving it aside failed: {cause(e)}")
+      break
+    log.warning("%s: %s; moved to %s", what, reason, moved)
+  verdicts = _gathered(*verdict)  # also the barrier: no process lists the steps before the moves
+  if verdicts[0][0] != READ:
+    raise StorageError(verdicts[0][1])
+  mgr.reload()
+
+
+def _gathered(status: int, message: str) -> list[tuple[int, str]]:
+  """Every process's (status, message), in process order. A collective: every process calls it
+  the same number of times. The messages (cut to MESSAGE_BYTES) travel only when a status is
+  not READ."""
+  if jax.process_count() == 1:
+    return [(status, message)]
+  statuses = multihost_utils.process_allgather(np.int32(status))
+  if not statuses.any():
+    return [(READ, "")] * len(statuses)
+  data = np.zeros(MESSAGE_BYTES, np.uint8)
+  encoded = message.encode()[:MESSAGE_BYTES]
+  data[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+  messages = multihost_utils.process_allgather(data)
+  return [(int(s), bytes(m).rstrip(b"\0").decode(errors="replace"))
+          for s, m in zip(statuses, messages)]

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from instance_loss_jax import backbone, checkpoint, inference, paths, sharding, writer
+from instance_loss_jax import backbone, checkpoint, faults, inference, paths, sharding, writer
 from instance_loss_jax import training
 from instance_loss_jax.config import ConfigError, input_convention, run_config, validate_config
 from instance_loss_jax.data import pipeline, records
@@ -84,7 +84,7 @@ def initial_state(config, workdir: str, mgr, source, meta, table, steps_per_epoc
       return checkpoint.restore_state(mgr, step, template)
 
     # An unreadable newest checkpoint is moved aside and the one before it taken.
-    step, state = checkpoint.newest_readable(mgr, resume, what)
+    step, state = faults.newest_readable(mgr, resume, what)
     log.info("resuming from %s step %d", workdir, step)
     return state, step
   loaded, scopes = None, ()
@@ -98,7 +98,7 @@ def initial_state(config, workdir: str, mgr, source, meta, table, steps_per_epoc
       checkpoint.checked_step(source, meta, step, what=what, keys=("num_classes", "vocab"))
       return checkpoint.restore_variables(source, step)
 
-    step, loaded = checkpoint.newest_readable(source, initialise, what)
+    step, loaded = faults.newest_readable(source, initialise, what)
     name = f"{config.init_from} step {step}"
   elif config.backbone_init:
     _, ported = backbone.load_backbone(config.backbone_init)

@@ -1,12 +1,14 @@
 """Storage faults met with one line and no lost work: a disk that fills during a checkpoint save
 (a real tmpfs, filled for real), and a newest checkpoint whose data files are truncated or
-deleted (resume moves it aside and goes on from the one before; readers name it). A run that
+deleted (resume moves it aside and goes on from the one before; readers name it), also where
+only one of two processes cannot read its shards of it (both go on from the same step). A run that
 met a fault must end with the uninterrupted run's variables, bit for bit (so with its
 evaluation too)."""
 
 import errno
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -170,7 +172,7 @@ def test_an_unreadable_newest_checkpoint_is_named_moved_aside_and_resume_goes_on
   # init_from (Stage II from this run) reads through the same function, with its own reader.
   damage(workdir, STEPS, how)
   source = checkpoint.reader(workdir)
-  step, _ = checkpoint.newest_readable(
+  step, _ = faults.newest_readable(
       source, lambda step: checkpoint.restore_variables(source, step), f"init_from={workdir}")
   assert step == 12
   assert steps_in(workdir) == sorted(["8", "12", aside, f"{aside}.2"])
@@ -181,8 +183,42 @@ def test_an_unreadable_newest_checkpoint_is_named_moved_aside_and_resume_goes_on
 
   with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be read \(none moved\): "
                      r"step 12: unreadable"):
-    checkpoint.newest_readable(source, never, "resuming")
+    faults.newest_readable(source, never, "resuming")
   assert "12" in steps_in(workdir)
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_the_step_when_one_cannot_read_its_shards(
+    data_dir, tmp_path):  # noqa: F811
+  # Each process reads only its own shards: a damaged file of process 1's leaves process 0
+  # able to read the newest checkpoint. Both must go on from the step before, the same one,
+  # and end as the uninterrupted two-process run did (tests/multiprocess_faults_worker.py).
+  worker = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        "multiprocess_faults_worker.py")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  workers = [subprocess.Popen([sys.executable, worker, port, str(i), data_dir, str(tmp_path)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+  outs, errs = [], []
+  for p in workers:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    outs.append(out)
+    errs.append(err)
+  assert "same" in outs[0].split("\n"), outs[0][-3000:]
+  damaged = str(tmp_path / "damaged")
+  aside = f"{STEPS}{faults.UNREADABLE_SUFFIX}"
+  assert steps_in(damaged) == sorted(["8", "12", str(STEPS), aside])
+  # One line on each process, with the reason that only process 1 has.
+  said = [[line for line in err.splitlines() if "cannot be read" in line] for err in errs]
+  assert [len(lines) for lines in said] == [1, 1], errs[0][-3000:]
+  prefix = f"resuming {damaged}: checkpoint {damaged}/checkpoints/{STEPS} cannot be read: "
+  for lines, ending in zip(said, (f"(on process 1); moved to {damaged}/checkpoints/{aside}",
+                                  "(on process 1); process 0 moves it aside")):
+    assert prefix in lines[0] and lines[0].endswith(ending), lines[0]
 
 
 def test_the_cause_is_the_operating_systems_words_else_the_first_line(tmp_path):
