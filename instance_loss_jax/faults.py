@@ -25,8 +25,9 @@ MESSAGE_BYTES = 1024  # of each process's reason, as gathered
 
 
 def cause(error: BaseException) -> str:
-  """The reason under an error from Orbax or TensorStore: the operating system's words where
-  an errno is given ('No space left on device', 'Permission denied'), else the first line."""
+  """The reason under an error from Orbax, TensorStore or gcsfs: the operating system's words
+  where an errno is given ('No space left on device', 'Permission denied'), else the first
+  line (and the object store's explanation under gcsfs's status line)."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
@@ -38,7 +39,12 @@ def cause(error: BaseException) -> str:
     if error.__cause__ is None and error.__context__ is None:
       break
     error = error.__cause__ or error.__context__
-  lines = str(error).strip().splitlines() or [type(error).__name__]
+  lines = [line for line in str(error).strip().splitlines() if line.strip()]
+  if not lines:
+    return type(error).__name__
+  if isinstance(error, OSError) and len(lines) > 1:
+    # gcsfs's form, "Forbidden: <request URL>" over the store's own words: keep both.
+    return f"{lines[0]}: {lines[1]}"[:400]
   return lines[0][:300]
 
 

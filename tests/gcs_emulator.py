@@ -11,6 +11,10 @@ differences from its released behaviour, both toward what GCS itself does:
 - objects.move (`POST .../o/SRC/moveTo/o/DST`, what gcsfs renames with), as a copy and a
   delete: the emulator answers 501, which gcsfs retries with back-off for ~40 s per object
   before it copies and deletes itself.
+
+And one switch for the tests: while a bucket holds an object named DENY_WRITES, every write to
+it (an upload, a copy, a move) is answered 403 with GCS's words, as when the job's account
+loses write access during a run; reads and deletes still pass, so the test can lift it.
 """
 
 import runpy
@@ -23,6 +27,7 @@ from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
 _download = objects.download
+DENY_WRITES = ".deny-writes"
 
 
 def _download_with_generation(request, response, store, *args, **kwargs):
@@ -47,6 +52,26 @@ def _move(request, response, store, *args, **kwargs):
   response.json(moved)
 
 
+def _unless_denied(handler):
+  def handle(request, response, store, *args, **kwargs):
+    bucket = request.params.get("bucket_name")
+    try:
+      denied = bucket is not None and store.get_file_obj(bucket, DENY_WRITES) is not None
+    except NotFound:
+      denied = False
+    if not denied:
+      return handler(request, response, store, *args, **kwargs)
+    response.status = HTTPStatus.FORBIDDEN
+    message = ("emulator@test.iam.gserviceaccount.com does not have storage.objects.create "
+               "access to the Google Cloud Storage object. Permission 'storage.objects.create' "
+               "denied on resource (or it may not exist).")
+    response.json({"error": {"code": 403, "message": message,
+                             "errors": [{"message": message, "domain": "global",
+                                         "reason": "forbidden"}]}})
+    return None
+  return handle
+
+
 def main():
   storage.Storage._write_config_to_file = lambda self: None  # pylint: disable=protected-access
   # objects.get calls the module's `download` for alt=media; the /download route holds the
@@ -56,10 +81,13 @@ def main():
       (rf"^{prefix}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
        rf"(?P<dest_object_id>.*[^/]+)$", {server.POST: _move})
       for prefix in (settings.API_ENDPOINT, ""))
-  server.HANDLERS = move_routes + tuple(
-      (route, {method: _download_with_generation if fn is _download else fn
+  server.HANDLERS = tuple(
+      (route, {method: _unless_denied(fn) if method in (server.POST, server.PUT) else fn
                for method, fn in handlers.items()})
-      for route, handlers in server.HANDLERS)
+      for route, handlers in move_routes + tuple(
+          (route, {method: _download_with_generation if fn is _download else fn
+                   for method, fn in handlers.items()})
+          for route, handlers in server.HANDLERS))
   sys.argv[0] = "gcp-storage-emulator"
   runpy.run_module("gcp_storage_emulator", run_name="__main__")
 

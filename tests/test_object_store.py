@@ -15,13 +15,16 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
 import pytest
 
 from instance_loss_jax import checkpoint, faults, sharding, trainer, writer
+from instance_loss_jax.errors import StorageError
 
+from gcs_emulator import DENY_WRITES
 from helpers import xla_flags
 from test_training import (  # noqa: F401  (data_dir: a fixture)
     ROOT, data_dir, flags_for, small_config, small_overrides)
@@ -237,3 +240,44 @@ def test_an_unreadable_checkpoint_is_moved_aside_on_gcs(emulator):
   moved = sorted(str(p.relative_to(epath.Path(root))) for p in files(epath.Path(root)))
   assert moved == ["40/state/_METADATA", "60.unreadable/meta/metadata",
                    "60.unreadable/state/_METADATA", "60.unreadable/state/d/0"]
+
+
+def test_a_save_the_store_refuses_stops_with_one_line_and_the_older_steps_stay(emulator):
+  # GCS refuses the writes of step 2 (403: the job's account lost write access during the run,
+  # tests/gcs_emulator.py's switch). One line names the step, the directory and the cause; step
+  # 1 still reads, no part of step 2 is taken for a step, and once writes are allowed again the
+  # same save goes through from a new writer (the same command run again).
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  workdir = f"gs://{BUCKET}/refused"
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def state(value):
+    return types.SimpleNamespace(
+        params={"w": jax.device_put(np.full(3, value, np.float32), one)}, batch_stats={},
+        opt_state={}, step=jax.device_put(np.int32(value), one))
+
+  mgr = checkpoint.manager(workdir)
+  checkpoint.save(mgr, 1, state(1), dict(num_classes=3))
+  checkpoint.finish(mgr)
+  deny = epath.Path(f"gs://{BUCKET}/{DENY_WRITES}")
+  deny.write_text("")
+  with pytest.raises(StorageError) as failed:
+    checkpoint.save(mgr, 2, state(2), dict(num_classes=3))
+    checkpoint.finish(mgr)
+  message = str(failed.value)
+  assert message.startswith(f"saving step 2 to {workdir}/checkpoints failed: "), message
+  assert "Forbidden: " in message and "does not have storage.objects.create access" in message, \
+      message
+  assert message.endswith("the checkpoints already written (1) are intact; once it is mended, "
+                          "the same command resumes"), message
+  assert "\n" not in message and "MiB free" not in message  # no free space to read on a store
+  deny.unlink()
+  assert checkpoint.reader(workdir).all_steps() == [1]
+  assert checkpoint.restore_variables(checkpoint.reader(workdir), 1)["params"]["w"].tolist() == [
+      1.0] * 3
+  mgr = checkpoint.manager(workdir)
+  checkpoint.save(mgr, 2, state(2), dict(num_classes=3))
+  checkpoint.finish(mgr)
+  assert checkpoint.reader(workdir).all_steps() == [1, 2]
+  assert checkpoint.restore_variables(checkpoint.reader(workdir), 2)["params"]["w"].tolist() == [
+      2.0] * 3

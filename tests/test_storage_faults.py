@@ -227,6 +227,11 @@ def test_the_cause_is_the_operating_systems_words_else_the_first_line(tmp_path):
   quota = ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x\": Failed to write 8 "
                      "bytes [os_error_code='122']")
   assert faults.cause(quota) == os.strerror(122)  # "Disk quota exceeded"
+  # gcsfs: a status line over the store's own words, both kept.
+  refused = OSError("Forbidden: http://store/upload/b/bucket/o?name=run%2F8\nsa@p.iam does not "
+                    "have storage.objects.create access")
+  assert faults.cause(refused) == ("Forbidden: http://store/upload/b/bucket/o?name=run%2F8: "
+                                   "sa@p.iam does not have storage.objects.create access")
   try:
     try:
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
