@@ -6,6 +6,7 @@ met a fault must end with the uninterrupted run's variables, bit for bit (so wit
 evaluation too)."""
 
 import errno
+import logging
 import os
 import shutil
 import socket
@@ -169,13 +170,21 @@ def test_an_unreadable_newest_checkpoint_is_named_moved_aside_and_resume_goes_on
   assert any(aside in r.getMessage() and "cannot be read" in r.getMessage()
              for r in caplog.records)
   assert_same_variables(final_variables(workdir), final_variables(straight))
-  # init_from (Stage II from this run) reads through the same function, with its own reader.
+  # Stage II's init_from: the same, from Stage I's workdir (which it only reads otherwise).
   damage(workdir, STEPS, how)
-  source = checkpoint.reader(workdir)
-  step, _ = faults.newest_readable(
-      source, lambda step: checkpoint.restore_variables(source, step), f"init_from={workdir}")
-  assert step == 12
+  caplog.clear()
+  stage2 = str(tmp_path / "stage2")
+  with caplog.at_level(logging.INFO):
+    trainer.train_and_evaluate(small_config("stage2", data_dir, init_from=workdir, **{
+        "optim.schedule": ((1, 1.0),), "eval.at_end": False}), stage2)
   assert steps_in(workdir) == sorted(["8", "12", aside, f"{aside}.2"])
+  said = [r.getMessage() for r in caplog.records]
+  assert any(m.startswith(f"init_from={workdir}: checkpoint {workdir}/checkpoints/{STEPS} "
+                          "cannot be read: ") and m.endswith(f"moved to {workdir}/checkpoints/"
+                                                             f"{aside}.2") for m in said), said
+  assert f"initialised from {workdir} step 12 (fresh optimiser state)" in said
+  assert steps_in(stage2) == ["4"]
+  source = checkpoint.reader(workdir)
 
   # When no step can be read (here: a reader that fails on every one), nothing is moved.
   def never(step):
