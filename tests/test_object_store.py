@@ -9,6 +9,7 @@ Checkpoints are in Orbax's default format (OCDBT), which needs the object genera
 tests/gcs_emulator.py adds to the emulator's downloads.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -264,6 +265,12 @@ def test_a_save_the_store_refuses_stops_with_one_line_and_the_older_steps_stay(e
   with pytest.raises(StorageError) as failed:
     checkpoint.save(mgr, 2, state(2), dict(num_classes=3))
     checkpoint.finish(mgr)
+  # The trainer's process ends here, and with it what the failed save left running (Orbax's
+  # background commit when save() itself raised, its metadata writes): left running in this
+  # process, it would go on writing step 2 once writes are allowed again below, and once (in
+  # the suite, on a loaded machine) finished it.
+  with contextlib.suppress(Exception):
+    mgr.close()  # waits for all of it
   message = str(failed.value)
   assert message.startswith(f"saving step 2 to {workdir}/checkpoints failed: "), message
   assert "Forbidden: " in message and "does not have storage.objects.create access" in message, \
