@@ -60,7 +60,6 @@ LONGEST_FIRST = (
     "trained_run",
     "test_object_store.py::test_two_stages_resume_and_evaluation_on_gcs",
     "test_train_step.py::test_two_processes_match_one_process",
-    "test_storage_faults.py::test_two_processes_agree_on_the_step_when_one_cannot_read_its_shards",
     "saved_on_four",
     "test_train_step.py::test_init_compiled_for_speed_draws_the_same_bits",
     "test_train_step.py::test_bfloat16_computes_in_bfloat16_and_keeps_float32_state",

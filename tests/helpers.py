@@ -45,6 +45,39 @@ def xla_flags(devices: int) -> str:
   return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}".strip()
 
 
+class Processes:
+  """The processes of a multi-process job on this machine, `argv_of(i, port)` each (port: a
+  free one for jax.distributed's coordinator), started at once. Their output goes to files in
+  `logdir`, not pipes: a pipe read only after another process has ended fills up, and the
+  process writing to it stops, holding up the others in their next collective."""
+
+  def __init__(self, argv_of, count: int, logdir):
+    import socket  # pylint: disable=g-import-not-at-top
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each sets its own
+    self._logs = [(os.path.join(logdir, f"process{i}.out"), os.path.join(logdir,
+                                                                         f"process{i}.err"))
+                  for i in range(count)]
+    self._procs = []
+    for i, (out, err) in enumerate(self._logs):
+      with open(out, "w") as stdout, open(err, "w") as stderr:
+        self._procs.append(subprocess.Popen(argv_of(i, port), env=env, stdout=stdout,
+                                            stderr=stderr))
+
+  def wait(self, timeout: float = 600) -> list[tuple[str, str]]:
+    """(stdout, stderr) of each, once all have ended; a process that failed fails the test."""
+    for p in self._procs:
+      p.wait(timeout=timeout)
+    outputs = []
+    for p, (out, err) in zip(self._procs, self._logs):
+      with open(out) as f_out, open(err) as f_err:
+        outputs.append((f_out.read(), f_err.read()))
+      assert p.returncode == 0, outputs[-1][1][-3000:]
+    return outputs
+
+
 def tiny_config(**overrides):
   """A model that trains in seconds on CPU: ResNet-14 of width 4, 32x32 images, a text CNN of
   two stages (one block each; the model's four compile ~1.6x slower), length 8."""

@@ -9,7 +9,6 @@ import errno
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import xla_flags
+from helpers import Processes, xla_flags
 from instance_loss_jax import checkpoint, faults, inference, trainer
 from instance_loss_jax.errors import CheckpointError, StorageError, UnreadableCheckpoint
 from test_training import ROOT, data_dir, flags_for, small_config, small_overrides  # noqa: F401
@@ -204,20 +203,10 @@ def test_two_processes_agree_on_the_step_when_one_cannot_read_its_shards(tmp_pat
   # resumed run's end is the one-process tests' above).
   worker = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                         "multiprocess_faults_worker.py")
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = str(s.getsockname()[1])
   workdir = str(tmp_path / "run")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  workers = [subprocess.Popen([sys.executable, worker, port, str(i), workdir], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-  outs, errs = [], []
-  for p in workers:
-    out, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
-    outs.append(out)
-    errs.append(err)
+  outputs = Processes(lambda i, port: [sys.executable, worker, port, str(i), workdir], 2,
+                      tmp_path).wait()
+  outs, errs = [out for out, _ in outputs], [err for _, err in outputs]
   for out in outs:
     assert "resumed 4 OK" in out.splitlines(), out[-3000:]
   aside = f"8{faults.UNREADABLE_SUFFIX}"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import helpers
-from helpers import random_batch, tiny_config
+from helpers import Processes, random_batch, tiny_config
 from instance_loss_jax import inference, sharding, training as ts
 from instance_loss_jax.errors import BatchError
 from instance_loss_jax.models import build_model
@@ -325,26 +325,15 @@ def test_two_processes_match_one_process(tmp_path):
   """2 processes x 2 CPU devices (jax.distributed over gloo) = this process with 4 devices:
   global arrays assembled from each process's rows, W_share's 13 classes split over 4 devices
   of two processes, Orbax not involved."""
-  import socket
-  import subprocess
   import sys
   worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = str(s.getsockname()[1])
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  workers = [subprocess.Popen([sys.executable, worker, port, str(i), "2", "2",
-                               str(tmp_path / "two.npz")], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+  workers = Processes(lambda i, port: [sys.executable, worker, port, str(i), "2", "2",
+                                       str(tmp_path / "two.npz")], 2, tmp_path)
   # The reference: the worker's config and batches, one process, 4 devices.
   config = tiny_config(**MULTIPROCESS)
   state, _ = run_steps(config, jax.local_devices()[:4],
                        [random_batch(config, seed=s) for s in range(2)])
-  outs = []
-  for p in workers:
-    out, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
-    outs.append(out)
+  outs = [out for out, _ in workers.wait()]
   # The job is one writer: process 0's claim, seen by both; a workdir held by another job is
   # refused on both processes.
   claims = [line.split() for out in outs for line in out.splitlines() if line.startswith("claim")]
