@@ -1,6 +1,6 @@
 """gcp-storage-emulator (PyPI) as tests/test_object_store.py runs it: `python gcs_emulator.py
-start --port N --in-memory --default-bucket B`, the emulator's own command line, with two
-differences from its released behaviour, both toward what GCS itself does:
+start --port N --in-memory --default-bucket B`, the emulator's own command line, with three
+differences from its released behaviour, each toward what GCS itself does:
 
 - Downloads carry `x-goog-generation` and `x-goog-metageneration`, as GCS's do. TensorStore's
   OCDBT driver (Orbax's default checkpoint format) reads an object's generation from them and

@@ -1,6 +1,7 @@
 """Small configs and batches shared by the tests."""
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 
@@ -52,7 +53,6 @@ class Processes:
   process writing to it stops, holding up the others in their next collective."""
 
   def __init__(self, argv_of, count: int, logdir):
-    import socket  # pylint: disable=g-import-not-at-top
     with socket.socket() as s:
       s.bind(("127.0.0.1", 0))
       port = str(s.getsockname()[1])

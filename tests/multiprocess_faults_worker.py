@@ -3,10 +3,11 @@
     python multiprocess_faults_worker.py PORT PROCESS_ID WORKDIR
 
 The two processes (one device each) save checkpoints 4 and 8 of a train state (tiny_config's
-model, random values drawn from the step's number, W_share split over the two devices). Process 0 then
-truncates the data files that process 1 wrote into checkpoint 8: process 1 cannot read its
-shards there, process 0 can read its own. The trainer's resume (`trainer.initial_state`, with
-no step compiled) must then take step 4 on both processes, whole. Prints `resumed STEP OK`.
+model, random values drawn from the step's number, W_share split over the two devices).
+Process 0 then truncates the data files that process 1 wrote into checkpoint 8: process 1
+cannot read its shards there, process 0 can read its own. The trainer's resume
+(`trainer.initial_state`, with no step compiled) must then take step 4 on both processes,
+whole. Prints `resumed STEP OK`.
 """
 
 import logging

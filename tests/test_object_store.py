@@ -265,10 +265,9 @@ def test_a_save_the_store_refuses_stops_with_one_line_and_the_older_steps_stay(e
   with pytest.raises(StorageError) as failed:
     checkpoint.save(mgr, 2, state(2), dict(num_classes=3))
     checkpoint.finish(mgr)
-  # The trainer's process ends here, and with it what the failed save left running (Orbax's
-  # background commit when save() itself raised, its metadata writes): left running in this
-  # process, it would go on writing step 2 once writes are allowed again below, and once (in
-  # the suite, on a loaded machine) finished it.
+  # The trainer's process ends here, and with it whatever the failed save left running: here
+  # it is waited for, so that it cannot go on writing step 2 once writes are allowed again
+  # below. (Once, in the suite, a new writer then found step 2 finalized; benchmarks/RESULTS.md.)
   for _ in range(10):  # each wait raises one failure of that work, once; then it has ended
     with contextlib.suppress(StorageError):
       checkpoint.finish(mgr)
