@@ -46,6 +46,13 @@ def xla_flags(devices: int) -> str:
   return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}".strip()
 
 
+def free_port() -> int:
+  """A TCP port on localhost that nothing listens on now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
 class Processes:
   """The processes of a multi-process job on this machine, `argv_of(i, port)` each (port: a
   free one for jax.distributed's coordinator), started at once. Their output goes to files in
@@ -53,9 +60,7 @@ class Processes:
   process writing to it stops, holding up the others in their next collective."""
 
   def __init__(self, argv_of, count: int, logdir):
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      port = str(s.getsockname()[1])
+    port = str(free_port())
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each sets its own
     self._logs = [(os.path.join(logdir, f"process{i}.out"), os.path.join(logdir,
                                                                          f"process{i}.err"))

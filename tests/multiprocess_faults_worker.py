@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from helpers import tiny_config  # noqa: E402
 from instance_loss_jax import checkpoint, sharding, trainer, training  # noqa: E402
+from test_storage_faults import damage  # noqa: E402
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 STEPS_PER_EPOCH = 10
@@ -62,12 +63,7 @@ for step in (4, 8):
   checkpoint.save(mgr, step, filled(step), meta)
   checkpoint.finish(mgr)
 if process_id == 0:
-  state_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIR, "8", "state")
-  data = [os.path.join(root, f) for root, _, files in os.walk(state_dir) for f in files
-          if os.path.basename(root) == "d" and "process_1" in root]
-  assert data, sorted(os.walk(state_dir))
-  for path in data:
-    os.truncate(path, os.path.getsize(path) // 2)
+  damage(workdir, 8, "truncated", writer=1)
 multihost_utils.sync_global_devices("damaged")
 state, start = trainer.initial_state(config, workdir, mgr, None, meta, None, STEPS_PER_EPOCH,
                                      mesh)

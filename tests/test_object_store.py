@@ -26,7 +26,7 @@ from instance_loss_jax import checkpoint, faults, sharding, trainer, writer
 from instance_loss_jax.errors import StorageError
 
 from gcs_emulator import DENY_WRITES
-from helpers import xla_flags
+from helpers import free_port, xla_flags
 from test_training import (  # noqa: F401  (data_dir: a fixture)
     ROOT, data_dir, flags_for, small_config, small_overrides)
 
@@ -35,17 +35,11 @@ BUCKET = "bucket"
 _EMULATOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator.py")
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def emulator():
   """The emulator's environment for this process and its children."""
   pytest.importorskip("gcsfs")
-  port = _free_port()
+  port = free_port()
   proc = subprocess.Popen(
       [sys.executable, _EMULATOR, "start", "--port", str(port), "--in-memory",
        "--default-bucket", BUCKET], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -136,11 +136,13 @@ def test_the_binary_reports_a_failed_save_in_one_line(data_dir, tmpfs):  # noqa:
   assert set(steps_in(workdir)) <= {"4.orbax-checkpoint-tmp"}  # no step to a reader
 
 
-def damage(workdir: str, step: int, how: str) -> None:
-  """Truncates to half, or deletes, every OCDBT data file of a checkpoint's arrays."""
+def damage(workdir: str, step: int, how: str, writer: int | None = None) -> None:
+  """Truncates to half, or deletes, every OCDBT data file of a checkpoint's arrays (with
+  `writer`: only those that process wrote)."""
   pattern = os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step), "state")
   data = [os.path.join(root, f) for root, _, files in os.walk(pattern) for f in files
-          if os.path.basename(root) == "d"]
+          if os.path.basename(root) == "d"
+          and (writer is None or f"ocdbt.process_{writer}" in root)]
   assert data, pattern
   for path in data:
     if how == "truncated":
