@@ -80,18 +80,18 @@ class ResNet(nn.Module):
 
 
 class TextBottleneck(nn.Module):
-  def __init__(self, cin, mid, out, stride, momentum):
+  def __init__(self, cin, mid, out, stride, momentum, eps):
     super().__init__()
     self.conv1 = nn.Conv1d(cin, mid, 1, bias=False)
-    self.bn1 = _bn(mid, momentum, dims=1)
+    self.bn1 = _bn(mid, momentum, eps, dims=1)
     self.conv2 = nn.Conv1d(mid, mid, 2, stride, bias=False)  # after a one-zero left pad
-    self.bn2 = _bn(mid, momentum, dims=1)
+    self.bn2 = _bn(mid, momentum, eps, dims=1)
     self.conv3 = nn.Conv1d(mid, out, 1, bias=False)
-    self.bn3 = _bn(out, momentum, dims=1)
+    self.bn3 = _bn(out, momentum, eps, dims=1)
     self.proj_conv = self.proj_bn = None
     if cin != out or stride != 1:
       self.proj_conv = nn.Conv1d(cin, out, 1, stride, bias=False)
-      self.proj_bn = _bn(out, momentum, dims=1)
+      self.proj_bn = _bn(out, momentum, eps, dims=1)
 
   def forward(self, x):
     y = F.relu(self.bn1(self.conv1(x)))
@@ -108,13 +108,14 @@ class TextCNN(nn.Module):
     t = m.text
     self.embedding = nn.Parameter(torch.randn(t.vocab_size, t.word_dim) * 0.1)
     self.embedding_bias = nn.Parameter(torch.zeros(t.word_dim))
-    self.embedding_bn = _bn(t.word_dim, m.bn_momentum, dims=1)
+    self.embedding_bn = _bn(t.word_dim, m.bn_momentum, t.bn_epsilon, dims=1)
     blocks, cin = {}, t.word_dim
     for stage, n in enumerate(t.blocks):
       for b in range(n):
         mid = t.first_mids[stage] if b == 0 else t.widths[stage] // t.bottleneck_ratio
         blocks[f"stage{stage + 1}_block{b + 1}"] = TextBottleneck(
-            cin, mid, t.widths[stage], t.strides[stage] if b == 0 else 1, m.bn_momentum)
+            cin, mid, t.widths[stage], t.strides[stage] if b == 0 else 1, m.bn_momentum,
+            t.bn_epsilon)
         cin = t.widths[stage]
     self.blocks = nn.ModuleDict(blocks)
     self.pooling = t.pooling
@@ -128,12 +129,12 @@ class TextCNN(nn.Module):
 
 
 class Head(nn.Module):
-  def __init__(self, in_dim, dim, num_layers, momentum):
+  def __init__(self, in_dim, dim, num_layers, momentum, eps):
     super().__init__()
     self.layers = nn.ModuleList()
     for i in range(num_layers):
       self.layers.append(nn.Linear(in_dim if i == 0 else dim, dim, bias=False))
-      self.layers.append(_bn(dim, momentum, dims=1))
+      self.layers.append(_bn(dim, momentum, eps, dims=1))
       self.layers.append(nn.ReLU())
 
   def forward(self, x):
@@ -150,8 +151,10 @@ class DualPath(nn.Module):
     m = config.model
     self.backbone = ResNet(m)
     self.text_encoder = TextCNN(m)
-    self.image_head = Head(32 * m.image.width, m.embed_dim, m.image_head_layers, m.bn_momentum)
-    self.text_head = Head(m.text.widths[-1], m.embed_dim, m.text_head_layers, m.bn_momentum)
+    self.image_head = Head(32 * m.image.width, m.embed_dim, m.image_head_layers, m.bn_momentum,
+                           m.head_bn_epsilon)
+    self.text_head = Head(m.text.widths[-1], m.embed_dim, m.text_head_layers, m.bn_momentum,
+                          m.head_bn_epsilon)
     self.w_share = nn.Linear(m.embed_dim, config.num_classes)
     self.dropout = nn.Dropout(m.dropout)
     self.freeze_backbone = config.freeze_backbone

@@ -23,6 +23,7 @@ from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint._src.serialization import type_handler_registry
 
 from instance_loss_jax import faults, paths, sharding
+from instance_loss_jax import config as config_lib
 from instance_loss_jax.config import input_convention
 from instance_loss_jax.errors import CheckpointError, UnreadableCheckpoint
 
@@ -65,9 +66,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   if not paths.path(path).exists():
     raise CheckpointError(f"{path}: no such file (is {workdir} a training run's workdir?)")
   try:
-    return ml_collections.ConfigDict(json.loads(paths.path(path).read_text()))
+    recorded = json.loads(paths.path(path).read_text())
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path}: not a run config ({e})") from None
+  return ml_collections.ConfigDict(config_lib.with_recorded_defaults(recorded))
 
 
 def reader(workdir: str) -> ocp.CheckpointManager | None:
@@ -193,7 +195,8 @@ def best_step(mgr: ocp.CheckpointManager) -> int | None:
 
 def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   with _reading(mgr, step):
-    return _restore_item(mgr, step, "meta", ocp.JsonCheckpointHandler(), ocp.args.JsonRestore())
+    meta = _restore_item(mgr, step, "meta", ocp.JsonCheckpointHandler(), ocp.args.JsonRestore())
+  return config_lib.with_recorded_defaults(meta)
 
 
 def _restore_item(mgr: ocp.CheckpointManager, step: int, item: str, handler, args):

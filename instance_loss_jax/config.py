@@ -129,9 +129,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.text.strides = (1, 2, 2, 1)
   c.model.text.bottleneck_ratio = 4  # later blocks: width -> width / ratio -> width
   c.model.text.pooling = "max"
+  # BatchNorm epsilon of the text CNN, and of both heads (model.head_bn_epsilon): the authors'
+  # 1e-3, the default of their own BatchNorm class (matlab/+dagnn/BatchNorm.m in
+  # layumi/Image-Text-Embedding), which every BN their network files create has; the ImageNet
+  # ResNet keeps its own (model.image.bn_epsilon). Runs recorded before this field: 1e-5.
+  c.model.text.bn_epsilon = 1e-3
   c.model.embed_dim = 2048
   c.model.image_head_layers = 2  # original: fc-BN-ReLU twice on images, once on text
   c.model.text_head_layers = 1
+  c.model.head_bn_epsilon = 1e-3  # as model.text.bn_epsilon
   c.model.dropout = 0.75  # drop probability
   c.model.w_share_init_scale = 0.1  # W_share = He init x 0.1, as in the original
   # W_share's bias: the authors' Flickr30k and CUHK-PEDES models have one, their MSCOCO model
@@ -221,6 +227,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.reference_batch = 32
   c.optim.lr_batch_rule = "none"
   return c
+
+
+# Fields added after runs were recorded without them, with the value those runs were built with:
+# a run's config.json and its checkpoints' meta read as the run was trained.
+RECORDED_BEFORE = {"model.text.bn_epsilon": 1e-5, "model.head_bn_epsilon": 1e-5}
+
+
+def with_recorded_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
+  """`recorded` (a run's config as a dict, or a checkpoint meta: both hold `model`) with each
+  field of RECORDED_BEFORE that it lacks set to the value its run was built with."""
+  for key, value in RECORDED_BEFORE.items():
+    node, *parents, leaf = [recorded] + key.split(".")
+    for p in parents:
+      node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict) and leaf not in node:
+      node[leaf] = value
+  return recorded
 
 
 def set_stage(c: ml_collections.ConfigDict, stage: str | int) -> ml_collections.ConfigDict:

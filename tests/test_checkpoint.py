@@ -109,3 +109,19 @@ def test_readers_read_only_the_variables_they_use(tmp_path):
                                                                             "params"]
   np.testing.assert_array_equal(without["params"]["text_head"]["kernel"], head)
   np.testing.assert_array_equal(without["batch_stats"]["text_head"]["mean"], np.arange(4))
+
+
+def test_a_run_recorded_before_the_text_and_head_epsilons_reads_as_it_was_trained(tmp_path):
+  """Runs recorded before model.text.bn_epsilon / model.head_bn_epsilon were trained with 1e-5;
+  today's default is the authors' 1e-3. A recorded value is kept."""
+  import json
+  from helpers import tiny_config
+  from instance_loss_jax.config import with_recorded_defaults
+  recorded = json.loads(tiny_config().to_json())
+  del recorded["model"]["text"]["bn_epsilon"], recorded["model"]["head_bn_epsilon"]
+  (tmp_path / "config.json").write_text(json.dumps(recorded))
+  config = checkpoint.read_config(str(tmp_path))
+  assert (config.model.text.bn_epsilon, config.model.head_bn_epsilon) == (1e-5, 1e-5)
+  assert config.model.image.bn_epsilon == 1e-5 and tiny_config().model.head_bn_epsilon == 1e-3
+  meta = with_recorded_defaults({"model": {"text": {"bn_epsilon": 2e-3}}})
+  assert meta == {"model": {"text": {"bn_epsilon": 2e-3}, "head_bn_epsilon": 1e-5}}

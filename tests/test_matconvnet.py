@@ -49,14 +49,14 @@ class DagBuilder:
         size=np.array(size, np.float64), hasBias=bias, pad=np.array(pad, np.float64),
         stride=np.array([stride, stride], np.float64), dilate=np.array([1.0, 1.0]), opts=[]))
 
-  def bn(self, name, x, c, mult=(0.5, 1.5), sigma=(0.05, 1.5)):
+  def bn(self, name, x, c, mult=(0.5, 1.5), sigma=(0.05, 1.5), epsilon=1e-5):
     # [mu, sigma]; sigmas down to 0.05, where an epsilon added twice (1e-5 / 0.05^2 = 0.4%) shows
     moments = np.stack([self.rng.normal(0, 0.2, c), self.rng.uniform(*sigma, c)], 1)
     return self.layer(name, "BatchNorm", [x], [name],
                       [self.param(f"{name}_mult", self.rng.uniform(*mult, c)),
                        self.param(f"{name}_bias", self.rng.normal(0, 0.1, c)),
                        self.param(f"{name}_moments", moments)],
-                      dict(numChannels=float(c), epsilon=1e-5, opts=["NoCuDNN"]))
+                      dict(numChannels=float(c), epsilon=epsilon, opts=["NoCuDNN"]))
 
   def relu(self, name, x):
     return self.layer(name, "ReLU", [x], [name], [], dict(useShortCircuit=True, leak=0.0,

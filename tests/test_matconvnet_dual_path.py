@@ -23,10 +23,17 @@ TEXT = dict(blocks=(1, 2, 1, 1), widths=(16, 32, 32, 64), first_mids=(8, 32, 32,
             strides=(1, 2, 2, 1), ratio=4)
 
 
-def authors_model(rng, image_head_layers=2, vocab=VOCAB, classes=CLASSES, share_bias=True):
-  """Their Stage I graph: Caffe ResNet (depth 14, width 4) to pool5, image head (fc1, fc1_1),
-  the text CNN over a one-hot `data2`, its head (fc5_2), and W_share shared by fc_img and
-  fc_txt (params fcsharef, fcshareb)."""
+# Their BatchNorm class (matlab/+dagnn/BatchNorm.m of layumi/Image-Text-Embedding) defaults to
+# epsilon 1e-3: every BN of their network files has it; the ImageNet ResNet's keep 1e-5.
+AUTHORS_EPSILON = 1e-3
+
+
+def authors_model(rng, image_head_layers=2, vocab=VOCAB, classes=CLASSES, share_bias=True,
+                  epsilons=None):
+  """Their Stage I graph: Caffe ResNet (depth 14, width 4, BN epsilon 1e-5) to pool5, image
+  head (fc1, fc1_1), the text CNN over a one-hot `data2`, its head (fc5_2), and W_share shared
+  by fc_img and fc_txt (params fcsharef, fcshareb). Their BNs have epsilon 1e-3, or
+  `epsilons[name]` for the BN layers it names."""
   net = dagnn_resnet(14, 4, rng)
   net["layers"] = [e for e in net["layers"] if e["name"] not in ("fc1000", "prob")]
   net["params"] = [p for p in net["params"] if not p["name"].startswith("fc1000")]
@@ -35,7 +42,10 @@ def authors_model(rng, image_head_layers=2, vocab=VOCAB, classes=CLASSES, share_
                                        build.dropout)
 
   def bn(name, x, c, mult=(0.5, 1.5)):
-    return build.bn(name, x, c, mult, sigma=(0.3, 1.5))
+    # sigmas from 0.1: an epsilon of 1e-3 converted wrongly (var = sigma^2 - 1e-5) moves a
+    # feature by up to 1e-3 / 0.1^2 / 2 = 5%.
+    return build.bn(name, x, c, mult, sigma=(0.1, 1.5),
+                    epsilon=(epsilons or {}).get(name, AUTHORS_EPSILON))
 
   # Image head: pool5 (128 channels) -> fc1 -> ... -> dropout.
   x, cin = "pool5", 128
@@ -89,6 +99,7 @@ def our_model(facts):
       "model.text.max_len": facts["max_len"], "model.embed_dim": facts["embed_dim"],
       "model.image_head_layers": facts["image_head_layers"],
       "model.text_head_layers": facts["text_head_layers"], "model.dropout": facts["dropout"],
+      "model.head_bn_epsilon": facts["head_bn_epsilon"],
       "model.w_share_bias": facts["w_share_bias"], "image_size": 64})
   return build_model(config)
 
@@ -102,11 +113,14 @@ def one_hot(tokens, vocab=VOCAB):
   return out[:, None]
 
 
-@pytest.mark.parametrize("save,share_bias", [(save_v5, True), (save_v73, False)],
-                         ids=["v5", "v7.3-mscoco"])
-def test_authors_model_gives_their_features(save, share_bias, tmp_path):
+@pytest.mark.parametrize("save,share_bias,epsilons", [
+    (save_v5, True, None), (save_v73, False, None),
+    # Not theirs: one text BN and one head BN at another epsilon; each converts exactly, and
+    # the model takes the smallest of each part.
+    (save_v5, True, {"t2_2_2bn": 1e-5, "fc1bn": 1e-2})], ids=["v5", "v7.3-mscoco", "mixed"])
+def test_authors_model_gives_their_features(save, share_bias, epsilons, tmp_path):
   rng = np.random.default_rng(0)
-  net = authors_model(rng, share_bias=share_bias)
+  net = authors_model(rng, share_bias=share_bias, epsilons=epsilons)
   path = str(tmp_path / "net-epoch-1.mat")
   save(path, {"net": net, "state": {"epoch": 1.0}})  # a training snapshot: the DagNN in `net`
   variables, facts, unused = dual_path.dual_path_variables(matconvnet.read_dagnn(path))
@@ -116,7 +130,8 @@ def test_authors_model_gives_their_features(save, share_bias, tmp_path):
   assert facts["text"] == dict(blocks=TEXT["blocks"], widths=TEXT["widths"],
                                first_mids=TEXT["first_mids"], strides=TEXT["strides"],
                                bottleneck_ratio=4, vocab_size=VOCAB + 1, word_dim=WORD_DIM,
-                               pooling="max")
+                               pooling="max", bn_epsilon=1e-5 if epsilons else 1e-3)
+  assert facts["head_bn_epsilon"] == 1e-3
   assert (facts["embed_dim"], facts["num_classes"], facts["max_len"], facts["dropout"],
           facts["w_share_bias"]) == (EMBED, CLASSES, MAX_LEN, 0.75, share_bias)
   model = our_model(facts)

@@ -35,6 +35,7 @@ def config_overrides(facts: dict[str, Any]) -> dict[str, Any]:
   out.update({"model.text.max_len": facts["max_len"], "model.embed_dim": facts["embed_dim"],
               "model.image_head_layers": facts["image_head_layers"],
               "model.text_head_layers": facts["text_head_layers"],
+              "model.head_bn_epsilon": facts["head_bn_epsilon"],
               "model.dropout": facts["dropout"], "model.w_share_bias": facts["w_share_bias"],
               "data.tokenizer": "original",
               # Their test code (test/extract_pic_feature_word2_plus_52.m) sums a caption's

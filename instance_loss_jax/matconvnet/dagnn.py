@@ -217,7 +217,7 @@ class GraphWalk:
     self.used: set[str] = set()
     self.params: dict[str, Any] = {}
     self.stats: dict[str, Any] = {}
-    self.epsilons: set[float] = set()
+    self.epsilons: dict[str, float] = {}  # BatchNorm path -> the layer's epsilon
 
   def next_layers(self, var: str) -> list[Layer]:
     return self.consumers.get(var, [])
@@ -229,15 +229,11 @@ class GraphWalk:
     dag = self.dag
     kernel = dag.param(conv, 0)
     bn = only(dag, self.next_layers(conv.outputs[0]), "BatchNorm", conv.name)
-    mult, bias, moments = (dag.param(bn, i) for i in range(3))
-    moments = moments.reshape(-1, 2, order="F") if moments.ndim == 1 else moments
-    mean, sigma = moments[:, 0], moments[:, 1]
-    epsilon = float(bn.block.get("epsilon", 1e-5))
-    self.epsilons.add(epsilon)
+    shift = None
     if bool(conv.block.get("hasBias", len(conv.params) > 1)) and len(conv.params) > 1:
-      mean = mean - dag.param(conv, 1).ravel()  # BN(conv(x) + c): the mean moves by c, exactly
+      shift = dag.param(conv, 1).ravel()  # BN(conv(x) + c): the mean moves by c, exactly
       self.used.add(conv.params[1])
-    self.used.update(conv.params[:1] + bn.params[:3])
+    self.used.update(conv.params[:1])
     # The reader squeezes singleton dimensions (a 1x1 conv's [1 1 Cin Cout]): the block's
     # `size` restores MatConvNet's [H W Cin Cout], which is our HWIO.
     size = tuple(int(v) for v in np.atleast_1d(conv.block.get("size", kernel.shape)))
@@ -245,11 +241,43 @@ class GraphWalk:
       raise BackboneError(f"{dag.source}: {conv.name}'s filter has {kernel.size} values, its "
                           f"size is {list(size)}")
     _put(self.params, ours, dict(kernel=kernel.reshape(shape or size)))
+    return self.batch_norm(bn, bn_name, shift)
+
+  def batch_norm(self, bn: Layer, bn_name: str, mean_shift=None) -> str:
+    """Stores BatchNorm `bn` as ours at `bn_name` (its input's mean less `mean_shift`, a bias
+    folded in); returns its output variable. Its epsilon, read from the layer, is recorded in
+    `epsilons` (MatConvNet's own class defaults to 1e-4, the authors' override to 1e-3)."""
+    dag = self.dag
+    mult, bias, moments = (dag.param(bn, i) for i in range(3))
+    moments = moments.reshape(-1, 2, order="F") if moments.ndim == 1 else moments
+    mean, sigma = moments[:, 0], moments[:, 1]
+    if mean_shift is not None:
+      mean = mean - mean_shift
+    epsilon = float(bn.block.get("epsilon", 1e-4))
+    self.epsilons[bn_name] = epsilon
+    self.used.update(bn.params[:3])
     # MatConvNet's test-mode BN divides by the stored sigma (= sqrt(var + epsilon), no epsilon
     # added again); ours by sqrt(var + epsilon): var = sigma^2 - epsilon gives the same sigma.
+    # `use_epsilon` converts to another epsilon, exactly.
     _put(self.params, bn_name, dict(scale=mult.ravel(), bias=bias.ravel()))
     _put(self.stats, bn_name, dict(mean=mean, var=sigma.astype(np.float64) ** 2 - epsilon))
     return bn.outputs[0]
+
+  def use_epsilon(self, *scopes: str) -> float | None:
+    """One epsilon for the BatchNorms under `scopes` (what our model's layers there share):
+    theirs when they agree, else the smallest (sigma^2 >= each layer's own epsilon, so every
+    variance stays >= 0). The stored variances are converted to it, exactly: test mode divides
+    by the stored sigma whatever the epsilon. None when no BatchNorm lies there."""
+    found = {k: v for k, v in self.epsilons.items() if k.split("/")[0] in scopes}
+    if not found:
+      return None
+    epsilon = min(found.values())
+    for name, own in found.items():
+      node = self.stats
+      for part in name.split("/"):
+        node = node[part]
+      node["var"] = (node["var"].astype(np.float64) + own - epsilon).astype(np.float32)
+    return epsilon
 
   def relu(self, var: str, after: str) -> str:
     return only(self.dag, self.next_layers(var), "ReLU", after).outputs[0]
@@ -351,12 +379,13 @@ def walk_resnet(walk: GraphWalk, input_var: str | None = None) -> tuple[dict[str
   if depth is None:
     raise BackboneError(f"{dag.source}: blocks per stage {blocks} match no ResNet "
                         f"({dict(STAGE_SIZES)})")
-  if len(set(strides)) > 1 or len(walk.epsilons) > 1:
+  epsilons = sorted(set(walk.epsilons.values()))
+  if len(set(strides)) > 1 or len(epsilons) > 1:
     raise BackboneError(f"{dag.source}: mixed stride placements {strides} or BN epsilons "
-                        f"{sorted(walk.epsilons)}")
+                        f"{epsilons}")
   width = int(walk.params["stem_conv"]["kernel"].shape[-1])
   facts = dict(depth=depth, width=width, stride_variant=strides[0] if strides else "v1",
-               bn_epsilon=next(iter(walk.epsilons)), stem_pool_pad=stem_pool_pad)
+               bn_epsilon=epsilons[0], stem_pool_pad=stem_pool_pad)
   return facts, x
 
 

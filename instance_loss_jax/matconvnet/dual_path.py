@@ -26,7 +26,6 @@ from instance_loss_jax.matconvnet.dagnn import (
     DagNN, GraphWalk, only, pad_of, pair_of, walk_resnet)
 
 IMAGE_INPUT, TEXT_INPUT = "data", "data2"
-TEXT_BN_EPSILON = 1e-5  # the text CNN's and the heads' (models/text_cnn.py, models/dual_path.py)
 
 
 def _head(walk: GraphWalk, var: str, scope: str) -> tuple[int, float, str, int]:
@@ -107,7 +106,7 @@ def dual_path_variables(dag: DagNN) -> tuple[dict[str, Any], dict[str, Any], lis
   # Image: the ResNet, pool5 (a global average), the head.
   image_facts, x = walk_resnet(walk, IMAGE_INPUT)
   image = {"params": walk.params, "batch_stats": walk.stats}
-  walk.params, walk.stats, walk.epsilons = {}, {}, set()
+  walk.params, walk.stats, walk.epsilons = {}, {}, {}
   pool5 = only(dag, walk.next_layers(x), "Pooling", x)
   image_layers, image_drop, image_out, embed_dim = _head(walk, pool5.outputs[0], "image_head")
   # Text: the embedding (a 1x1 conv with bias over the one-hot input) and its BatchNorm.
@@ -117,18 +116,11 @@ def dual_path_variables(dag: DagNN) -> tuple[dict[str, Any], dict[str, Any], lis
   vocab, word_dim = size[2], size[3]
   walk.used.update(emb.params[:2])
   bn = only(dag, walk.next_layers(emb.outputs[0]), "BatchNorm", emb.name)
-  mult, bn_bias, moments = (dag.param(bn, i) for i in range(3))
-  moments = moments.reshape(-1, 2, order="F") if moments.ndim == 1 else moments
-  epsilon = float(bn.block.get("epsilon", 1e-5))
-  walk.epsilons.add(epsilon)
-  walk.used.update(bn.params[:3])
-  walk.params["text_encoder"] = {
-      "word_embedding": {"embedding": np.concatenate(
-          [np.zeros((1, word_dim), np.float32), table.reshape(vocab, word_dim)]),
-          "bias": bias.reshape(word_dim).astype(np.float32)},
-      "embedding_bn": {"scale": mult.ravel(), "bias": bn_bias.ravel()}}
-  walk.stats["text_encoder"] = {"embedding_bn": {
-      "mean": moments[:, 0], "var": moments[:, 1].astype(np.float64) ** 2 - epsilon}}
+  walk.params["text_encoder"] = {"word_embedding": {
+      "embedding": np.concatenate([np.zeros((1, word_dim), np.float32),
+                                   table.reshape(vocab, word_dim)]),
+      "bias": bias.reshape(word_dim).astype(np.float32)}}
+  walk.batch_norm(bn, "text_encoder/embedding_bn")
   text_facts, y = _text_cnn(walk, bn.outputs[0])
   pool = only(dag, walk.next_layers(y), "Pooling", y)
   pooled_len = pair_of(pool.block, "poolSize")[1]
@@ -149,15 +141,19 @@ def dual_path_variables(dag: DagNN) -> tuple[dict[str, Any], dict[str, Any], lis
   if text_dim != embed_dim or image_drop != text_drop:
     raise BackboneError(f"{dag.source}: heads of widths {embed_dim} / {text_dim}, dropout "
                         f"{image_drop} / {text_drop}: ours has one of each")
-  if walk.epsilons - {TEXT_BN_EPSILON}:
-    raise BackboneError(f"{dag.source}: text and head BatchNorms with epsilon "
-                        f"{sorted(walk.epsilons)}; ours use {TEXT_BN_EPSILON}")
+  # Their BatchNorm class (matlab/+dagnn/BatchNorm.m of their repository) defaults to epsilon
+  # 1e-3: every BN their .m files create has it; the ImageNet ResNet's keep the file's 1e-5.
+  # Our text CNN shares one epsilon, the heads another (model.text.bn_epsilon,
+  # model.head_bn_epsilon): the graph's own, the variances converted exactly where they differ.
+  text_epsilon = walk.use_epsilon("text_encoder")
+  head_epsilon = walk.use_epsilon("image_head", "text_head")
   params = {"backbone": image["params"], **walk.params}
   stats = {"backbone": image["batch_stats"], **walk.stats}
-  text_facts.update(vocab_size=vocab + 1, word_dim=word_dim,
+  text_facts.update(vocab_size=vocab + 1, word_dim=word_dim, bn_epsilon=text_epsilon,
                     pooling="max" if str(pool.block.get("method", "max")) == "max" else "mean")
   facts = dict(image=image_facts, text=text_facts, embed_dim=embed_dim,
                image_head_layers=image_layers, text_head_layers=text_layers,
+               head_bn_epsilon=head_epsilon,
                dropout=image_drop, num_classes=classes, w_share_bias=has_bias,
                max_len=pooled_len * int(np.prod(text_facts["strides"])))
   unused = sorted(set(dag.params) - walk.used)

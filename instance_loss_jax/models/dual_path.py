@@ -29,6 +29,7 @@ class Head(nn.Module):
   dim: int
   num_layers: int
   bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-3
   axis_name: str | None = None
   dtype: Any = jnp.float32  # compute dtype; parameters and BN statistics stay float32
   bn_dtype: Any = None  # BatchNorm's output dtype (default: dtype)
@@ -39,7 +40,7 @@ class Head(nn.Module):
     for i in range(self.num_layers):
       x = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name=f"fc{i + 1}")(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                       axis_name=self.axis_name if train else None,
+                       epsilon=self.bn_epsilon, axis_name=self.axis_name if train else None,
                        dtype=self.bn_dtype or self.dtype, name=f"bn{i + 1}")(x)
       if final_relu or i + 1 < self.num_layers:
         x = nn.relu(x)
@@ -79,11 +80,11 @@ class DualPath(nn.Module):
         vocab_size=t.vocab_size, word_dim=t.word_dim, blocks=tuple(t.blocks),
         widths=tuple(t.widths), first_mids=tuple(t.first_mids), strides=tuple(t.strides),
         bottleneck_ratio=t.bottleneck_ratio, pooling=t.pooling, bn_momentum=m.bn_momentum,
-        axis_name=self.axis_name, dtype=self._dtype("text_cnn"), bn_dtype=bn_dtype)
-    self.image_head = Head(m.embed_dim, m.image_head_layers, m.bn_momentum, self.axis_name,
-                           self._dtype("heads"), bn_dtype)
-    self.text_head = Head(m.embed_dim, m.text_head_layers, m.bn_momentum, self.axis_name,
-                          self._dtype("heads"), bn_dtype)
+        bn_epsilon=t.bn_epsilon, axis_name=self.axis_name, dtype=self._dtype("text_cnn"), bn_dtype=bn_dtype)
+    self.image_head = Head(m.embed_dim, m.image_head_layers, m.bn_momentum,
+                           m.head_bn_epsilon, self.axis_name, self._dtype("heads"), bn_dtype)
+    self.text_head = Head(m.embed_dim, m.text_head_layers, m.bn_momentum, m.head_bn_epsilon,
+                          self.axis_name, self._dtype("heads"), bn_dtype)
     # He init x 0.1 (original): variance 2 / fan_in scaled by 0.1^2.
     self.w_share = nn.Dense(
         self.num_classes, dtype=self._dtype("w_share"), use_bias=m.w_share_bias,

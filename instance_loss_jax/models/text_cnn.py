@@ -69,6 +69,7 @@ class TextCNN(nn.Module):
   bottleneck_ratio: int = 4
   pooling: str = "max"
   bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-3
   axis_name: str | None = None
   dtype: Any = jnp.float32  # compute dtype; parameters and BN statistics stay float32
   bn_dtype: Any = None  # BatchNorm's output dtype (default: dtype)
@@ -76,7 +77,7 @@ class TextCNN(nn.Module):
   @nn.compact
   def __call__(self, tokens, train: bool = False):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum, epsilon=1e-5,
+                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              axis_name=self.axis_name if train else None,
                              dtype=self.bn_dtype or self.dtype)
     x = WordEmbedding(self.vocab_size, self.word_dim, self.dtype, name="word_embedding")(tokens)
