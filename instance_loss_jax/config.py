@@ -203,6 +203,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.features = "original"
   c.eval.block_bytes = 256 << 20  # similarity block size: bounds eval memory
   c.eval.coco_1k_folds = 0  # MSCOCO: 5 (the 1K protocol beside 5K)
+  # Captions scored per image: each image's first N in the file's order, as the field's
+  # Flickr30k and MSCOCO figures (VSE++, SCAN: MSCOCO's Karpathy test split has images with six
+  # or seven sentences, scored five). 0: every caption. Person retrieval (CUHK-PEDES) scores
+  # every caption whatever this says. Training always reads every caption.
+  c.eval.captions_per_image = 5
   # Queries of each kind (best, worst text->image) on the evaluation's HTML page; 0: no page.
   c.eval.gallery_queries = 4
   c.eval.s_bins = 100  # histogram bins over [-1, 1] for the separability indicator S
@@ -229,9 +234,12 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-# Fields added after runs were recorded without them, with the value those runs were built with:
-# a run's config.json and its checkpoints' meta read as the run was trained.
-RECORDED_BEFORE = {"model.text.bn_epsilon": 1e-5, "model.head_bn_epsilon": 1e-5}
+# Fields added after runs were recorded without them, with the value those runs were built and
+# evaluated with: a run's config.json and its checkpoints' meta read as the run was trained
+# (the text CNN's and heads' BatchNorm epsilon), embedded (after the heads' ReLU) and scored
+# (every caption).
+RECORDED_BEFORE = {"model.text.bn_epsilon": 1e-5, "model.head_bn_epsilon": 1e-5,
+                   "eval.features": "after_relu", "eval.captions_per_image": 0}
 
 
 def with_recorded_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
@@ -428,6 +436,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   check(opt.reference_batch >= 1, f"optim.reference_batch={opt.reference_batch}: must be >= 1")
   check(len(opt.schedule) >= 1 and all(len(p) == 2 and p[0] > 0 for p in opt.schedule),
         f"optim.schedule={opt.schedule}: ((epochs > 0, lr factor), ...)")
+  check(cfg.eval.captions_per_image >= 0,
+        f"eval.captions_per_image={cfg.eval.captions_per_image}: >= 0 (0: every caption)")
   check(cfg.eval.every_steps >= 0, f"eval.every_steps={cfg.eval.every_steps}: >= 0 (0: off)")
   check(cfg.eval.final_checkpoint in ("best", "newest"),
         f"eval.final_checkpoint={cfg.eval.final_checkpoint!r}: 'best' or 'newest'")

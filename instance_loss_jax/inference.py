@@ -212,9 +212,6 @@ def load_run(workdir: str, step: int | None = None, *, prefer: str = "best",
   step = checkpoint.resolve_step(mgr, step, prefer, what)
   if config is None:
     config = checkpoint.read_config(workdir)
-    if "features" not in config.eval:  # recorded before the field: embedded after the ReLU
-      with config.unlocked():
-        config.eval.features = "after_relu"
   if overrides:
     config = apply_overrides(config, overrides)
   vocab = Vocabulary.load(workdir)

@@ -26,15 +26,16 @@ def _image(path, k, fmt):
   Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(path, fmt)
 
 
-def write_karpathy(root, splits, coco=False):
-  """dataset_flickr30k.json + flickr30k-images/, or dataset_coco.json + train2014/, val2014/."""
+def write_karpathy(root, splits, coco=False, sentences_of=None):
+  """dataset_flickr30k.json + flickr30k-images/, or dataset_coco.json + train2014/, val2014/.
+  Five sentences an image, or `sentences_of[i]` for image i."""
   images = []
   for i, split in enumerate(splits):
     folder = ("train2014" if split in ("train", "restval") else "val2014") if coco else ""
     name = f"COCO_{folder}_{i:012d}.jpg" if coco else f"{1000 + i}.jpg"
     _image(os.path.join(root, folder or "flickr30k-images", name), i, "JPEG")
     sentences = [dict(tokens=["A", "Dog", str(i), f"w{j}"], raw=f"A Dog {i}, w{j}.",
-                      imgid=i, sentid=5 * i + j) for j in range(5)]
+                      imgid=i, sentid=10 * i + j) for j in range((sentences_of or {}).get(i, 5))]
     if i == 1:  # a sentence with raw text only: the readers tokenize it
       sentences[0] = dict(raw="Raw only, no tokens!")
     entry = dict(filename=name, imgid=i, split=split, sentences=sentences)
@@ -307,3 +308,33 @@ def test_cuhk_pedes_is_person_retrieval_in_both_forms():
     assert config_lib.person_retrieval(config.data) == person
     config.data.format = "cuhk_pedes" if person else "karpathy"  # the files as published
     assert config_lib.person_retrieval(config.data) == person
+
+
+def test_the_evaluation_scores_each_images_first_five_captions_in_both_forms(tmp_path):
+  """MSCOCO's Karpathy test split has images of six and seven sentences; the field scores five
+  (each image's first five in the file's order). The JSON and the prepared records alike; 0
+  scores all; person retrieval scores all."""
+  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax.evaluation.evaluator import scored_records  # pylint: disable=g-import-not-at-top
+  manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
+  json_path, image_root = write_karpathy(manual, ["train", "restval", "test", "test", "test",
+                                                  "val"], coco=True, sentences_of={2: 7, 4: 6})
+  prepare.prepare("mscoco", manual, data_dir, num_shards=1)
+  as_json = tiny_config(**{"data.json": json_path, "data.image_root": image_root})
+  as_tfds = tiny_config(**{"data.format": "tfds", "data.tfds_data_dir": data_dir,
+                           "data.tfds_name": "mscoco_karpathy"})
+  words = lambda i, j: ("a", "dog", str(i), f"w{j}")
+  for config in (as_json, as_tfds):
+    recs, total = scored_records(config, "test")
+    assert total == 7 + 5 + 6
+    assert [r.captions for r in recs] == [tuple(words(i, j) for j in range(5)) for i in (2, 3, 4)]
+    with config.unlocked():
+      config.eval.captions_per_image = 0
+    recs, total = scored_records(config, "test")
+    assert [len(r.captions) for r in recs] == [7, 5, 6] and total == 18
+    assert recs[0].captions[5:] == (words(2, 5), words(2, 6))
+  pedes_json, pedes_root = write_cuhk_pedes(str(tmp_path / "pedes"))
+  pedes = tiny_config(**{"data.format": "cuhk_pedes", "data.json": pedes_json,
+                         "data.image_root": pedes_root, "eval.captions_per_image": 1})
+  recs, total = scored_records(pedes, "test")
+  assert [len(r.captions) for r in recs] == [2, 2, 2] and total == 6

@@ -113,6 +113,8 @@ def test_evaluation_is_repeatable_and_refuses_bad_requests(data_dir, stage1):
     first_json = f.read()
   with open(again["written"]) as f:
     assert f.read() == first_json
+  recorded = json.loads(first_json)
+  assert (recorded["captions_per_image"], recorded["captions_not_scored"]) == (5, 0)
   with pytest.raises(checkpoint.CheckpointError, match=r"no step 5 .*have \[4, 8\]"):
     evaluator.evaluate(config, workdir, "test", step=5)
   with pytest.raises(Exception, match="split 'restval' is empty"):

@@ -142,6 +142,13 @@ def read_cuhk_pedes(path: str, image_root: str, split: str, check_files: bool = 
   return _labelled(path, items, split, check_files)
 
 
+def first_captions(recs: Sequence[Record], per_image: int) -> list[Record]:
+  """Each record with its first `per_image` captions, in the file's order (0: all of them)."""
+  if per_image <= 0:
+    return list(recs)
+  return [dataclasses.replace(r, captions=r.captions[:per_image]) for r in recs]
+
+
 def read_split(config, split: str, check_files: bool = True) -> list[Record]:
   """The records of `split` for a run's `config.data`."""
   d = config.data

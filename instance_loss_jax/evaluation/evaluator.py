@@ -65,6 +65,20 @@ def embed_split(config, embed_fns: EmbedFns, variables, split: pipeline.EncodedS
   return img, txt / np.maximum(np.linalg.norm(txt, axis=1, keepdims=True), 1e-12)
 
 
+def captions_per_image(config) -> int:
+  """How many captions of each image are scored (0: all): `eval.captions_per_image`, except
+  person retrieval, which scores every caption."""
+  return 0 if config_lib.person_retrieval(config.data) else int(config.eval.captions_per_image)
+
+
+def scored_records(config, split: str) -> tuple[list[records.Record], int]:
+  """The records of `split` as the dataset's protocol scores them (`captions_per_image`), and
+  how many captions the split has in all."""
+  recs = records.read_split(config, split)
+  return (records.first_captions(recs, captions_per_image(config)),
+          sum(len(r.captions) for r in recs))
+
+
 def compute_metrics(config, split: pipeline.EncodedSplit, img, txt) -> dict[str, float]:
   """The dataset's protocol: CUHK-PEDES person retrieval, otherwise image<->text (+ COCO 1K)."""
   block = config.eval.block_bytes
@@ -89,7 +103,7 @@ class Evaluator:
 
   def __init__(self, config, vocab: Vocabulary, split: str, embed_fns: EmbedFns):
     self.config, self.split, self.embed_fns = config, split, embed_fns
-    self.records = records.read_split(config, split)
+    self.records, self.captions_in_split = scored_records(config, split)
     self.data = pipeline.encode_split(self.records, vocab, config.model.text.max_len,
                                       for_training=False)
 
@@ -104,6 +118,8 @@ class Evaluator:
     results = dict(workdir=paths.absolute(workdir) if workdir else "", step=int(step),
                    split=split, num_images=int(data.num_images),
                    num_captions=int(len(data.tokens)),
+                   captions_per_image=captions_per_image(config),
+                   captions_not_scored=int(self.captions_in_split - len(data.tokens)),
                    captions_without_known_words=int(data.num_empty_captions),
                    metrics=compute_metrics(config, data, img, txt))
     results["metrics"]["S"] = metrics.separability(pos, neg)

@@ -11,8 +11,16 @@ def markdown_table(results: dict[str, Any]) -> str:
   rows += [f"| {k} | {v:.2f} |" for k, v in m.items()]
   head = (f"Evaluation of {results['workdir']} step {results['step']} on split "
           f"'{results['split']}': {results['num_images']} images, "
-          f"{results['num_captions']} captions.\n\n")
+          f"{results['num_captions']} captions{_scored(results)}.\n\n")
   return head + "\n".join(rows) + "\n"
+
+
+def _scored(results: dict[str, Any]) -> str:
+  """Which captions were scored, where the protocol left some out."""
+  if not results.get("captions_not_scored"):
+    return ""
+  return (f" (each image's first {results['captions_per_image']}; "
+          f"{results['captions_not_scored']} more not scored)")
 
 
 def comparison_table(named: dict[str, dict[str, Any]]) -> str:
@@ -26,6 +34,7 @@ def comparison_table(named: dict[str, dict[str, Any]]) -> str:
     lines.append(f"| {name} | " + " | ".join(
         f"{results['metrics'][k]:.{4 if k == 'S' else 1}f}" for k in keys) + " |")
   n_img, n_txt = first["num_images"], first["num_captions"]
-  lines.append(f"\n{first['split']} split: {n_img} images, {n_txt} captions. Chance: R@1 "
+  lines.append(f"\n{first['split']} split: {n_img} images, {n_txt} captions{_scored(first)}. "
+               f"Chance: R@1 "
                f"{100 / n_img:.1f} (text->image), R@10 {min(100, 1000 / n_img):.1f}.")
   return "\n".join(lines)
