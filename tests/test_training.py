@@ -61,6 +61,17 @@ def flags_for(overrides):
   return out
 
 
+def logged_scalars(workdir, tag):
+  """The values of a TensorBoard scalar the trainer wrote in WORKDIR/tensorboard."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  values = []
+  for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      values += [float(tf.make_ndarray(v.tensor)) for v in event.summary.value if v.tag == tag]
+  assert values, f"no {tag} in {workdir}/tensorboard"
+  return values
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("synthetic"))
@@ -88,7 +99,11 @@ def test_two_stages_and_evaluation(data_dir, stage1, tmp_path):
   config2 = small_config("stage2", data_dir, init_from=workdir1,
                          **{"loss.negatives": "mined", "loss.num_mined": 16})
   results2 = trainer.train_and_evaluate(config2, workdir2)
-  assert results2["step"] == 8 and 0 <= results2["metrics"]["t2i_r10"] <= 100
+  assert results2["step"] == 8 and set(results2["metrics"]) >= {"rsum", "t2i_r10", "S"}
+  # Stage I trained without the ranking term (lambda_1 = 0: not computed, logged as 0), Stage
+  # II with it (> 0 at every logged step: a margin of 1 over 8 rows is never met by all).
+  assert set(logged_scalars(workdir1, "train/rank_loss")) == {0.0}
+  assert min(logged_scalars(workdir2, "train/rank_loss")) > 0
   # Stage II started from Stage I's variables: its text CNN is Stage I's plus 4 steps of SGD
   # (a fresh init would be uncorrelated with it).
   mgr1, mgr2 = checkpoint.manager(workdir1, read_only=True), checkpoint.manager(workdir2,
@@ -98,6 +113,11 @@ def test_two_stages_and_evaluation(data_dir, stage1, tmp_path):
   k1 = v1["params"]["text_encoder"]["stage1_block1"]["conv1"]["kernel"]
   k2 = v2["params"]["text_encoder"]["stage1_block1"]["conv1"]["kernel"]
   assert np.corrcoef(k1.ravel(), k2.ravel())[0, 1] > 0.9
+  # Stage II trains the backbone, its BN statistics included: every leaf moved from Stage I's.
+  for tree in ("params", "batch_stats"):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(v1[tree]["backbone"]),
+                            jax.tree_util.tree_leaves(v2[tree]["backbone"])):
+      assert not np.array_equal(a, b), f"{tree}/backbone{jax.tree_util.keystr(path)}"
   with open(os.path.join(workdir2, "vocab.json")) as a, open(os.path.join(workdir1,
                                                                           "vocab.json")) as b:
     assert json.load(a)["words"] == json.load(b)["words"]
