@@ -8,7 +8,8 @@ A Stage I step on one device (`--model=small`: a narrow ResNet-14 at 64x64; `ful
 configs/flickr30k.py's, ResNet-50 at 224x224 and 29,783 classes), fed by a host iterator that
 sleeps `input_ms` before each numpy batch (an input pipeline slower than the step; a sleep, like
 tf.data's own threads, leaves the GIL free). Measured in one process, each a loop of `--steps`
-steps after a warm-up (compile excluded), median of `--repeats`:
+steps after a warm-up (compile excluded), the modes alternated within each of `--repeats`
+rounds, the median of each mode's loops:
 
 - compute: the step alone, its batches placed beforehand;
 - input: the iterator alone;
@@ -22,6 +23,7 @@ step starts, input + compute whenever the loop waits on the step.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -78,23 +80,30 @@ def main(argv):
         float(metrics["loss"])
     return (time.perf_counter() - start) / n
 
+  def prefetched(size, every):
+    with DevicePrefetch(slow_batches(FLAGS.steps + size), step.place, size) as batches:
+      return loop(batches, FLAGS.steps, every)
+
   placed = [step.place(b) for b in host]
   loop(iter(placed * 3), 8, 1)  # compile and warm up
   kind = jax.devices()[0].device_kind
   results = {"device": kind, "jax": jax.__version__, "model": FLAGS.model,
              "dtype": FLAGS.dtype, "input_ms": FLAGS.input_ms, "batch_size": FLAGS.batch_size,
              "steps": FLAGS.steps, "gflop_per_step": (step.flops(state, placed[0]) or 0) / 1e9}
-  results["compute_ms"] = 1000 * statistics.median(
-      loop(iter(placed * FLAGS.steps), FLAGS.steps, 1) for _ in range(FLAGS.repeats))
-  results["input_alone_ms"] = 1000 * statistics.median(
-      _time_iter(slow_batches(FLAGS.steps), FLAGS.steps) for _ in range(FLAGS.repeats))
+  # The modes alternate within each repeat (compute, input, then every prefetch mode), so that
+  # a drift of the machine's speed falls on all of them alike; each figure is the median of
+  # its mode's repeats.
+  modes = {"compute_ms": lambda: loop(iter(placed * FLAGS.steps), FLAGS.steps, 1),
+           "input_alone_ms": lambda: _time_iter(slow_batches(FLAGS.steps), FLAGS.steps)}
   for every in map(int, FLAGS.read_every):
     for size in (0, 2):
-      times = []
-      for _ in range(FLAGS.repeats):
-        with DevicePrefetch(slow_batches(FLAGS.steps + size), step.place, size) as batches:
-          times.append(loop(batches, FLAGS.steps, every))
-      results[f"read_every_{every}_prefetch_{size}_ms"] = 1000 * statistics.median(times)
+      modes[f"read_every_{every}_prefetch_{size}_ms"] = functools.partial(
+          prefetched, size, every)
+  times = {name: [] for name in modes}
+  for _ in range(FLAGS.repeats):
+    for name, run in modes.items():
+      times[name].append(run())
+  results.update({name: 1000 * statistics.median(t) for name, t in times.items()})
   c, i = results["compute_ms"], results["input_alone_ms"]
   print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}))
   print("\n| mode | ms/step | / max(input, compute) | / (input + compute) |\n|---|---|---|---|")

@@ -115,9 +115,9 @@ def main():
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--variants", default="float32;bfloat16")
   args = parser.parse_args()
-  from instance_loss_jax import cli  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax.cli import runner  # pylint: disable=g-import-not-at-top
   from instance_loss_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  cli.configure_logging()
+  runner.configure_logging()
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   data = os.path.join(args.workdir, "data")
   if not os.path.isfile(os.path.join(data, "dataset.json")):

@@ -22,10 +22,10 @@ def main():
   parser.add_argument("--data", required=True, help="the synthetic dataset's folder")
   parser.add_argument("--runs", required=True, help="comma-separated Stage II workdirs")
   args = parser.parse_args()
-  from instance_loss_jax import cli  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax.cli import runner  # pylint: disable=g-import-not-at-top
   from instance_loss_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   from instance_loss_jax.config import load_config  # pylint: disable=g-import-not-at-top
-  cli.configure_logging()
+  runner.configure_logging()
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   runs = args.runs.split(",")
   lines = [f"{len(runs)} runs; mean ± standard deviation (test split); the last column pairs "

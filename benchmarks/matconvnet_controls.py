@@ -11,12 +11,17 @@ imported, with a nonzero padding row, and with a 1x2 convolution's two taps swap
 accept a relative error of 1e-4 and a cosine of 0.9999.
 """
 
+import argparse
 import json
 import os
 import sys
 import tempfile
 
-import jax
+if __name__ == "__main__":  # no options; --help answered before the imports below (seconds)
+  argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0]).parse_args()
+
+# pylint: disable=wrong-import-position
+import jax  # noqa: E402
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -64,4 +64,6 @@ if __name__ == "__main__":
   if len(sys.argv) == 3 and sys.argv[1] == "--child":
     child(sys.argv[2])
   else:
+    import argparse  # pylint: disable=g-import-not-at-top
+    argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0]).parse_args()
     main()

@@ -10,10 +10,13 @@ reference's optimiser changed (weight decay on biases too, learning rate 1% high
 off, momentum 0.8), the gap of ours to that float64 reference.
 """
 
+import argparse
 import json
 import os
 import sys
 
+if __name__ == "__main__":  # no options; --help answered before the imports below (seconds)
+  argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0]).parse_args()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]

@@ -60,6 +60,12 @@ def test_compare_prints_the_runs_side_by_side(tmp_path):
     code, out, err = run(f"Stage I={tmp_path / 'a.json'}", module=module)
     assert code == 0, err[-2000:]
     assert "| run | i2t_r1 | t2i_r1 | rsum |" in out and "| Stage I | 20.0 | 10.0 | 30.0 |" in out
+  # Bad arguments: one line each, no traceback.
+  for args, message in (((), "the following arguments are required: NAME=PATH"),
+                        ((str(tmp_path / "a.json"),), "expected NAME=PATH"),
+                        ((f"A={tmp_path / 'none.json'}",), "none.json: no such file")):
+    code, out, err = run(*args, module="instance_loss_jax.cli.compare")
+    assert code != 0 and message in err and "Traceback" not in err, err[-2000:]
 
 
 def test_print_config_lists_every_field_with_overrides_applied():

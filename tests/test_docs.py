@@ -62,3 +62,38 @@ def test_no_tracked_file_cites_a_file_outside_the_repository():
     if "SPEC.md" in text or "../shared" in text:
       offenders.append(name)
   assert not offenders, offenders
+
+
+def _commands_named():
+  """(argv, where) of every `python benchmarks/X.py [MODE]` and `python -m instance_loss_jax...`
+  in README.md, docs/ and benchmarks/RESULTS.md, each once."""
+  found = {}
+  for page in PAGES + [os.path.join("benchmarks", "RESULTS.md")]:
+    text = _read(page)
+    for script, mode in re.findall(r"python3? (benchmarks/[\w/.-]+\.py)(?: ([a-z][a-z_]*)\b)?",
+                                   text):
+      found.setdefault((script,) + ((mode,) if mode else ()), page)
+    for module in re.findall(r"python3? -m (instance_loss_jax[\w.]*\w)", text):
+      found.setdefault(("-m", module), page)
+  return found
+
+
+def test_every_command_the_docs_name_answers_help():
+  """`--help` of each command as the pages write it, its mode included: a removed script, mode
+  or module fails (run at once, a few seconds in all)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  found = _commands_named()
+  assert len(found) > 30
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  running = [(argv, page, subprocess.Popen([sys.executable, *argv, "--help"], cwd=ROOT, env=env,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True))
+             for argv, page in sorted(found.items())]
+  failed = []
+  for argv, page, proc in running:
+    out, err = proc.communicate(timeout=300)
+    # absl's --help exits with status 1, argparse's with 0; neither prints a traceback.
+    if proc.returncode not in (0, 1) or "Traceback" in err or not out.strip():
+      failed.append(f"{page}: python {' '.join(argv)} --help: exit {proc.returncode}: "
+                    f"{err.strip().splitlines()[-1] if err.strip() else ''}")
+  assert not failed, "\n".join(failed)

@@ -5,6 +5,7 @@
 Each argument is NAME=PATH of a JSON file the evaluation wrote (local or an object store).
 """
 
+import argparse
 import json
 import sys
 
@@ -12,17 +13,43 @@ from instance_loss_jax import paths
 from instance_loss_jax.evaluation.tables import comparison_table
 
 
-def print_comparison(argv: list[str]) -> None:
+def read_named(args: list[str]) -> dict:
+  """{NAME: the evaluation's results} of NAME=PATH arguments; a bad one raises ValueError
+  naming it."""
   named = {}
-  for arg in argv:
-    name, path = arg.split("=", 1)
-    named[name] = json.loads(paths.path(path).read_text())
-  print(comparison_table(named))
+  for arg in args:
+    name, sep, path = arg.partition("=")
+    if not sep or not name or not path:
+      raise ValueError(f"{arg!r}: expected NAME=PATH of an evaluation's JSON file")
+    if not paths.path(path).exists():
+      raise ValueError(f"{path}: no such file")
+    try:
+      results = json.loads(paths.path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{path}: not an evaluation's JSON ({e})") from None
+    if not isinstance(results, dict) or "metrics" not in results:
+      raise ValueError(f"{path}: not an evaluation's JSON (no metrics)")
+    named[name] = results
+  return named
+
+
+def print_comparison(argv: list[str]) -> None:
+  print(comparison_table(read_named(argv)))
 
 
 def run():
   """Entry point: the arguments after the program name."""
-  print_comparison(sys.argv[1:])
+  parser = argparse.ArgumentParser(
+      prog="python -m instance_loss_jax.cli.compare",
+      description=__doc__.split("\n\n", maxsplit=1)[0],
+      epilog="Each argument is NAME=PATH of a JSON file the evaluation wrote.")
+  parser.add_argument("runs", nargs="+", metavar="NAME=PATH")
+  args = parser.parse_args(sys.argv[1:])
+  try:
+    print_comparison(args.runs)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
