@@ -337,6 +337,23 @@ def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def as_flags(cfg: ml_collections.ConfigDict) -> str:
+  """Every field as the flag that sets it, `FIELD=VALUE` a line in the config's order, what
+  `--print_config` shows: each line works as `--config.FIELD=VALUE` (quote it for the shell)."""
+  def show(value):
+    if isinstance(value, list):  # a run's recorded config holds JSON's lists
+      value = tuple(show_tuple(v) for v in value)
+    return repr(value)
+
+  def show_tuple(value):
+    return tuple(show_tuple(v) for v in value) if isinstance(value, list) else value
+
+  lines = ["# Every field, as --config.FIELD=VALUE sets it; what each one means: the comments of",
+           "# instance_loss_jax/config.py (base_config) and docs/design.md."]
+  lines += [f"{key}={show(value)}" for key, value in _flatten(cfg).items()]
+  return "\n".join(lines)
+
+
 def unknown_keys(cfg: ml_collections.ConfigDict,
                  reference: ml_collections.ConfigDict | None = None) -> list[str]:
   """Dotted paths in `cfg` that the schema does not have (typos, stale fields)."""
@@ -360,6 +377,34 @@ def float32_parts(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(p.strip() for item in cfg.float32_parts for p in str(item).split(",") if p.strip())
 
 
+# Fields whose values are sequences of pairs: the form a user writes, shown when it is wrong.
+PAIR_SEQUENCES = {"optim.schedule": "((epochs, lr factor), ...), e.g. '((20, 1.0), (10, 0.1))'"}
+
+
+def _form_problems(key: str, value: Any, want: Any) -> list[str]:
+  """What is wrong with the form of `key`'s value against the base config's `want` (its type):
+  a sequence where a sequence belongs, pairs of numbers in PAIR_SEQUENCES, numbers and
+  booleans of their kind. [] when it has the right form."""
+  number = (int, float)
+  if key in PAIR_SEQUENCES:
+    ok = isinstance(value, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(
+            isinstance(x, number) and not isinstance(x, bool) for x in p) for p in value)
+    return [] if ok else [f"{key}={value!r}: expected {PAIR_SEQUENCES[key]} (a one-phase "
+                          "schedule needs the trailing comma: '((20, 1.0),)')"]
+  if isinstance(want, (list, tuple)):
+    return [] if isinstance(value, (list, tuple)) else [
+        f"{key}={value!r}: expected a tuple like {tuple(want)!r}"]
+  if isinstance(want, bool):
+    return [] if isinstance(value, bool) else [f"{key}={value!r}: expected True or False"]
+  if isinstance(want, number):
+    return [] if isinstance(value, number) and not isinstance(value, bool) else [
+        f"{key}={value!r}: expected a number like {want!r}"]
+  if isinstance(want, str):
+    return [] if isinstance(value, str) else [f"{key}={value!r}: expected a string"]
+  return []
+
+
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ConfigError listing every problem found, or returns None."""
   problems = []
@@ -367,9 +412,12 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if extra:
     problems.append(f"unknown config keys: {', '.join(extra)}")
   flat = _flatten(cfg)
-  missing = sorted(set(_flatten(base_config())) - set(flat))
+  reference = _flatten(base_config())
+  missing = sorted(set(reference) - set(flat))
   if missing:
     problems.append(f"missing config keys: {', '.join(missing)}")
+  problems += [p for key, want in reference.items() if key in flat
+               for p in _form_problems(key, flat[key], want)]
   if problems:
     raise ConfigError("; ".join(problems))
 
@@ -445,9 +493,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   check(d.format in DATA_FORMATS, f"data.format={d.format!r}: one of {DATA_FORMATS}")
   check(d.tokenizer in TOKENIZERS, f"data.tokenizer={d.tokenizer!r}: one of {TOKENIZERS}")
   check(len(d.crop_area) == 2 and 0 < d.crop_area[0] <= d.crop_area[1] <= 1,
-        f"data.crop_area={d.crop_area}: 0 < low <= high <= 1")
+        f"data.crop_area={d.crop_area}: (low, high) with 0 < low <= high <= 1")
   check(len(d.crop_aspect) == 2 and 0 < d.crop_aspect[0] <= d.crop_aspect[1],
-        f"data.crop_aspect={d.crop_aspect}: 0 < low <= high")
+        f"data.crop_aspect={d.crop_aspect}: (low, high) with 0 < low <= high")
   check(len(d.mean_rgb) == 3 and len(d.std_rgb) == 3 and all(s > 0 for s in d.std_rgb),
         "data.mean_rgb and data.std_rgb: 3 values each, std > 0")
   if problems:

@@ -73,7 +73,10 @@ def test_print_config_lists_every_field_with_overrides_applied():
   code, out, err = run("--config=configs/demo.py:stage2", "--config.model.embed_dim=64",
                        "--print_config")
   assert code == 0, err[-2000:]
-  assert "embed_dim: 64" in out and "w_share_sharding: classes" in out and "lambdas:" in out
+  lines = out.splitlines()
+  assert "model.embed_dim=64" in lines and "model.w_share_sharding='classes'" in lines
+  assert "loss.lambdas=(1.0, 1.0, 1.0)" in lines and "optim.schedule=((20, 1.0), (10, 0.1))" in lines
+  assert "!!" not in out  # no YAML tags
 
 
 @pytest.mark.parametrize("args,message", [
@@ -86,10 +89,27 @@ def test_print_config_lists_every_field_with_overrides_applied():
     (["--config=configs/demo.py"], "error: flag --workdir=None: --workdir is required"),
     (["--config=configs/demo.py", "--workdir=WORKDIR"],
      "error: data.json and data.image_root not set (--config.data.json=PATH)"),
+    # Malformed values: named with the form expected, for a run and for --print_config alike.
+    (["--config=configs/demo.py", "--workdir=WORKDIR", "--config.optim.schedule=((20, 1.0))"],
+     "error: optim.schedule=(20, 1.0): expected ((epochs, lr factor), ...)"),
+    (["--config=configs/demo.py", "--print_config", "--config.optim.schedule=20"],
+     "error: optim.schedule=(20,): expected ((epochs, lr factor), ...)"),
+    (["--config=configs/demo.py", "--print_config", "--config.data.crop_area=0.5"],
+     "error: invalid config: data.crop_area=(0.5,): (low, high) with 0 < low <= high <= 1"),
+    (["--config=configs/demo.py", "--print_config", "--config.batch_size=many"],
+     "error: flag --config.batch_size=many"),
+    # The eval binary without --config reads the run's record: none there is named.
+    (["--workdir=WORKDIR", "MODULE=instance_loss_jax.cli.evaluate"],
+     "error: WORKDIR/config.json: no such file (is WORKDIR a training run's workdir?)"),
+    (["--print_config", "MODULE=instance_loss_jax.cli.evaluate"],
+     "error: --print_config without --config prints a run's recorded config"),
 ])
 def test_bad_input_is_one_line_naming_it(tmp_path, args, message):
-  args = [a.replace("WORKDIR", str(tmp_path / "w")) for a in args]
-  code, _, err = run(*args)
+  module = next((a.split("=", 1)[1] for a in args if a.startswith("MODULE=")),
+                "instance_loss_jax.cli.train")
+  args = [a.replace("WORKDIR", str(tmp_path / "w")) for a in args if not a.startswith("MODULE=")]
+  message = message.replace("WORKDIR", str(tmp_path / "w"))
+  code, _, err = run(*args, module=module)
   ours = [line for line in err.splitlines() if line.startswith("error:")]
   assert code == 1 and len(ours) == 1 and ours[0].startswith(message), err[-2000:]
   assert "Traceback" not in err

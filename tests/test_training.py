@@ -148,6 +148,33 @@ def test_evaluation_is_repeatable_and_refuses_bad_requests(data_dir, stage1):
 
 @pytest.mark.xdist_group("stage1")
 @pytest.mark.slow
+def test_the_eval_binary_reads_the_run_as_it_was_trained(data_dir, stage1, tmp_path):
+  """`evaluate --workdir=RUN` alone: the run's recorded config, data paths included; its figures
+  are the trainer's for the same checkpoint. --config.FIELD=VALUE overrides apply on top."""
+  workdir, results = stage1
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
+  evaluate = [sys.executable, "-m", "instance_loss_jax.cli.evaluate", f"--workdir={workdir}"]
+  done = subprocess.run(evaluate, cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(os.path.join(workdir, "eval", f"test-{results['step']}.json")) as f:
+    again = json.load(f)
+  assert again["metrics"] == results["metrics"] and again["step"] == results["step"]
+  # An override reaches the recorded config: a data file that is not there is named.
+  done = subprocess.run(evaluate + ["--config.data.json=/nowhere/dataset.json"], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines()[-1] == "error: /nowhere/dataset.json: no such file"
+  done = subprocess.run(evaluate + ["--print_config", "--config.eval.split=val"], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  lines = done.stdout.splitlines()
+  assert "eval.split='val'" in lines
+  assert f"data.json={os.path.join(data_dir, 'dataset.json')!r}" in lines
+
+
+@pytest.mark.xdist_group("stage1")
+@pytest.mark.slow
 def test_without_device_prefetch_with_a_profile_the_run_is_the_same(data_dir, stage1, tmp_path,
                                                                     caplog):
   # The stage1 fixture placed its batches 2 steps ahead (data.device_prefetch's default): placed

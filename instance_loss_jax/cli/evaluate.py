@@ -1,33 +1,73 @@
 r"""Evaluate a run's checkpoint on a split: retrieval metrics as JSON and a markdown table.
 
-    python -m instance_loss_jax.cli.evaluate --config=configs/flickr30k.py:stage2 --workdir=DIR \
-        [--step=N] [--split=test] [--print_config]
+    python -m instance_loss_jax.cli.evaluate --workdir=DIR [--step=N] [--split=test] \
+        [--config.FIELD=VALUE ...] [--print_config]
+    python -m instance_loss_jax.cli.evaluate --config=configs/flickr30k.py:stage2 --workdir=DIR
+
+Without --config, the run is evaluated as it was trained: its recorded DIR/config.json (data
+paths included), with any --config.FIELD=VALUE on top (another split's data, another data
+path, eval.* settings). With --config, that file's config describes the model and data instead
+(it is checked against the checkpoint). The vocabulary is the run's own DIR/vocab.json.
 
 Writes DIR/eval/<split>-<step>.json and .md, the similarity histograms and feature correlation
-as PNG, and a page of the best and worst text->image queries (HTML). The config must describe
-the model the checkpoint holds (it is checked); the vocabulary is the run's own DIR/vocab.json.
-Checkpoints from any number of devices restore here onto this process's devices.
+as PNG, and a page of the best and worst text->image queries (HTML). Checkpoints from any
+number of devices restore here onto this process's devices.
 """
 
 import logging
+import sys
 
 from absl import flags
 from ml_collections import config_flags
 
 from instance_loss_jax.cli import runner
+from instance_loss_jax.config import ConfigError, base_config, validate_config
 
 log = logging.getLogger(__name__)
 
 
+def _config_file_given(argv: list[str]) -> bool:
+  """Whether the command line names a config file (`--config=FILE` or `--config FILE`), as
+  opposed to overrides of the run's recorded config (`--config.FIELD=VALUE`)."""
+  return any(a == "--config" or a.startswith("--config=") for a in argv[1:])
+
+
 def define_flags():
-  config_flags.DEFINE_config_file("config", None, "Config file and stage, e.g. "
-                                  "configs/flickr30k.py:stage2.", lock_config=True)
+  if _config_file_given(sys.argv):
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file and stage, e.g. configs/flickr30k.py:stage2; without it, "
+        "the run's recorded config.", lock_config=True)
+  else:
+    # Overrides of the run's recorded config: checked against the schema here, applied to the
+    # recorded config in `resolve_config`.
+    config_flags.DEFINE_config_dict(
+        "config", base_config(), "Without a file: --config.FIELD=VALUE overrides of the run's "
+        "recorded config (e.g. --config.data.json=...). Or a config file and stage, e.g. "
+        "--config=configs/flickr30k.py:stage2.")
+    flags.FLAGS["config"].default_as_str = None  # 100 lines of --help that say nothing here
   flags.DEFINE_string("workdir", None, "The training run's directory.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
   flags.DEFINE_string("split", None, "Split to evaluate (default: config.eval.split).")
-  flags.mark_flags_as_required(["config"])
   runner.define_print_config()
   runner.require_unless_print_config("workdir")
+
+
+def resolve_config(f):
+  """The config the run is evaluated with: --config's file, else the run's recorded config
+  with the command line's --config.FIELD=VALUE overrides."""
+  if _config_file_given(sys.argv):
+    return f.config
+  if f.workdir is None:
+    raise ConfigError("--print_config without --config prints a run's recorded config: give "
+                      "--workdir=RUN, or --config=FILE")
+  # Imported here: the checkpoint module imports Orbax and JAX, which --help does not need.
+  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax import checkpoint
+  from instance_loss_jax.config import apply_overrides
+  config = apply_overrides(checkpoint.read_config(f.workdir),
+                           config_flags.get_override_values(f["config"]))
+  validate_config(config)
+  return config
 
 
 def main(argv):
@@ -39,7 +79,7 @@ def main(argv):
   from instance_loss_jax.evaluation.evaluator import evaluate
   from instance_loss_jax.evaluation.tables import markdown_table
   f = flags.FLAGS
-  config = f.config
+  config = resolve_config(f)
   results = evaluate(config, f.workdir, f.split or config.eval.split, f.step)
   log.info("wrote %s", results["written"])
   print(markdown_table(results))

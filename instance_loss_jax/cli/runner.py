@@ -14,6 +14,7 @@ from absl.logging import converter
 from ml_collections import config_flags
 
 from instance_loss_jax import errors
+from instance_loss_jax.config import as_flags, validate_config
 
 _COORDINATOR = "coordinator_address"
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job its signal ended
@@ -149,7 +150,14 @@ def run(main, define_flags=None):
     if len(argv) > 1:  # no binary takes positional arguments: a stray word is a mistyped flag
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if "print_config" in f and f.print_config:
-      print(f.config)
+      # A binary whose config comes from elsewhere too (a run's record) resolves it itself.
+      try:
+        config = getattr(module, "resolve_config", lambda fv: fv.config)(f)
+        validate_config(config)  # what a run would refuse, refused here too
+        print(as_flags(config))
+      except errors.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
       return 0
     try:
       return main(argv)

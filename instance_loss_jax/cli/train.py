@@ -7,6 +7,10 @@ Re-running the same command in the same workdir resumes from its newest checkpoi
 (SLURM, a GPU host going down) or a TPU preemption notice the run saves the step it is at and
 exits with status 143; the same command then resumes. Every field of the config can be set with
 --config.FIELD=VALUE; --print_config prints them all with their values.
+
+How long a run trains: --config.optim.schedule, phases of (epochs, learning-rate factor), e.g.
+--config.optim.schedule='((20, 1.0), (10, 0.1))' (30 epochs, the last 10 at a tenth of the
+rate) or '((5, 1.0),)' for 5 epochs (the trailing comma makes it a tuple of one phase).
 """
 
 from absl import flags
