@@ -208,6 +208,9 @@ def test_the_command_reports_figures_and_names_a_missing_file(tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"cuhk_pedes: {prepare.dataset_dir('cuhk_pedes', data_dir)} prepared in" in done.stdout
   assert "| train | 4 | 1 |" in done.stdout and "| all | 9 | 3 |" in done.stdout
+  assert done.stdout.strip().splitlines()[-1] == (
+      f"Train and evaluate on it with: --config.data.format=tfds "
+      f"--config.data.tfds_data_dir={data_dir} --config.data.tfds_name=cuhk_pedes")
 
   os.remove(os.path.join(manual, "imgs", "CUHK01", "0000003.png"))
   command[-1] = f"--data_dir={tmp_path / 'other'}"
@@ -338,3 +341,48 @@ def test_the_evaluation_scores_each_images_first_five_captions_in_both_forms(tmp
                          "data.image_root": pedes_root, "eval.captions_per_image": 1})
   recs, total = scored_records(pedes, "test")
   assert [len(r.captions) for r in recs] == [2, 2, 2] and total == 6
+
+
+def test_prepare_refuses_stale_records_and_overwrite_rebuilds(tmp_path):
+  """A dataset prepared from other files than manual_dir now holds (a sentence edited, an image
+  replaced) is refused, not silently reused; --overwrite rebuilds it from them."""
+  manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
+  json_path, image_root = write_source("flickr30k", manual)
+  prepare.prepare("flickr30k", manual, data_dir, num_shards=1)
+  assert prepare.prepare("flickr30k", manual, data_dir).reused  # the same files: reused
+  with open(json_path, encoding="utf-8") as f:
+    data = json.load(f)
+  data["images"][0]["sentences"][1]["raw"] = "An edited sentence."
+  with open(json_path, "w", encoding="utf-8") as f:
+    json.dump(data, f)
+  with pytest.raises(DataError, match=r"flickr30k_karpathy was prepared from other files than "
+                     r".*manual holds \(sha256 .*\): prepare again with --overwrite"):
+    prepare.prepare("flickr30k", manual, data_dir)
+  done = prepare.prepare("flickr30k", manual, data_dir, num_shards=1, overwrite=True)
+  assert not done.reused
+  texts = [t.decode() for t in read_back("flickr30k", data_dir, "train",
+                                         tfds_datasets.CAPTIONS)[0]["captions"]["text"]]
+  assert texts[1] == "An edited sentence."
+  _image(os.path.join(image_root, "1001.jpg"), 99, "JPEG")  # another image, another size
+  with pytest.raises(DataError, match=r"image_bytes \d+ then, \d+ now"):
+    prepare.prepare("flickr30k", manual, data_dir)
+
+
+def test_the_tfds_path_names_what_to_set(both_forms, tmp_path):
+  """prepare's --dataset key works as data.tfds_name; a name not prepared lists those that are;
+  data.tfds_data_dir without data.format=tfds says so."""
+  as_json, as_tfds = both_forms
+  config = as_tfds.copy_and_resolve_references()
+  config.data.tfds_name = "synthetic"  # prepare's key for synthetic_scenes
+  assert [r.captions for r in records.read_split(config, "test")] == [
+      r.captions for r in records.read_split(as_json, "test")]
+  config.data.tfds_name = "flickr30k_karpathy"
+  with pytest.raises(DataError, match=r"not prepared under .*; prepared there: synthetic_scenes "
+                     r"\(data.tfds_name\)"):
+    records.read_split(config, "test")
+  config = as_json.copy_and_resolve_references()
+  config.data.json = ""
+  config.data.tfds_data_dir = as_tfds.data.tfds_data_dir
+  with pytest.raises(DataError, match=r"data.tfds_data_dir is set, but data.format='karpathy': "
+                     r"to read a prepared TFDS dataset, --config.data.format=tfds"):
+    records.read_split(config, "test")

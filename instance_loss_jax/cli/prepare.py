@@ -23,6 +23,8 @@ def define_flags():
   flags.DEFINE_integer("num_shards", 0, "Files per split (0: TFDS's choice, about 1 per GiB).")
   flags.DEFINE_string("staging_dir", None, "Local folder a gs:// data_dir's dataset is built in "
                       "before its upload (default: the system's temporary folder).")
+  flags.DEFINE_bool("overwrite", False, "Remove the prepared dataset and build it again (a "
+                    "dataset prepared from other files is refused without it).")
 
 
 def main(argv):
@@ -30,10 +32,14 @@ def main(argv):
   # Imported here: TensorFlow Datasets loads TensorFlow, which --help need not wait for.
   from instance_loss_jax.data import prepare  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  done = prepare.prepare(f.dataset, f.manual_dir, f.data_dir, f.num_shards, f.staging_dir)
+  done = prepare.prepare(f.dataset, f.manual_dir, f.data_dir, f.num_shards, f.staging_dir,
+                         f.overwrite)
   verb = "already prepared, reused" if done.reused else f"prepared in {done.seconds:.1f} s"
   print(f"{f.dataset}: {done.path} {verb}: {done.files} files, {done.bytes / 2**20:,.1f} MiB")
   print(done.table())
+  name = prepare.tfds_datasets.SOURCES[f.dataset].builder
+  print(f"Train and evaluate on it with: --config.data.format=tfds "
+        f"--config.data.tfds_data_dir={f.data_dir} --config.data.tfds_name={name}")
 
 
 def run():

@@ -15,6 +15,8 @@ builds in a temporary `incomplete.*` folder and renames it when done, and delete
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -27,6 +29,9 @@ from instance_loss_jax.data import records, tfds_datasets, tfds_source
 from instance_loss_jax.errors import DataError
 
 INFO_FILE = "dataset_info.json"  # TFDS writes it last; its presence means "prepared"
+# Beside the two configs: what the dataset was prepared from (`source_record`), compared with the
+# files at hand each time the prepared dataset would be reused.
+SOURCE_FILE = "source.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +84,36 @@ def _summary(dataset: str, data_dir: str, seconds: float, reused: bool) -> Prepa
                   len(files), sum(f.stat().length for f in files), seconds, reused)
 
 
+def source_record(dataset: str, manual_dir: str, splits) -> dict:
+  """What a prepared dataset is made of: its annotation file's SHA-256, and the count and total
+  size of its image files (`splits`: read_manual_dir's)."""
+  source = tfds_datasets.SOURCES[dataset]
+  annotation = paths.path(paths.join(manual_dir, source.json)).read_bytes()
+  folder = tfds_datasets.image_folder(dataset, manual_dir)
+  size = (os.path.getsize if not paths.is_remote(folder)
+          else lambda p: paths.path(p).stat().length)
+  files = [os.path.join(folder, image.filename) for images in splits.values()
+           for image in images]
+  return dict(annotation=source.json, sha256=hashlib.sha256(annotation).hexdigest(),
+              images=len(files), image_bytes=int(sum(size(f) for f in files)))
+
+
+def _check_source(dataset: str, manual_dir: str, data_dir: str) -> None:
+  """Refuses to reuse a prepared dataset whose recorded source differs from manual_dir's files
+  (a dataset prepared before records were kept is reused as it is)."""
+  recorded_file = paths.path(paths.join(dataset_dir(dataset, data_dir), SOURCE_FILE))
+  if not recorded_file.is_file():
+    return
+  recorded = json.loads(recorded_file.read_text())
+  now = source_record(dataset, manual_dir, tfds_datasets.read_manual_dir(dataset, manual_dir))
+  if now != recorded:
+    changed = [f"{k} {recorded.get(k)!r} then, {now[k]!r} now" for k in now
+               if recorded.get(k) != now[k]]
+    raise DataError(f"{dataset_dir(dataset, data_dir)} was prepared from other files than "
+                    f"{manual_dir} holds ({'; '.join(changed)}): prepare again with "
+                    "--overwrite to rebuild it from them")
+
+
 def _upload(local_folder: str, remote_folder: str) -> None:
   """Copies a finished version folder, streaming each file; the info file goes last."""
   remote = paths.path(remote_folder)
@@ -95,8 +130,9 @@ def _copy(local_file: str, remote_file) -> None:
 
 
 def prepare(dataset: str, manual_dir: str, data_dir: str, num_shards: int = 0,
-            staging_dir: str | None = None) -> Prepared:
-  """Builds `dataset` from `manual_dir` into `data_dir` (once: a prepared one is reused).
+            staging_dir: str | None = None, overwrite: bool = False) -> Prepared:
+  """Builds `dataset` from `manual_dir` into `data_dir` (once: a prepared one is reused, if it
+  was prepared from the same files; else refused, unless `overwrite`, which removes it first).
 
   num_shards: files per split (0: TFDS's choice, about one per GiB). staging_dir: where a
   gs:// data_dir's dataset is built before the upload (default: the system's temporary folder;
@@ -105,10 +141,16 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, num_shards: int = 0,
   if dataset not in tfds_datasets.BUILDERS:
     raise ValueError(f"dataset {dataset!r}: one of {', '.join(tfds_datasets.BUILDERS)}")
   start = time.perf_counter()
+  target = paths.path(dataset_dir(dataset, data_dir))
+  if overwrite and target.exists():
+    tfds_datasets.read_manual_dir(dataset, manual_dir)  # the files are there before it goes
+    target.rmtree()
   if is_prepared(dataset, data_dir):
+    _check_source(dataset, manual_dir, data_dir)
     return _summary(dataset, data_dir, time.perf_counter() - start, reused=True)
   # Before TFDS creates anything: a missing file is reported with nothing written.
   splits = tfds_datasets.read_manual_dir(dataset, manual_dir)
+  record = source_record(dataset, manual_dir, splits)
   smallest = min(splits, key=lambda s: len(splits[s]))
   if num_shards > len(splits[smallest]):
     raise DataError(f"num_shards={num_shards}: more than the {len(splits[smallest])} images of "
@@ -130,6 +172,8 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, num_shards: int = 0,
               compute_stats=tfds.download.ComputeStatsMode.SKIP))
       if remote:
         _upload(version_dir(dataset, build_dir, config), version_dir(dataset, data_dir, config))
+  paths.write_text(paths.join(dataset_dir(dataset, data_dir), SOURCE_FILE),
+                   json.dumps(record, indent=1))
   return _summary(dataset, data_dir, time.perf_counter() - start, reused=False)
 
 

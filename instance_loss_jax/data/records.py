@@ -161,8 +161,12 @@ def read_split(config, split: str, check_files: bool = True) -> list[Record]:
         "--config.data.format=karpathy (or cuhk_pedes) with data.json and data.image_root reads "
         "the files as published")
   if unset:
+    hint = ""
+    if d.tfds_data_dir:
+      hint = (f"; data.tfds_data_dir is set, but data.format={d.format!r}: to read a prepared "
+              "TFDS dataset, --config.data.format=tfds with data.tfds_name")
     raise DataError(f"{' and '.join(unset)} not set (--config.{unset[0]}=PATH): the dataset's "
-                    "files are not known")
+                    f"files are not known{hint}")
   original = tokenizer(d) if d.tokenizer == "original" else None  # else each source's own
   if d.format == "karpathy":
     return read_karpathy(d.json, d.image_root, split, tuple(d.train_splits), check_files,
@@ -172,5 +176,6 @@ def read_split(config, split: str, check_files: bool = True) -> list[Record]:
   if d.format == "tfds":
     parts = tuple(d.train_splits) if split == "train" else (split,)
     return [Record(ref, captions, label, split) for ref, captions, label in
-            tfds_source.read_split(d.tfds_data_dir, d.tfds_name, parts, original)]
+            tfds_source.read_split(d.tfds_data_dir, tfds_source.tfds_name(d.tfds_name), parts,
+                                   original)]
   raise DataError(f"data.format={d.format!r}: unknown")

@@ -54,6 +54,22 @@ SOURCES = {
 _PREPARED_BY = {source.builder: dataset for dataset, source in SOURCES.items()}
 
 
+def tfds_name(name: str) -> str:
+  """The TFDS name of `name`, which may be prepare's --dataset key (synthetic ->
+  synthetic_scenes) or the TFDS name itself."""
+  return SOURCES[name].builder if name in SOURCES else name
+
+
+def prepared_names(data_dir: str) -> list[str]:
+  """The TFDS datasets prepared under `data_dir` (both configs' info files there)."""
+  root = paths.path(data_dir)
+  if not root.is_dir():
+    return []
+  return sorted(d.name for d in root.iterdir() if all(
+      paths.path(paths.join(version_dir(data_dir, d.name, c), "dataset_info.json")).is_file()
+      for c in (IMAGES, CAPTIONS)))
+
+
 def version_dir(data_dir: str, name: str, config: str) -> str:
   return paths.join(data_dir, name, config, VERSION)
 
@@ -63,11 +79,13 @@ def _info(data_dir: str, name: str, config: str) -> dict:
   info_file = paths.join(version_dir(data_dir, name, config), "dataset_info.json")
   if not paths.path(info_file).is_file():
     dataset = _PREPARED_BY.get(name, "DATASET")
+    there = prepared_names(data_dir)
     raise DataError(
         f"TFDS dataset {name} ({config}) is not prepared under data.tfds_data_dir={data_dir}: "
         f"no {info_file}. Prepare it with `python -m instance_loss_jax.data.prepare "
         f"--dataset={dataset} --manual_dir=DIR_WITH_ITS_FILES --data_dir={data_dir}` "
-        "(docs/data.md)")
+        "(docs/data.md)" + (f"; prepared there: {', '.join(there)} (data.tfds_name)"
+                            if there else ""))
   try:
     return json.loads(paths.path(info_file).read_text())
   except json.JSONDecodeError as e:
