@@ -171,8 +171,9 @@ class Run:
 
   def record(self) -> dict[str, Any]:
     """What an index keeps of the run that embedded it."""
-    return dict(workdir=self.workdir, step=self.step, vocab=self.vocab.fingerprint,
-                features=self.config.eval.features)
+    # The workdir made absolute: the index is searched from any folder.
+    return dict(workdir=paths.absolute(self.workdir), step=self.step,
+                vocab=self.vocab.fingerprint, features=self.config.eval.features)
 
   def embed_sentences(self, sentences: Sequence[str]) -> tuple[np.ndarray, list[list[str]]]:
     """L2-normalised embeddings of free-text sentences and each one's unknown words."""

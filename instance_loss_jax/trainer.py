@@ -285,6 +285,8 @@ def _train_loop(config, step_fn, state, batches, mgr, meta, logger, start, total
         logger.flops_per_step = step_fn.flops(state, batch) or 0.0
         log.info("train step: %.4g GFLOP per device (XLA's count)",
                  logger.flops_per_step / 1e9)
+        # The first call compiled the step: speed and time left count from here.
+        logger.last_time, logger.last_step = time.time(), step
       pending = _after_step(config, state, step, metrics, pending, mgr, meta, logger, stop,
                             validate, total_steps, every)
   finally:

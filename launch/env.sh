@@ -38,7 +38,16 @@ else
 fi
 spec="."
 [ -n "${INSTALL_EXTRAS:-}" ] && spec=".[${INSTALL_EXTRAS}]"
-"$VENV/bin/python" -m pip install -q -e "$spec"
+# The package is installed editable: code changes need no reinstall, only what setup.cfg and
+# pyproject.toml say (dependencies, entry points) and the extras. Skip pip when those are what
+# the environment was last installed with.
+stamp="$VENV/.installed-from"
+installed="$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1) [${INSTALL_EXTRAS:-}]"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$installed" ]; then
+  # (setuptools warns that an editable install is one, on every install: not news here.)
+  PYTHONWARNINGS=ignore "$VENV/bin/python" -m pip install -q -e "$spec"
+  echo "$installed" > "$stamp"
+fi
 flock -u 9
 exec 9>&-
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"

@@ -85,7 +85,10 @@ def test_print_config_lists_every_field_with_overrides_applied():
     (["--config=configs/nothere.py", "--workdir=w"],
      "error: --config=configs/nothere.py: no config file there"),
     (["--config=configs/demo.py", "--workdir=w", "--config.model.nope=1"],
-     "error: unknown config field in the overrides"),
+     "error: unknown config field in the overrides: --config.model.nope"),
+    (["--config=configs/demo.py", "--workdir=w", "--config.optim.shedule=((2, 1.0),)"],
+     "error: unknown config field in the overrides: --config.optim.shedule (did you mean "
+     "optim.schedule?)"),
     (["--config=configs/demo.py"], "error: flag --workdir=None: --workdir is required"),
     (["--config=configs/demo.py", "--workdir=WORKDIR"],
      "error: data.json and data.image_root not set (--config.data.json=PATH)"),

@@ -145,9 +145,11 @@ def test_binaries_and_the_html_page(trained_run, tmp_path):
   workdir, _ = trained_run
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   index_dir, page = str(tmp_path / "index"), str(tmp_path / "page.html")
-  subprocess.run([sys.executable, "-m", "instance_loss_jax.cli.export", f"--workdir={workdir}",
-                  "--split=test", f"--out={index_dir}"], cwd=ROOT, env=env, check=True,
-                 capture_output=True)
+  # Exported with a relative --workdir, searched from another folder: the index holds the
+  # run's absolute path.
+  subprocess.run([sys.executable, "-m", "instance_loss_jax.cli.export",
+                  f"--workdir={os.path.basename(workdir)}", "--split=test", f"--out={index_dir}"],
+                 cwd=os.path.dirname(workdir), env=env, check=True, capture_output=True)
   search = [sys.executable, "-m", "instance_loss_jax.cli.search", f"--index={index_dir}"]
   out = subprocess.run(search + ["--query=a blue square", "--k=3", "--json", f"--html={page}"],
                        cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout

@@ -48,15 +48,19 @@ def configure_logging():
     logging.getLogger().setLevel(logging.WARNING)
     # A checkpoint save that fails is reported as one StorageError line (checkpoint.save):
     # Orbax's own reports of it, a traceback from each of its writer threads, and what its
-    # abandoned asyncio writes raise afterwards would bury that line.
+    # abandoned asyncio writes raise afterwards would bury that line. Orbax also warns that a
+    # reader's directory "is read only" at every read (Stage II's start, evaluate, export,
+    # search), which is what a reader is.
     logging.getLogger("absl").addFilter(_not_orbax_errors)
     sys.unraisablehook = _quiet_abandoned_writes
   logging.getLogger("instance_loss_jax").setLevel(logging.INFO)
 
 
 def _not_orbax_errors(record: logging.LogRecord) -> bool:
-  return not (record.levelno >= logging.ERROR and
-              f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
+  if f"{os.sep}orbax{os.sep}" not in (record.pathname or ""):
+    return True
+  return record.levelno < logging.ERROR and not str(record.msg).startswith(
+      "Given directory is read only")
 
 
 def _quiet_abandoned_writes(unraisable) -> None:
@@ -103,6 +107,22 @@ def _one_line(error: Exception) -> str:
     return lines[0]
   cause = re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
   return f"{lines[0].split(': ', 1)[0]}: {cause}"
+
+
+def _unknown_field(message: str, argv: list[str]) -> str:
+  """config_flags' "shedule Did you mean "schedule" instead of "shedule"?" with the override's
+  whole path: "--config.optim.shedule (did you mean optim.schedule?)"."""
+  name = message.split(" ", 1)[0].strip("\"")
+  suggestion = re.search(r'Did you mean "([^"]+)"', message)
+  for arg in argv[1:]:
+    path = arg.split("=", 1)[0].removeprefix("--config.")
+    parts = path.split(".")
+    if arg.startswith("--config.") and name in parts:
+      if suggestion is None:
+        return f"--config.{path}"
+      fixed = ".".join(suggestion[1] if p == name else p for p in parts)
+      return f"--config.{path} (did you mean {fixed}?)"
+  return message
 
 
 def define_print_config():
@@ -179,7 +199,8 @@ def run(main, define_flags=None):
       raise
     except (AttributeError, KeyError) as e:  # config_flags: an override names no config field
       message = " ".join(str(e).replace("\\n", " ").replace("'", "").replace("\\", "").split())
-      print(f"error: unknown config field in the overrides: {message}", file=sys.stderr)
+      print(f"error: unknown config field in the overrides: {_unknown_field(message, argv)}",
+            file=sys.stderr)
       sys.exit(1)
     except flags.Error as e:  # a bad or missing flag; a config file's get_config that failed
       print(f"error: {_one_line(e)}", file=sys.stderr)

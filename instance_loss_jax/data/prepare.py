@@ -14,8 +14,10 @@ builds in a temporary `incomplete.*` folder and renames it when done, and delete
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -164,12 +166,16 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, num_shards: int = 0,
       builder = tfds_datasets.BUILDERS[dataset](config=config, data_dir=build_dir,
                                                 file_format="array_record")
       builder.manual_splits = splits
-      builder.download_and_prepare(
-          download_dir=os.path.join(staging, "downloads"),  # nothing is downloaded
-          download_config=tfds.download.DownloadConfig(
-              manual_dir=manual_dir,
-              num_shards=(num_shards or None) if config == tfds_datasets.IMAGES else None,
-              compute_stats=tfds.download.ComputeStatsMode.SKIP))
+      # TFDS prints "Downloading and preparing dataset Unknown size ..." and "Dataset ...
+      # downloaded and prepared" to stdout although nothing is downloaded; the binary prints its
+      # own summary. (Its progress bars, on stderr, stay.)
+      with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(
+            download_dir=os.path.join(staging, "downloads"),  # nothing is downloaded
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=manual_dir,
+                num_shards=(num_shards or None) if config == tfds_datasets.IMAGES else None,
+                compute_stats=tfds.download.ComputeStatsMode.SKIP))
       if remote:
         _upload(version_dir(dataset, build_dir, config), version_dir(dataset, data_dir, config))
   paths.write_text(paths.join(dataset_dir(dataset, data_dir), SOURCE_FILE),

@@ -123,7 +123,9 @@ def embedding_matrix(vocab: Vocabulary, keyed_vectors, dim: int) -> np.ndarray:
   """[vocab.size, dim] float32: word2vec rows, zeros for padding."""
   if keyed_vectors.vector_size != dim:
     raise DataError(f"{vocab.source}: vectors have {keyed_vectors.vector_size} dimensions, "
-                    f"model.text.word_dim is {dim}")
+                    f"model.text.word_dim is {dim}: set --config.model.text.word_dim="
+                    f"{keyed_vectors.vector_size}, or give vectors of {dim} (the synthetic "
+                    f"generator's: --w2v_dim={dim})")
   table = np.zeros((vocab.size, dim), np.float32)
   for i, word in enumerate(vocab.words):
     table[i + 1] = keyed_vectors[word]
