@@ -61,6 +61,8 @@ def test_binary_names_an_unknown_override_without_a_traceback(tmp_path):
        f"--workdir={tmp_path}", "--config.optim.momentun=0.9"],
       cwd=root, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1
-  assert "error: unknown config field in the overrides: momentun" in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: unknown config field in the overrides: --config.optim.momentun (did you mean "
+      "optim.momentum?)")
   assert "Traceback" not in result.stderr
   assert not os.listdir(tmp_path)  # nothing written
