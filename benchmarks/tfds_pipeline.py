@@ -4,7 +4,7 @@ r"""The training pipeline reading a prepared TFDS dataset (ArrayRecord) against 
 
 One process, the same data both ways: `--images` Flickr30k-sized JPEGs (500x375, quality 90;
 `prepare_speed.make_flickr30k_like`) with a Karpathy JSON, and the same prepared with
-`instance_loss_jax.data.prepare` (one shard per split). For each form, alternately, `--repeats`
+`instance_loss_jax.cli.prepare` (one shard per split). For each form, alternately, `--repeats`
 times (medians reported):
 
 - images/s of `pipeline.train_dataset` (read, decode-and-crop, resize to 224, flip, normalise,

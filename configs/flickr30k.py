@@ -1,5 +1,5 @@
 """Flickr30k, ResNet-50 both branches (docs/design.md). Stage as the argument; the data as
-prepared once by `python -m instance_loss_jax.data.prepare --dataset=flickr30k` (docs/data.md):
+prepared once by `python -m instance_loss_jax.cli.prepare --dataset=flickr30k` (docs/data.md):
 
     python -m instance_loss_jax.cli.train --config=configs/flickr30k.py:stage1 \
         --workdir=runs/f30k-1 --config.data.tfds_data_dir=DATA/tfds \

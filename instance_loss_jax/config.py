@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   # karpathy (Flickr30k, MSCOCO) and cuhk_pedes: the published JSON and an image folder; tfds:
-  # a dataset prepared by `python -m instance_loss_jax.data.prepare` (docs/data.md), read by
+  # a dataset prepared by `python -m instance_loss_jax.cli.prepare` (docs/data.md), read by
   # record number (data.tfds_data_dir, data.tfds_name; data.json and image_root unused).
   c.data.format = "karpathy"
   c.data.json = ""  # dataset_flickr30k.json / dataset_coco.json / reid_raw.json

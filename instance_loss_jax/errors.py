@@ -2,8 +2,7 @@
 
 The binaries (`cli.runner.run`) catch `USER_ERRORS` and `Preempted` from here, so that they need
 not import the modules that raise them (TensorFlow and the trainer) to parse flags, print
-`--help` or report a bad flag. Each class's old home re-exports it (`config.ConfigError`,
-`trainer.TrainingError`, ...).
+`--help` or report a bad flag. Import them from here.
 """
 
 

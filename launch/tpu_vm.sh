@@ -8,7 +8,7 @@
 #     bash launch/tpu_vm.sh --config=configs/flickr30k.py:stage1 --workdir=gs://BUCKET/f30k-1 \
 #       --config.data.tfds_data_dir=gs://BUCKET/tfds --config.data.word2vec=gs://BUCKET/w2v.bin
 #
-# The dataset prepared once (`python -m instance_loss_jax.data.prepare`, docs/data.md): each
+# The dataset prepared once (`python -m instance_loss_jax.cli.prepare`, docs/data.md): each
 # worker reads its own images by record number from gs://. Data and word2vec files must be
 # readable on every worker at the same path. Nothing is downloaded by the training itself.
 set -euo pipefail

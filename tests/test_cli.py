@@ -42,24 +42,21 @@ def test_help_is_the_binarys_own_flags_and_helpfull_the_rest():
   assert code == 0 and "--verbosity" in full and "--workdir" in full
 
 
-@pytest.mark.parametrize("module,says,flag", [
-    ("instance_loss_jax.train", "Train a dual-path model", "--workdir"),
-    ("instance_loss_jax.data.synthetic", "synthetic dataset", "--num_images"),
-])
-def test_the_old_module_paths_still_run_their_binary(module, says, flag):
-  # Kept for one release: `python -m instance_loss_jax.X` from before the binaries moved to cli/.
-  code, out, err = run("--help", module=module)
-  assert code == 0 and says in out and flag in out, (out, err[-2000:])
+def test_the_binaries_live_in_cli_only():
+  # The package root, evaluation/ and data/ run no binary: one path for each command.
+  for module in ("instance_loss_jax.train", "instance_loss_jax.evaluation",
+                 "instance_loss_jax.data.synthetic", "instance_loss_jax.data.prepare"):
+    code, out, err = run("--help", module=module)
+    assert (code != 0 and "No module named" in err) or not out.strip(), (module, out, err)
 
 
 def test_compare_prints_the_runs_side_by_side(tmp_path):
   result = {"split": "test", "num_images": 10, "num_captions": 50,
             "metrics": {"i2t_r1": 20.0, "t2i_r1": 10.0, "rsum": 30.0}}
   (tmp_path / "a.json").write_text(json.dumps(result))
-  for module in ("instance_loss_jax.cli.compare", "instance_loss_jax.evaluation"):
-    code, out, err = run(f"Stage I={tmp_path / 'a.json'}", module=module)
-    assert code == 0, err[-2000:]
-    assert "| run | i2t_r1 | t2i_r1 | rsum |" in out and "| Stage I | 20.0 | 10.0 | 30.0 |" in out
+  code, out, err = run(f"Stage I={tmp_path / 'a.json'}", module="instance_loss_jax.cli.compare")
+  assert code == 0, err[-2000:]
+  assert "| run | i2t_r1 | t2i_r1 | rsum |" in out and "| Stage I | 20.0 | 10.0 | 30.0 |" in out
   # Bad arguments: one line each, no traceback.
   for args, message in (((), "the following arguments are required: NAME=PATH"),
                         ((str(tmp_path / "a.json"),), "expected NAME=PATH"),
@@ -130,7 +127,7 @@ def test_search_k_below_one_is_one_line_naming_the_flag(k):
 def test_binaries_import_tensorflow_only_when_a_run_starts():
   # --help, --print_config and a flag error answer in ~2 s instead of ~6 s: the binaries leave
   # the trainer, the evaluation and TensorFlow to main(), and catch errors from errors.py.
-  modules = ("train", "evaluate", "export", "search", "cli.prepare")
+  modules = ("cli.train", "cli.evaluate", "cli.export", "cli.search", "cli.prepare")
   heavy = ("tensorflow", "instance_loss_jax.trainer", "instance_loss_jax.evaluation")
   code = (f"import sys; import {', '.join('instance_loss_jax.' + m for m in modules)}; "
           f"print([m for m in {heavy!r} if m in sys.modules])")

@@ -23,8 +23,7 @@ LAYERS = [
     ["evaluation"],
     ["trainer", "index"],
     ["cli"],  # the binaries
-    # Their entry points at the old paths (kept for one release), and "": the package's face.
-    ["", "train", "evaluate", "export", "search", "ablate", "port_resnet", "import_matconvnet"],
+    [""],  # the package's face
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 FRAMEWORKS = ("jax", "flax", "optax", "orbax", "tensorflow", "tensorflow_datasets", "torch")

@@ -200,7 +200,7 @@ def test_a_build_that_fails_midway_leaves_no_dataset(tmp_path, monkeypatch):
 def test_the_command_reports_figures_and_names_a_missing_file(tmp_path):
   manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
   write_source("cuhk_pedes", manual)
-  command = [sys.executable, "-m", "instance_loss_jax.data.prepare", "--dataset=cuhk_pedes",
+  command = [sys.executable, "-m", "instance_loss_jax.cli.prepare", "--dataset=cuhk_pedes",
              f"--manual_dir={manual}", f"--data_dir={data_dir}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
@@ -292,7 +292,7 @@ def test_an_unprepared_dataset_says_which_command_prepares_it(both_forms, tmp_pa
   with pytest.raises(DataError, match=(
       r"TFDS dataset synthetic_scenes \(captions\) is not prepared under "
       r"data.tfds_data_dir=.*empty: no .*dataset_info.json. Prepare it with `python -m "
-      r"instance_loss_jax.data.prepare --dataset=synthetic --manual_dir=DIR_WITH_ITS_FILES "
+      r"instance_loss_jax.cli.prepare --dataset=synthetic --manual_dir=DIR_WITH_ITS_FILES "
       r"--data_dir=.*empty`")):
     records.read_split(config, "train")
   config = as_tfds.copy_and_resolve_references()

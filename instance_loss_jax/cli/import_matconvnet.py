@@ -1,6 +1,6 @@
 r"""Import the authors' trained dual-path model (MatConvNet `net-epoch-N.mat`) as a run.
 
-    python -m instance_loss_jax.import_matconvnet --model=net-epoch-N.mat \
+    python -m instance_loss_jax.cli.import_matconvnet --model=net-epoch-N.mat \
         --dictionary=flickr30k_dictionary.mat --workdir=RUN [--config=configs/flickr30k.py:stage2]
 
 writes RUN/config.json, RUN/vocab.json and a checkpoint at step 0 that the evaluation binary,

@@ -1,6 +1,6 @@
 r"""Prepare a dataset once as a TFDS dataset (ArrayRecord) from the files a user has.
 
-    python -m instance_loss_jax.data.prepare --dataset=flickr30k|mscoco|cuhk_pedes|synthetic \
+    python -m instance_loss_jax.cli.prepare --dataset=flickr30k|mscoco|cuhk_pedes|synthetic \
         --manual_dir=DIR --data_dir=LOCAL_OR_GS_DIR
 
 docs/data.md says which files each manual_dir holds and where they come from.

@@ -1,9 +1,9 @@
 r"""Prepare one dataset as a TFDS dataset in the ArrayRecord format, to a local or gs:// data_dir.
 
-    python -m instance_loss_jax.data.prepare --dataset=flickr30k|mscoco|cuhk_pedes|synthetic \
+    python -m instance_loss_jax.cli.prepare --dataset=flickr30k|mscoco|cuhk_pedes|synthetic \
         --manual_dir=DIR_WITH_THE_FILES --data_dir=LOCAL_OR_GS_DIR
 
-(the binary is instance_loss_jax.cli.prepare; this module is its library and an alias).
+(this module is the binary's library).
 
 ArrayRecord gives random access: a host reads record k of a split without the ones before it.
 Its writer writes local files only, so for an object store the dataset is built in a local
@@ -181,9 +181,3 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, num_shards: int = 0,
   paths.write_text(paths.join(dataset_dir(dataset, data_dir), SOURCE_FILE),
                    json.dumps(record, indent=1))
   return _summary(dataset, data_dir, time.perf_counter() - start, reused=False)
-
-
-if __name__ == "__main__":
-  # Run by name: the library does not import the binaries.
-  import runpy  # pylint: disable=g-import-not-at-top
-  runpy.run_module("instance_loss_jax.cli.prepare", run_name="__main__")

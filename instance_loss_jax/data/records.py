@@ -157,7 +157,7 @@ def read_split(config, split: str, check_files: bool = True) -> list[Record]:
   if unset and d.format == "tfds":
     raise DataError(
         f"{' and '.join(unset)} not set (--config.{unset[0]}=...): data.format=tfds reads a "
-        "dataset prepared by `python -m instance_loss_jax.data.prepare` (docs/data.md); "
+        "dataset prepared by `python -m instance_loss_jax.cli.prepare` (docs/data.md); "
         "--config.data.format=karpathy (or cuhk_pedes) with data.json and data.image_root reads "
         "the files as published")
   if unset:

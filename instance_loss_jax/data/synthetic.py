@@ -141,10 +141,3 @@ def generate(out: str, num_images: int, seed: int = 0, image_size: int = 96,
   w2v.wv.save_word2vec_format(os.path.join(out, "word2vec.bin"), binary=True)
   return dict(train=splits.count("train"), val=num_val, test=num_test,
               words=len(w2v.wv.key_to_index))
-
-
-if __name__ == "__main__":
-  # `python -m instance_loss_jax.data.synthetic`, kept for one release: the binary is
-  # instance_loss_jax.cli.synthetic (run by name: the library does not import the binaries).
-  import runpy  # pylint: disable=g-import-not-at-top
-  runpy.run_module("instance_loss_jax.cli.synthetic", run_name="__main__")

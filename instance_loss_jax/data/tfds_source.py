@@ -82,7 +82,7 @@ def _info(data_dir: str, name: str, config: str) -> dict:
     there = prepared_names(data_dir)
     raise DataError(
         f"TFDS dataset {name} ({config}) is not prepared under data.tfds_data_dir={data_dir}: "
-        f"no {info_file}. Prepare it with `python -m instance_loss_jax.data.prepare "
+        f"no {info_file}. Prepare it with `python -m instance_loss_jax.cli.prepare "
         f"--dataset={dataset} --manual_dir=DIR_WITH_ITS_FILES --data_dir={data_dir}` "
         "(docs/data.md)" + (f"; prepared there: {', '.join(there)} (data.tfds_name)"
                             if there else ""))
