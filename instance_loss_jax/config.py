@@ -44,7 +44,6 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 EVAL_FEATURES = ("after_relu", "original")
 FLOAT32_PARTS = ("backbone", "text_cnn", "heads", "batch_norm", "w_share")
 W_SHARE_SHARDINGS = ("classes", "replicated")
-LR_GROUPS = ("backbone", "word_embedding", "text_cnn", "heads", "w_share")
 LR_BATCH_RULES = ("none", "linear", "sqrt")
 
 
@@ -360,6 +359,13 @@ def unknown_keys(cfg: ml_collections.ConfigDict,
   known = _flatten(reference if reference is not None else base_config())
   known_prefixes = {p.rsplit(".", 1)[0] for p in known if "." in p}
   return sorted(p for p in _flatten(cfg) if p not in known and p not in known_prefixes)
+
+
+def uses_mined_negatives(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the step ranks against mined negatives, so that each batch carries a candidate
+  pool (`mined_tokens`, `mined_labels`): the ranking term is on and its negatives are mined.
+  The one rule the pipeline, the batch check and the step read."""
+  return float(cfg.loss.lambdas[0]) > 0 and cfg.loss.negatives == "mined"
 
 
 def frozen_scopes(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:

@@ -295,5 +295,6 @@ def test_backbone_bn_modes_are_told_apart(mode):
   same_rows = np.allclose(np.asarray(out_a[:2]), np.asarray(out_b[:2]), rtol=1e-5, atol=1e-5)
   assert same_rows == (mode == "running")
   moved = [not np.allclose(x, y) for x, y in zip(
-      jax.tree_util.tree_leaves(stored), jax.tree_util.tree_leaves(new_a["batch_stats"]["backbone"]))]
+      jax.tree_util.tree_leaves(stored),
+      jax.tree_util.tree_leaves(new_a["batch_stats"]["backbone"]))]
   assert all(moved) if mode != "running" else not any(moved)

@@ -318,7 +318,8 @@ def test_the_evaluation_scores_each_images_first_five_captions_in_both_forms(tmp
   (each image's first five in the file's order). The JSON and the prepared records alike; 0
   scores all; person retrieval scores all."""
   from helpers import tiny_config  # pylint: disable=g-import-not-at-top
-  from instance_loss_jax.evaluation.evaluator import scored_records  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  scored_records = evaluator.scored_records
   manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
   json_path, image_root = write_karpathy(manual, ["train", "restval", "test", "test", "test",
                                                   "val"], coco=True, sentences_of={2: 7, 4: 6})

@@ -66,13 +66,14 @@ def test_eight_devices_match_one_device(w_share_sharding, num_classes):
   # One step, compared as what it changed: the update (lr times the Nesterov-momentum
   # gradient), the BN statistics' move and the momentum (the raw gradient), each to 1e-3 of
   # its own tensor's scale, plus 1e-5 for the tensors whose gradient is zero but for rounding
-  # (the word embedding's bias, before a BatchNorm: its momentum is float noise of ~1e-6). A gradient off by the device count (W_share's, say) is 8x; a BN
-  # statistic of one device's rows instead of the batch's is off by its whole size. One step,
-  # not two: float32 sums in another order (8 devices' partial sums; and XLA:CPU vectorises
-  # for the host CPU, so the order differs between Intel and AMD too) are amplified by each
-  # further large step, and two steps failed on an AMD EPYC at this tolerance (a BN bias off
-  # by 5.9e-5 of 1.1e-2); one step's largest relative difference here is recorded in
-  # benchmarks/RESULTS.md ("One step's spread, 8 devices against 1").
+  # (the word embedding's bias, before a BatchNorm: its momentum is float noise of ~1e-6). A
+  # gradient off by the device count (W_share's, say) is 8x; a BN statistic of one device's
+  # rows instead of the batch's is off by its whole size. One step, not two: float32 sums in
+  # another order (8 devices' partial sums; and XLA:CPU vectorises for the host CPU, so the
+  # order differs between Intel and AMD too) are amplified by each further large step, and two
+  # steps failed on an AMD EPYC at this tolerance (a BN bias off by 5.9e-5 of 1.1e-2). One
+  # step's largest relative gap here, 1.0e-5, and two steps', 1.5e-4: benchmarks/RESULTS.md
+  # ("Eight devices against one"; benchmarks/device_count_spread.py).
   change = lambda new, old: jax.tree_util.tree_map(lambda a, b: np.asarray(a) - np.asarray(b),
                                                    new, old)
   init_host = jax.device_get(init)

@@ -46,7 +46,9 @@ def define_flags():
         "--config=configs/flickr30k.py:stage2.")
     flags.FLAGS["config"].default_as_str = None  # 100 lines of --help that say nothing here
   flags.DEFINE_string("workdir", None, "The training run's directory.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the best by validation rsum "
+                       "if the run validated during training, else the newest; as export, "
+                       "search and the Index read a run).")
   flags.DEFINE_string("split", None, "Split to evaluate (default: config.eval.split).")
   runner.define_print_config()
   runner.require_unless_print_config("workdir")

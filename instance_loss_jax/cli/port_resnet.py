@@ -31,6 +31,7 @@ from absl import flags
 from instance_loss_jax.cli import runner
 from instance_loss_jax.config import STAGE_SIZES
 from instance_loss_jax import matconvnet
+from instance_loss_jax.matconvnet.dagnn import put_leaves
 from instance_loss_jax.backbone import BackboneError, save_backbone
 
 KERAS_EPSILON = 1.001e-5
@@ -124,21 +125,14 @@ def keras_to_variables(layers: dict[str, dict[str, np.ndarray]], depth: int, sou
       missing.extend(need)
       continue
     bias = c["bias"].astype(np.float32)
-    _put(params, ours, dict(kernel=c["kernel"].astype(np.float32)))
-    _put(params, _bn_path(ours), dict(scale=b["gamma"], bias=b["beta"]))
+    put_leaves(params, ours, dict(kernel=c["kernel"].astype(np.float32)))
+    put_leaves(params, _bn_path(ours), dict(scale=b["gamma"], bias=b["beta"]))
     # BN(conv(x) + c) = BN'(conv(x)) with the running mean shifted by c: exact.
-    _put(stats, _bn_path(ours), dict(mean=b["moving_mean"] - bias, var=b["moving_variance"]))
+    put_leaves(stats, _bn_path(ours), dict(mean=b["moving_mean"] - bias, var=b["moving_variance"]))
   if missing:
     raise BackboneError(f"{source}: missing tensors for a ResNet-{depth}: "
                         + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
   return dict(params=params, batch_stats=stats)
-
-
-def _put(tree, path: str, leaves: dict[str, np.ndarray]):
-  node = tree
-  for part in path.split("/"):
-    node = node.setdefault(part, {})
-  node.update({k: np.asarray(v, np.float32) for k, v in leaves.items()})
 
 
 def read_torch(path: str) -> dict[str, np.ndarray]:
@@ -195,9 +189,9 @@ def torch_to_variables(state: dict[str, np.ndarray], depth: int, source: str):
       continue
     used.update(keys + [f"{bn}.num_batches_tracked"])
     w, g, beta, mean, var = (state[k] for k in keys)
-    _put(params, ours, dict(kernel=np.transpose(w, (2, 3, 1, 0))))  # OIHW -> HWIO
-    _put(params, _bn_path(ours), dict(scale=g, bias=beta))
-    _put(stats, _bn_path(ours), dict(mean=mean, var=var))
+    put_leaves(params, ours, dict(kernel=np.transpose(w, (2, 3, 1, 0))))  # OIHW -> HWIO
+    put_leaves(params, _bn_path(ours), dict(scale=g, bias=beta))
+    put_leaves(stats, _bn_path(ours), dict(mean=mean, var=var))
   if missing:
     raise BackboneError(f"{source}: missing tensors for a ResNet-{depth}: "
                         + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))

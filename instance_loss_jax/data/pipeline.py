@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
+from instance_loss_jax.config import uses_mined_negatives
 from instance_loss_jax.data import tfds_source
 from instance_loss_jax.data.records import DataError, Record
 from instance_loss_jax.data.vocab import Vocabulary, encode
@@ -211,7 +212,7 @@ def train_dataset(split: EncodedSplit, config, num_devices: int, start_step: int
   ds = tf.data.Dataset.range(start_step * host_batch, 2**62)
   ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(host_batch, drop_remainder=True)
-  if config.loss.lambdas[0] > 0 and config.loss.negatives == "mined":
+  if uses_mined_negatives(config):
     caption_labels = tf.constant(split.labels[split.caption_image])
     pools = tf.data.Dataset.range(start_step, 2**62).map(
         lambda step: mined_candidates(all_tokens, all_lengths, caption_labels, config, step,

@@ -146,10 +146,11 @@ class Evaluator:
 
 
 def evaluate(config, workdir: str, split: str = "test", step: int | None = None,
-             write: bool = True, devices=None, mgr=None, prefer: str = "newest"
+             write: bool = True, devices=None, mgr=None, prefer: str = "best"
              ) -> dict[str, Any]:
-  """Evaluates `workdir`'s checkpoint (`checkpoint.resolve_step(step, prefer)`: default the
-  newest), read with `config` (`inference.load_run`), on `split` with `devices` (default: this
+  """Evaluates `workdir`'s checkpoint (`checkpoint.resolve_step(step, prefer)`: default, as
+  every reader of a run, the best by validation rsum when the run validated, else the newest),
+  read with `config` (`inference.load_run`), on `split` with `devices` (default: this
   process's), whatever mesh wrote it; returns the results dict. `mgr`: the workdir's checkpoint
   manager if the caller has one (the trainer), else a reader is opened."""
   run = load_run(workdir, step, prefer=prefer, config=config, mgr=mgr, devices=devices)

@@ -240,7 +240,7 @@ class GraphWalk:
     if int(np.prod(size)) != kernel.size:
       raise BackboneError(f"{dag.source}: {conv.name}'s filter has {kernel.size} values, its "
                           f"size is {list(size)}")
-    _put(self.params, ours, dict(kernel=kernel.reshape(shape or size)))
+    put_leaves(self.params, ours, dict(kernel=kernel.reshape(shape or size)))
     return self.batch_norm(bn, bn_name, shift)
 
   def batch_norm(self, bn: Layer, bn_name: str, mean_shift=None) -> str:
@@ -259,8 +259,8 @@ class GraphWalk:
     # MatConvNet's test-mode BN divides by the stored sigma (= sqrt(var + epsilon), no epsilon
     # added again); ours by sqrt(var + epsilon): var = sigma^2 - epsilon gives the same sigma.
     # `use_epsilon` converts to another epsilon, exactly.
-    _put(self.params, bn_name, dict(scale=mult.ravel(), bias=bias.ravel()))
-    _put(self.stats, bn_name, dict(mean=mean, var=sigma.astype(np.float64) ** 2 - epsilon))
+    put_leaves(self.params, bn_name, dict(scale=mult.ravel(), bias=bias.ravel()))
+    put_leaves(self.stats, bn_name, dict(mean=mean, var=sigma.astype(np.float64) ** 2 - epsilon))
     return bn.outputs[0]
 
   def use_epsilon(self, *scopes: str) -> float | None:
@@ -325,7 +325,9 @@ class GraphWalk:
     return self.relu(total.outputs[0], total.name), chain
 
 
-def _put(tree, path: str, leaves: dict[str, np.ndarray]):
+def put_leaves(tree, path: str, leaves: dict[str, np.ndarray]):
+  """Sets float32 `leaves` at the /-separated `path` of a nested variables dict (every port's
+  way of building our tree: MatConvNet's here, Keras' and torchvision's in cli/port_resnet.py)."""
   node = tree
   for part in path.split("/"):
     node = node.setdefault(part, {})

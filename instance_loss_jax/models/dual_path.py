@@ -80,7 +80,8 @@ class DualPath(nn.Module):
         vocab_size=t.vocab_size, word_dim=t.word_dim, blocks=tuple(t.blocks),
         widths=tuple(t.widths), first_mids=tuple(t.first_mids), strides=tuple(t.strides),
         bottleneck_ratio=t.bottleneck_ratio, pooling=t.pooling, bn_momentum=m.bn_momentum,
-        bn_epsilon=t.bn_epsilon, axis_name=self.axis_name, dtype=self._dtype("text_cnn"), bn_dtype=bn_dtype)
+        bn_epsilon=t.bn_epsilon, axis_name=self.axis_name, dtype=self._dtype("text_cnn"),
+        bn_dtype=bn_dtype)
     self.image_head = Head(m.embed_dim, m.image_head_layers, m.bn_momentum,
                            m.head_bn_epsilon, self.axis_name, self._dtype("heads"), bn_dtype)
     self.text_head = Head(m.embed_dim, m.text_head_layers, m.bn_momentum, m.head_bn_epsilon,

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 
 from instance_loss_jax import sharding
+from instance_loss_jax.config import uses_mined_negatives
 from instance_loss_jax.errors import BatchError
 
 
@@ -23,7 +24,7 @@ def check_batch(batch: dict[str, Any], config: ml_collections.ConfigDict, mesh) 
   processes, devices = jax.process_count(), mesh.size
   rows = config.batch_size // processes
   expected = {"images": (rows, size, size, 3), "tokens": (rows, length), "labels": (rows,)}
-  if config.loss.lambdas[0] > 0 and config.loss.negatives == "mined":
+  if uses_mined_negatives(config):
     k = config.loss.num_mined // processes
     expected.update(mined_tokens=(k, length), mined_labels=(k,))
     if config.loss.num_mined % devices:
@@ -58,7 +59,7 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict[str, jax.Sha
   n, size, length = config.batch_size, config.image_size, config.model.text.max_len
   shapes = dict(images=((n, size, size, 3), jnp.float32), tokens=((n, length), jnp.int32),
                 labels=((n,), jnp.int32))
-  if config.loss.lambdas[0] > 0 and config.loss.negatives == "mined":
+  if uses_mined_negatives(config):
     shapes.update(mined_tokens=((config.loss.num_mined, length), jnp.int32),
                   mined_labels=((config.loss.num_mined,), jnp.int32))
   return {k: jax.ShapeDtypeStruct(s, d, sharding=spec) for k, (s, d) in shapes.items()}

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from instance_loss_jax import checkpoint, sharding
-from instance_loss_jax.config import frozen_scopes, validate_config
+from instance_loss_jax.config import frozen_scopes, uses_mined_negatives, validate_config
 from instance_loss_jax.models import build_model, dropout_mask
 from instance_loss_jax.training import losses, optim
 from instance_loss_jax.training.batch import check_batch
@@ -61,7 +61,7 @@ def _train_step(arrays: dict[str, Any], batch: dict[str, Any], *, config, tx, sc
   all_labels = gather(labels)
 
   mined_emb = mined_labels = None
-  if l_rank and negatives == "mined":
+  if uses_mined_negatives(config):
     # The original mined negatives among captions embedded in inference mode: no gradient.
     mined = model.apply(variables_of(state), batch["mined_tokens"], train=False,
                         method="text_embedding")
