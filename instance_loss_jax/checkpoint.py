@@ -39,10 +39,21 @@ BEST_METRIC = "rsum"  # the validation figure the best checkpoint is chosen by
 # slice. Below this size a slice is not worth its compile: one replica writes the array whole.
 # Large replicated arrays (word embeddings, wide kernels) keep the shared write.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, ocp.type_handlers.ArrayHandler(
-    array_metadata_store=array_metadata_store.Store(),  # as in Orbax's default handler
-    min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True,
-    ignore_warnings=True)  # else each run logs a warning about the override
+
+
+def _state_handler(ocdbt: bool) -> ocp.PyTreeCheckpointHandler:
+  """The train state's writer: Orbax's own, with the jax.Array handler above in a registry of
+  its own (Orbax's global registry, which every other user of Orbax in the process shares, is
+  left as it is). The files are those of Orbax's standard handler, which reads them back."""
+  registry = type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY
+  arrays = ocp.type_handlers.ArrayHandler(
+      array_metadata_store=array_metadata_store.Store(),  # as in Orbax's default handler
+      min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+  handlers = [(t, arrays if t is jax.Array else registry.get(t))
+              for t in type_handler_registry.supported_types()]
+  return ocp.PyTreeCheckpointHandler(
+      use_ocdbt=ocdbt,
+      type_handler_registry=type_handler_registry.create_type_handler_registry(*handlers))
 
 
 def run_meta(config, vocab_fingerprint: str) -> dict[str, Any]:
@@ -127,8 +138,7 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False,
                                     keep_checkpoints_without_metrics=False)])))
   return ocp.CheckpointManager(
       paths.join(paths.absolute(workdir), CHECKPOINT_DIR), options=options,
-      item_handlers=dict(state=ocp.StandardCheckpointHandler(use_ocdbt=ocdbt),
-                         meta=ocp.JsonCheckpointHandler()))
+      item_handlers=dict(state=_state_handler(ocdbt), meta=ocp.JsonCheckpointHandler()))
 
 
 def state_tree(state) -> dict[str, Any]:
@@ -153,7 +163,7 @@ def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict[str, Any],
     meta = dict(meta, val=metrics)
   _SAVING[str(mgr.directory)] = step
   try:
-    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree(state)),
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state_tree(state)),
                                            meta=ocp.args.JsonSave(meta)), metrics=metrics,
              force=True)
   except Exception as e:  # pylint: disable=broad-exception-caught

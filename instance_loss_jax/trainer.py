@@ -323,6 +323,7 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, Any] | None
   """Trains (or resumes) the run in `workdir` on `mesh` (default: every device of every
   process); returns the final evaluation's results."""
   validate_config(config)
+  pipeline.keep_tensorflow_off_accelerators()  # before TensorBoard's writer starts TensorFlow
   created = not paths.path(workdir).exists()
   check_workdir(workdir)
   # Before anything is written: a workdir that another live job writes is refused here.

@@ -144,3 +144,28 @@ print(json.dumps(sorted({{m.split(".")[0] for m in sys.modules}} & set({FRAMEWOR
                         env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
   assert done.returncode == 0, done.stderr[-2000:]
   assert json.loads(done.stdout) == [], done.stdout
+
+
+def test_importing_the_package_changes_nothing_in_the_process():
+  """Importing the Index (JAX, Orbax, the pipeline, TensorFlow with it) leaves Orbax's global
+  handler registry, TensorFlow's visible devices and the environment as they were: the setup
+  happens where a run, a save or a dataset starts."""
+  import subprocess  # pylint: disable=g-import-not-at-top  (only this test starts a process)
+  import sys  # pylint: disable=g-import-not-at-top  (only this test starts a process)
+  code = """
+import os
+import tensorflow as tf
+calls = []
+tf.config.set_visible_devices = lambda *a, **k: calls.append(a)
+env = dict(os.environ)
+from orbax.checkpoint._src.serialization import type_handler_registry as registry
+import jax
+before = registry.GLOBAL_TYPE_HANDLER_REGISTRY.get(jax.Array)
+import instance_loss_jax.index, instance_loss_jax.data.pipeline, instance_loss_jax.trainer
+after = registry.GLOBAL_TYPE_HANDLER_REGISTRY.get(jax.Array)
+print(calls, after is before, dict(os.environ) == env)
+"""
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env=dict(env, JAX_PLATFORMS="cpu"), timeout=300).stdout
+  assert out.strip().splitlines()[-1] == "[] True True", out

@@ -40,6 +40,10 @@ def configure_logging():
   a failed save (below). `--verbosity=0` (or `-v 1` for debug) shows the libraries' INFO again,
   and everything Orbax reports.
   """
+  # TensorFlow's C++ INFO logs (tf.data at run time) stay off the console; a user's own setting
+  # wins. Set before main's deferred imports start TensorFlow. (Its start-up notice, oneDNN,
+  # prints anyway: abseil logs it before its initialisation.)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   verbosity = flags.FLAGS["verbosity"]
   if verbosity.present:  # absl has set its own logger's level from it
     logging.getLogger().setLevel(converter.absl_to_standard(verbosity.value))

@@ -23,8 +23,18 @@ from instance_loss_jax.data.vocab import Vocabulary, encode
 
 log = logging.getLogger(__name__)
 
-# The input pipeline is CPU work; keep TensorFlow off the accelerators JAX uses.
-tf.config.set_visible_devices([], "GPU")
+
+
+def keep_tensorflow_off_accelerators() -> None:
+  """The input pipeline is CPU work: TensorFlow must not take the GPUs JAX uses (its memory
+  pools would). Called where TensorFlow is first put to work (a run, a dataset), not at import:
+  importing this module changes nothing in the process. Once TensorFlow has started, its
+  devices cannot change: then this does nothing (a CPU-only TensorFlow has none anyway)."""
+  try:
+    if tf.config.get_visible_devices("GPU"):
+      tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TensorFlow already initialised by the caller: its choice stands
+    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +187,7 @@ def train_dataset(split: EncodedSplit, config, num_devices: int, start_step: int
   (the train step assembles the hosts' rows into the global batch over `num_devices`); with
   mined negatives also {mined_tokens, mined_labels}, this host's rows of the step's candidate
   pool (`mined_candidates`)."""
+  keep_tensorflow_off_accelerators()
   data, max_len, size = config.data, config.model.text.max_len, config.image_size
   host_batch = config.batch_size // process_count
   if config.batch_size % num_devices or num_devices % process_count:
@@ -254,6 +265,7 @@ def mined_candidates(tokens: tf.Tensor, lengths: tf.Tensor, caption_labels: tf.T
 def eval_image_files(paths: Sequence[str], config, batch_size: int) -> tf.data.Dataset:
   """Image files in order, batched, each with its row `index`: whole images resized to the
   model's input (the mirror is averaged in at embedding time)."""
+  keep_tensorflow_off_accelerators()
   data, size = config.data, config.image_size
   images = tf.data.Dataset.from_tensor_slices(
       dict(path=np.asarray(paths), index=np.arange(len(paths), dtype=np.int32)))
