@@ -11,6 +11,7 @@ over its rows, each process supplying its own.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -115,17 +116,43 @@ def _train_step(arrays: dict[str, Any], batch: dict[str, Any], *, config, tx, sc
   return checkpoint.state_tree(new_state), metrics
 
 
-def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: float, mesh=None):
-  """Returns step(state, batch) -> (state, metrics) over `mesh` (default: every device of every
-  process, `sharding.make_mesh()`).
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """step(state, batch) -> (state, metrics) over `mesh`, and the facts about it.
 
   state: a global TrainState laid out by `sharding.shardings` (see `init_train_state`,
   `place_state`); batch: this process's rows as numpy (checked against the config first, then
-  assembled into global arrays), or what `step.place(rows)` returned for them (ahead of time:
-  `training.prefetch.DevicePrefetch`). Metrics come back replicated. `step.jitted` is the compiled
+  assembled into global arrays), or what `place(rows)` returned for them (ahead of time:
+  `training.prefetch.DevicePrefetch`). Metrics come back replicated. `jitted` is the compiled
   function of (state arrays `checkpoint.state_tree(state)`, global batch): benchmarks lower it
   (`abstract_batch`) for XLA's analyses.
   """
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  jitted: Any
+
+  def place(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
+    """This process's numpy rows checked against the config, then as global arrays."""
+    check_batch(batch, self.config, self.mesh)
+    return sharding.global_batch(batch, self.mesh)
+
+  def __call__(self, state, batch):
+    if not all(isinstance(v, jax.Array) for v in batch.values()):
+      batch = self.place(batch)
+    arrays, metrics = self.jitted(checkpoint.state_tree(state), batch)
+    return state.replace(**arrays), metrics
+
+  def flops(self, state, batch) -> float | None:
+    """XLA's FLOP count of one step per device, for a state and placed batch like those of a
+    call made already: the lowering matches that call's, so its executable is reused, not
+    compiled again."""
+    return compiled_flops(self.jitted.lower(checkpoint.state_tree(state), batch).compile())
+
+
+def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: float,
+                    mesh=None) -> TrainStep:
+  """The train step over `mesh` (default: every device of every process,
+  `sharding.make_mesh()`), compiled at its first call."""
   validate_config(config)
   mesh = mesh if mesh is not None else sharding.make_mesh()
   num_padded = sharding.padded_num_classes(config, mesh)
@@ -146,25 +173,4 @@ def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: float, m
   jitted = jax.jit(fn, donate_argnums=(0,),
                    out_shardings=(jax.tree_util.tree_map(named, state_specs),
                                   named(jax.sharding.PartitionSpec())))
-
-  def place(batch):
-    check_batch(batch, config, mesh)
-    return sharding.global_batch(batch, mesh)
-
-  def step(state, batch):
-    if not all(isinstance(v, jax.Array) for v in batch.values()):
-      batch = place(batch)
-    arrays, metrics = jitted(checkpoint.state_tree(state), batch)
-    return state.replace(**arrays), metrics
-
-  def flops(state, batch) -> float | None:
-    """XLA's FLOP count of one step per device, for a state and placed batch like those of a
-    call made already: the lowering matches that call's, so its executable is reused, not
-    compiled again."""
-    return compiled_flops(jitted.lower(checkpoint.state_tree(state), batch).compile())
-
-  step.place = place
-  step.flops = flops
-  step.jitted = jitted
-  step.mesh = mesh
-  return step
+  return TrainStep(config, mesh, jitted)
