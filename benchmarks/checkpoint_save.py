@@ -28,7 +28,8 @@ def child(writer: str, devices: int) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from helpers import tiny_config  # pylint: disable=g-import-not-at-top
-  from instance_loss_jax import checkpoint, sharding  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax import sharding  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax.workdir import checkpoint  # pylint: disable=g-import-not-at-top
   from instance_loss_jax import training as ts  # pylint: disable=g-import-not-at-top
   if writer == "orbax_default":  # undo checkpoint.py's registration
     from orbax.checkpoint._src.metadata import array_metadata_store  # pylint: disable=g-import-not-at-top

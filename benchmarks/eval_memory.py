@@ -42,7 +42,8 @@ def build(workdir: str, classes: int) -> str:
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
   from test_training import small_config
-  from instance_loss_jax import checkpoint, trainer
+  from instance_loss_jax import trainer
+  from instance_loss_jax.workdir import checkpoint
   from instance_loss_jax.data import synthetic
 
   data, run = os.path.join(workdir, "data"), os.path.join(workdir, "run")

@@ -33,7 +33,8 @@ def child(variant: str) -> None:
   # pylint: disable=g-import-not-at-top
   import jax
   from helpers import tiny_config
-  from instance_loss_jax import checkpoint, sharding, training as ts
+  from instance_loss_jax import sharding, training as ts
+  from instance_loss_jax.workdir import checkpoint
   config = tiny_config(**STAGE2, **VARIANTS[variant])
   mesh = sharding.make_mesh(jax.devices()[:1])
   state = ts.place_state(ts.create_train_state(config, jax.random.key(0), 10), config, mesh)

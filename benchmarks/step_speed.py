@@ -64,7 +64,7 @@ def host_batch(config, seed=0):
 def compile_step(config, mesh):
   """Our train step for `config` on `mesh`: (step, compiled) with nothing allocated (the state
   and batch are abstract: shapes and shardings)."""
-  from instance_loss_jax import checkpoint
+  from instance_loss_jax.workdir import checkpoint
   from instance_loss_jax import training as ts
   step = ts.make_train_step(config, 1000, mesh)
   template = ts.abstract_train_state(config, 1000, mesh)
@@ -94,7 +94,8 @@ def bench_ours(config, devices):
   (`run`), unless it does not fit (then compiled only)."""
   import jax
 
-  from instance_loss_jax import checkpoint, sharding
+  from instance_loss_jax import sharding
+  from instance_loss_jax.workdir import checkpoint
   from instance_loss_jax import training as ts
   from instance_loss_jax.training import flops
   row = dict(framework="jax/xla", stage=config.stage, dtype=config.compute_dtype,

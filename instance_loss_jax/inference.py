@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instance_loss_jax import checkpoint, paths, sharding
+from instance_loss_jax import paths, sharding
+from instance_loss_jax.workdir import checkpoint
 from instance_loss_jax.config import apply_overrides, run_config
 from instance_loss_jax.data import records
 from instance_loss_jax.data.vocab import Vocabulary

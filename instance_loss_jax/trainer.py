@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from instance_loss_jax import backbone, checkpoint, faults, inference, paths, sharding, writer
+from instance_loss_jax import backbone, inference, paths, sharding
+from instance_loss_jax.workdir import checkpoint, faults, writer
 from instance_loss_jax import training
 from instance_loss_jax.config import ConfigError, input_convention, run_config, validate_config
 from instance_loss_jax.data import pipeline, records

@@ -31,7 +31,8 @@ jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=proc
 from jax.experimental import multihost_utils  # noqa: E402
 
 from helpers import tiny_config  # noqa: E402
-from instance_loss_jax import checkpoint, sharding, trainer, training  # noqa: E402
+from instance_loss_jax import sharding, trainer, training  # noqa: E402
+from instance_loss_jax.workdir import checkpoint  # noqa: E402
 from test_storage_faults import damage  # noqa: E402
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")

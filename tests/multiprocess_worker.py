@@ -49,7 +49,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 
 from jax.experimental import multihost_utils  # noqa: E402
-from instance_loss_jax import writer  # noqa: E402
+from instance_loss_jax.workdir import writer  # noqa: E402
 
 claims = os.path.join(os.path.dirname(out), "claimed")
 os.makedirs(claims, exist_ok=True)

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from instance_loss_jax import checkpoint, sharding
+from instance_loss_jax import sharding
+from instance_loss_jax.workdir import checkpoint
 
 
 def test_small_replicated_arrays_are_written_whole_and_large_ones_in_slices(tmp_path, caplog):

@@ -17,8 +17,8 @@ PACKAGE = "instance_loss_jax"
 LAYERS = [
     ["errors"],
     ["config", "paths"],
-    ["sharding", "models", "data", "faults"],
-    ["checkpoint", "backbone", "writer", "matconvnet"],
+    ["sharding", "models", "data"],
+    ["workdir", "backbone", "matconvnet"],  # workdir: checkpoints, faults, the one writer
     ["training", "inference"],
     ["evaluation"],
     ["trainer", "index"],

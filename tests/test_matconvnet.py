@@ -338,7 +338,8 @@ def test_what_is_not_a_dagnn_resnet_is_named(tmp_path):
 @pytest.mark.slow  # a Stage I run
 def test_stage1_starts_from_a_ported_dagnn(data_dir, tmp_path):
   import jax
-  from instance_loss_jax import checkpoint, trainer
+  from instance_loss_jax import trainer
+  from instance_loss_jax.workdir import checkpoint
   from test_training import small_config
   net = dagnn_resnet(14, 4, np.random.default_rng(3))
   save_v73(str(tmp_path / "net.mat"), net)

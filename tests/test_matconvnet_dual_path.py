@@ -177,7 +177,8 @@ def test_what_is_not_the_authors_model_is_named(tmp_path):
 @pytest.mark.slow  # an import, an export, a Stage II run
 def test_imported_run_exports_searches_and_starts_stage2(data_dir, tmp_path):
   import json
-  from instance_loss_jax import checkpoint, trainer
+  from instance_loss_jax import trainer
+  from instance_loss_jax.workdir import checkpoint
   from instance_loss_jax.cli import import_matconvnet
   from instance_loss_jax.data import records as records_lib
   from instance_loss_jax.index import Index

@@ -7,7 +7,8 @@ import pytest
 
 import helpers
 from helpers import random_batch, tiny_config
-from instance_loss_jax import checkpoint, sharding, training as ts, trainer
+from instance_loss_jax import sharding, training as ts, trainer
+from instance_loss_jax.workdir import checkpoint
 from instance_loss_jax.evaluation import evaluator
 from instance_loss_jax import config as config_lib
 from test_train_step import STAGE2, assert_close_to_scale

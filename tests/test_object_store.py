@@ -22,7 +22,8 @@ import jax
 import numpy as np
 import pytest
 
-from instance_loss_jax import checkpoint, faults, sharding, trainer, writer
+from instance_loss_jax import sharding, trainer
+from instance_loss_jax.workdir import checkpoint, faults, writer
 from instance_loss_jax.errors import StorageError
 
 from gcs_emulator import DENY_WRITES

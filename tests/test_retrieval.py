@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from instance_loss_jax import Index, checkpoint, inference, sharding, trainer
+from instance_loss_jax import Index, inference, sharding, trainer
+from instance_loss_jax.workdir import checkpoint
 from instance_loss_jax.data import records, synthetic
 from instance_loss_jax.errors import RetrievalError
 from helpers import xla_flags

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from helpers import Processes, xla_flags
-from instance_loss_jax import checkpoint, faults, inference, trainer
+from instance_loss_jax import inference, trainer
+from instance_loss_jax.workdir import checkpoint, faults
 from instance_loss_jax.errors import CheckpointError, StorageError, UnreadableCheckpoint
 from test_training import ROOT, data_dir, flags_for, small_config, small_overrides  # noqa: F401
 

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from instance_loss_jax import backbone, checkpoint, inference, sharding, trainer
+from instance_loss_jax import backbone, inference, sharding, trainer
+from instance_loss_jax.workdir import checkpoint
 from instance_loss_jax import config as config_lib
 from instance_loss_jax.config import ConfigError
 from instance_loss_jax.data import records, synthetic

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from instance_loss_jax import writer
+from instance_loss_jax.workdir import writer
 
 
 def _dead_pid() -> int:

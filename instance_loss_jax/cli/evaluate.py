@@ -64,7 +64,7 @@ def resolve_config(f):
                       "--workdir=RUN, or --config=FILE")
   # Imported here: the checkpoint module imports Orbax and JAX, which --help does not need.
   # pylint: disable=g-import-not-at-top
-  from instance_loss_jax import checkpoint
+  from instance_loss_jax.workdir import checkpoint
   from instance_loss_jax.config import apply_overrides
   config = apply_overrides(checkpoint.read_config(f.workdir),
                            config_flags.get_override_values(f["config"]))

@@ -64,7 +64,8 @@ def import_run(model: str, dictionary: str, workdir: str, config) -> dict[str, A
   was set."""
   # Imported here: JAX, Orbax and the model, after the flags are parsed.
   import jax  # pylint: disable=g-import-not-at-top
-  from instance_loss_jax import checkpoint, config as config_lib, training  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax import config as config_lib, training  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax.workdir import checkpoint  # pylint: disable=g-import-not-at-top
   from instance_loss_jax import sharding  # pylint: disable=g-import-not-at-top
   from instance_loss_jax.data.vocab import Vocabulary  # pylint: disable=g-import-not-at-top
   from instance_loss_jax.errors import BackboneError  # pylint: disable=g-import-not-at-top

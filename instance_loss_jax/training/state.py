@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax.training import train_state
 
-from instance_loss_jax import checkpoint, sharding
+from instance_loss_jax import sharding
+from instance_loss_jax.workdir import checkpoint
 from instance_loss_jax.config import validate_config
 from instance_loss_jax.models import build_model
 from instance_loss_jax.training import optim

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from instance_loss_jax import checkpoint, sharding
+from instance_loss_jax import sharding
+from instance_loss_jax.workdir import checkpoint
 from instance_loss_jax.config import frozen_scopes, uses_mined_negatives, validate_config
 from instance_loss_jax.models import build_model, dropout_mask
 from instance_loss_jax.training import losses, optim

@@ -22,7 +22,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint._src.serialization import type_handler_registry
 
-from instance_loss_jax import faults, paths, sharding
+from instance_loss_jax import paths, sharding
+from instance_loss_jax.workdir import faults
 from instance_loss_jax import config as config_lib
 from instance_loss_jax.config import input_convention
 from instance_loss_jax.errors import CheckpointError, UnreadableCheckpoint
