@@ -26,11 +26,10 @@ import uuid
 from typing import Any
 
 import jax
-from jax.experimental import multihost_utils
-import numpy as np
 
 from instance_loss_jax import paths
 from instance_loss_jax.errors import TrainingError
+from instance_loss_jax.workdir import faults
 
 log = logging.getLogger(__name__)
 CLAIM_FILE = "WRITER.json"
@@ -99,8 +98,7 @@ class WriterClaim:
     refusal = ""
     if jax.process_index() == 0:
       refusal = self._claim_or_refusal()
-    if jax.process_count() > 1:
-      refusal = _broadcast_text(refusal)
+    refusal = faults.gather_text(refusal)[0]  # process 0's verdict, on every process
     if refusal:
       raise WorkdirBusy(refusal)
     return self
@@ -161,11 +159,3 @@ class WriterClaim:
   def __exit__(self, *exc) -> None:
     self.release()
 
-
-def _broadcast_text(text: str, size: int = 1024) -> str:
-  """Process 0's `text` on every process (a fixed-size byte buffer through a collective)."""
-  buffer = np.zeros(size, np.uint8)
-  data = text.encode("utf-8")[:size]
-  buffer[:len(data)] = np.frombuffer(data, np.uint8)
-  out = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
-  return bytes(out[out > 0]).decode("utf-8", errors="replace")
