@@ -28,7 +28,10 @@ from instance_loss_jax.models.resnet import ResNet
 ORIGIN_FILE = "origin.json"
 VARIABLES_DIR = "variables"
 ORIGIN_KEYS = ("source", "format", "depth", "stride_variant", "bn_epsilon", "input")
-DEFAULT_STEM_POOL_PAD = [1, 1, 1, 1]  # Keras and torchvision (models/resnet.py)
+# What a record leaves out is the ResNet's own default (models/resnet.py): ImageNet ResNets are
+# 64 wide (small test backbones record theirs); a record without a stem pool padding is from a
+# Keras or torchvision file, written before the field existed.
+RECORD_DEFAULTS = {"width": ResNet.width, "stem_pool_pad": list(ResNet.stem_pool_pad)}
 
 
 def save_backbone(path: str, variables: dict[str, Any], origin: dict[str, Any]) -> None:
@@ -82,17 +85,16 @@ def load_backbone(path: str) -> tuple[ResNet, dict[str, Any]]:
       variables = ckpt.restore(paths.join(paths.absolute(path), VARIABLES_DIR))
   except Exception as e:  # Orbax raises several types for a damaged checkpoint
     raise BackboneError(f"{path}: cannot read its variables ({e})") from None
-  module = ResNet(depth=origin["depth"], width=origin.get("width", 64),
+  origin = {**RECORD_DEFAULTS, **origin}
+  module = ResNet(depth=origin["depth"], width=origin["width"],
                   stride_variant=origin["stride_variant"], bn_epsilon=origin["bn_epsilon"],
-                  stem_pool_pad=tuple(origin.get("stem_pool_pad", DEFAULT_STEM_POOL_PAD)))
+                  stem_pool_pad=tuple(origin["stem_pool_pad"]))
   return module, variables
 
 
 def origin_mismatches(origin: dict[str, Any], image_config) -> list[str]:
   """Fields of the run's `model.image` that the backbone record contradicts."""
-  # ImageNet ResNets are 64 wide (small test backbones record theirs); a record without a stem
-  # pool padding is from a Keras or torchvision file, written before the field existed.
-  origin = {"width": 64, "stem_pool_pad": DEFAULT_STEM_POOL_PAD, **origin}
+  origin = {**RECORD_DEFAULTS, **origin}
   out = []
   for key in ("depth", "width", "stride_variant", "bn_epsilon", "stem_pool_pad"):
     ours, theirs = image_config[key], origin[key]
