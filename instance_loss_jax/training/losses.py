@@ -1,11 +1,15 @@
 """Instance loss, the bidirectional ranking loss, and their weighted sum (paper eqs. 4-9).
 
-Public API:
-  instance_loss(logits, labels)
+Public API. What the train step (training/step.py) assembles its objective from, on the mesh:
   instance_loss_per_row(logits, labels, num_classes, axis_name=None)  (W_share split over classes)
+  ranking_loss_against(img_emb, txt_emb, labels, pool_img, pool_txt, pool_labels, margin,
+                       negatives, rng, mined_txt_emb, mined_labels, anchor_rows=(0, None))
+                       (this device's anchors against the global batch's negatives)
+  total_loss(lambdas, rank, visual, textual)  (eq. 9)
+One batch on one device, the same functions wrapped (for a loop of one's own, and the tests):
+  instance_loss(logits, labels)
   ranking_loss(img_emb, txt_emb, margin=1.0, negatives="hardest", rng=None, labels=None,
-               mined_txt_emb=None, mined_labels=None)
-  total_loss(lambdas, rank, visual, textual)  (eq. 9: what the train step sums)
+               mined_txt_emb=None, mined_labels=None)  (ranking_loss_against, pool = batch)
   batch_loss(outputs, labels, lambdas, margin=1.0, negatives="hardest", rng=None, ...)
 
 Ranking conventions. Row i of `img_emb` and `txt_emb` is a positive pair. A negative of anchor i
