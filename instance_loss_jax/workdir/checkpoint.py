@@ -121,6 +121,17 @@ def meta_differences(saved: dict[str, Any], current: dict[str, Any],
   return diffs
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, knowing the step of its newest save: an asynchronous save's failure
+  surfaces at a later call (`finish`), which names that step."""
+
+  saving_step: int | None = None
+
+  def save(self, step: int, *args, **kwargs) -> bool:
+    self.saving_step = step
+    return super().save(step, *args, **kwargs)
+
+
 def manager(workdir: str, keep: int = 3, read_only: bool = False,
             ocdbt: bool = True) -> ocp.CheckpointManager:
   # A reader's options as Orbax wants them for read_only (else it warns about each, every time).
@@ -137,7 +148,7 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False,
                      policies.LatestN(n=keep),
                      policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
                                     keep_checkpoints_without_metrics=False)])))
-  return ocp.CheckpointManager(
+  return _Manager(
       paths.join(paths.absolute(workdir), CHECKPOINT_DIR), options=options,
       item_handlers=dict(state=_state_handler(ocdbt), meta=ocp.JsonCheckpointHandler()))
 
@@ -162,7 +173,6 @@ def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict[str, Any],
   if val_metrics is not None:
     metrics = {k: float(v) for k, v in val_metrics.items()}
     meta = dict(meta, val=metrics)
-  _SAVING[str(mgr.directory)] = step
   try:
     mgr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state_tree(state)),
                                            meta=ocp.args.JsonSave(meta)), metrics=metrics,
@@ -171,15 +181,12 @@ def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict[str, Any],
     raise _save_failure(mgr, step, e) from None
 
 
-_SAVING: dict[str, int] = {}  # checkpoint directory -> the step its newest save() started
-
-
 def finish(mgr: ocp.CheckpointManager) -> None:
   """Waits for the background save; one that failed is raised as a StorageError."""
   try:
     mgr.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-exception-caught
-    raise _save_failure(mgr, _SAVING.get(str(mgr.directory)), e) from None
+    raise _save_failure(mgr, getattr(mgr, "saving_step", None), e) from None
 
 
 def _save_failure(mgr: ocp.CheckpointManager, step: int | None, error: BaseException):
