@@ -1,10 +1,10 @@
 """The training loop: data, global state on one device mesh, steps, Orbax checkpoints, logs,
 final evaluation.
 
-One resume order (as in big_vision): the run's own newest checkpoint, else `init_from` (Stage I's
-workdir, for Stage II), else a fresh init with the word2vec table and, when configured, a ported
-ImageNet backbone. Every check that can refuse a run happens before the first step, and nothing
-is written into the workdir before those checks pass.
+One resume order (as in big_vision), in resume.py: the run's own newest checkpoint, else
+`init_from` (Stage I's workdir, for Stage II), else a fresh init with the word2vec table and,
+when configured, a ported ImageNet backbone. Every check that can refuse a run happens before
+the first step, and nothing is written into the workdir before those checks pass.
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from instance_loss_jax import backbone, inference, paths, sharding
-from instance_loss_jax.workdir import checkpoint, faults, writer
-from instance_loss_jax import training
-from instance_loss_jax.config import ConfigError, input_convention, run_config, validate_config
+from instance_loss_jax import inference, paths, resume, sharding, training
+from instance_loss_jax.workdir import checkpoint, writer
+from instance_loss_jax.config import ConfigError, run_config, validate_config
 from instance_loss_jax.data import pipeline, records
-from instance_loss_jax.data import vocab as vocab_lib
 from instance_loss_jax.errors import Preempted, TrainingError
 from instance_loss_jax.evaluation.evaluator import Evaluator, evaluate
 from instance_loss_jax.evaluation.tables import markdown_table
@@ -45,103 +43,6 @@ def check_workdir(workdir: str) -> None:
   except (OSError, ValueError) as e:
     reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
     raise TrainingError(f"workdir {workdir} is not writable ({reason})") from None
-
-
-def prepare_vocab(config, workdir: str, train_records, need_table: bool):
-  """(vocabulary, word2vec table or None): the run's own, else init_from's, else built anew."""
-  own = (paths.path(workdir) / vocab_lib.VOCAB_FILE).exists()
-  if config.init_from and not paths.path(config.init_from).is_dir():
-    raise TrainingError(f"init_from={config.init_from}: no such Stage I workdir")
-  kv = None
-  if own:
-    vocab = vocab_lib.Vocabulary.load(workdir)
-  elif config.init_from:
-    vocab = vocab_lib.Vocabulary.load(config.init_from)
-  elif config.data.word2vec:
-    kv = vocab_lib.load_word2vec(config.data.word2vec)
-    vocab = vocab_lib.from_word2vec(train_records, kv, config.data.word2vec)
-  else:
-    vocab = vocab_lib.from_counts(train_records, config.data.min_word_count)
-  if own and config.init_from:
-    if vocab_lib.Vocabulary.load(config.init_from).fingerprint != vocab.fingerprint:
-      raise TrainingError(f"the vocabulary in {workdir} differs from init_from="
-                          f"{config.init_from}'s")
-  if not (need_table and config.data.word2vec):
-    return vocab, None
-  kv = kv or vocab_lib.load_word2vec(config.data.word2vec)
-  return vocab, vocab_lib.embedding_matrix(vocab, kv, config.model.text.word_dim)
-
-
-def initial_state(config, workdir: str, mgr, source, meta, table, steps_per_epoch: float, mesh):
-  """(global state on `mesh`, first step) by the resume order: own checkpoint (`mgr`), then
-  init_from's (`source`). Checkpoints are checked against the run (meta, then names and shapes)
-  before anything is compiled."""
-  if mgr.all_steps():
-    what = f"resuming {workdir}"
-    template = training.abstract_train_state(config, steps_per_epoch, mesh)
-
-    def resume(step):
-      checkpoint.checked_step(mgr, meta, step, what=what)
-      return checkpoint.restore_state(mgr, step, template)
-
-    # An unreadable newest checkpoint is moved aside and the one before it taken.
-    step, state = faults.newest_readable(mgr, resume, what)
-    log.info("resuming from %s step %d", workdir, step)
-    return state, step
-  loaded, scopes = None, ()
-  if config.init_from:
-    if source is None:
-      raise checkpoint.CheckpointError(f"init_from={config.init_from}: no checkpoint in "
-                                       f"{paths.join(config.init_from, 'checkpoints')}")
-    what = f"init_from={config.init_from}"
-
-    def initialise(step):
-      checkpoint.checked_step(source, meta, step, what=what, keys=("num_classes", "vocab"))
-      return checkpoint.restore_variables(source, step)
-
-    step, loaded = faults.newest_readable(source, initialise, what)
-    name = f"{config.init_from} step {step}"
-  elif config.backbone_init:
-    _, ported = backbone.load_backbone(config.backbone_init)
-    loaded = {k: {"backbone": ported[k]} for k in ("params", "batch_stats")}
-    name, scopes = f"backbone {config.backbone_init}", ("params/backbone", "batch_stats/backbone")
-  if loaded is not None:
-    merged = checkpoint.merge_variables(training.abstract_variables(config), loaded, name,
-                                        scopes)
-    if not scopes:  # init_from: every variable is Stage I's, so none is drawn at random
-      log.info("initialised from %s (fresh optimiser state)", name)
-      return training.state_from_variables(config, merged, steps_per_epoch, mesh), 0
-  state = training.init_train_state(config, jax.random.key(config.seed), steps_per_epoch, mesh)
-  if loaded is None and table is None:
-    return state, 0
-  # The replaced leaves come from the host; the others stay on the mesh as they are. The
-  # optimiser state is the fresh one of the init (SGD's momentum: zeros whatever the params).
-  variables = training.variables_of(state)
-  if loaded is not None:  # backbone_init: the backbone's leaves only
-    variables = checkpoint.merge_variables(variables, loaded, name, scopes)
-    log.info("initialised %s from %s", ", ".join(scopes), name)
-  if table is not None:  # only built for a fresh run (no checkpoint, no init_from)
-    variables["params"]["text_encoder"]["word_embedding"]["embedding"] = table
-  variables = sharding.place(variables, sharding.shardings(variables, config, mesh))
-  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"]), 0
-
-
-def _input_convention(config, mgr, source) -> dict[str, Any]:
-  """The pixels' channel order, mean and std: those the image branch's weights were trained with
-  (own checkpoint, else Stage I's, else the ported backbone's record), else the config's."""
-  for m in (mgr, source):
-    meta = checkpoint.newest_meta(m)
-    if meta and "input" in meta:
-      return meta["input"]
-  if config.backbone_init:
-    origin = backbone.read_origin(config.backbone_init)
-    mismatches = backbone.origin_mismatches(origin, config.model.image)
-    if mismatches:
-      raise backbone.BackboneError(f"backbone {config.backbone_init} does not fit the config: "
-                               + "; ".join(mismatches))
-    log.info("input convention from %s: %s", config.backbone_init, origin["input"])
-    return origin["input"]
-  return input_convention(config)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -355,15 +256,15 @@ def _train_and_evaluate(config, workdir: str, mesh, phase: dict[str, bool]):
   mgr = checkpoint.manager(workdir, keep=config.keep_checkpoints,
                            ocdbt=config.checkpoint_ocdbt)
   fresh = not mgr.all_steps() and not config.init_from
-  vocab, table = prepare_vocab(config, workdir, train_records, need_table=fresh)
+  vocab, table = resume.prepare_vocab(config, workdir, train_records, need_table=fresh)
   source = checkpoint.reader(config.init_from) if config.init_from else None
-  config = run_config(config, vocab.size, num_classes, _input_convention(config, mgr, source))
+  config = run_config(config, vocab.size, num_classes, resume.input_convention_of(config, mgr, source))
   meta = checkpoint.run_meta(config, vocab.fingerprint)
   split = pipeline.encode_split(train_records, vocab, config.model.text.max_len, True)
   steps_per_epoch = split.num_images / config.batch_size
   total_steps = optim.num_train_steps(config, steps_per_epoch)
   mesh = mesh if mesh is not None else sharding.make_mesh()
-  state, start = initial_state(config, workdir, mgr, source, meta, table, steps_per_epoch,
+  state, start = resume.initial_state(config, workdir, mgr, source, meta, table, steps_per_epoch,
                                mesh)
   if jax.process_index() == 0:
     vocab.save(workdir)

@@ -6,7 +6,7 @@ The two processes (one device each) save checkpoints 4 and 8 of a train state (t
 model, random values drawn from the step's number, W_share split over the two devices).
 Process 0 then truncates the data files that process 1 wrote into checkpoint 8: process 1
 cannot read its shards there, process 0 can read its own. The trainer's resume
-(`trainer.initial_state`, with no step compiled) must then take step 4 on both processes,
+(`resume.initial_state`, with no step compiled) must then take step 4 on both processes,
 whole. Prints `resumed STEP OK`.
 """
 
@@ -31,7 +31,7 @@ jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=proc
 from jax.experimental import multihost_utils  # noqa: E402
 
 from helpers import tiny_config  # noqa: E402
-from instance_loss_jax import sharding, trainer, training  # noqa: E402
+from instance_loss_jax import resume, sharding, trainer, training  # noqa: E402
 from instance_loss_jax.workdir import checkpoint  # noqa: E402
 from test_storage_faults import damage  # noqa: E402
 
@@ -66,7 +66,7 @@ for step in (4, 8):
 if process_id == 0:
   damage(workdir, 8, "truncated", writer=1)
 multihost_utils.sync_global_devices("damaged")
-state, start = trainer.initial_state(config, workdir, mgr, None, meta, None, STEPS_PER_EPOCH,
+state, start = resume.initial_state(config, workdir, mgr, None, meta, None, STEPS_PER_EPOCH,
                                      mesh)
 whole = all(np.array_equal(np.asarray(shard.data), values(start, s)[shard.index])
             for leaf, s in zip(jax.tree_util.tree_leaves(state),

@@ -20,7 +20,7 @@ LAYERS = [
     ["sharding", "models", "data"],
     ["workdir", "backbone", "matconvnet"],  # workdir: checkpoints, faults, the one writer
     ["training", "inference"],
-    ["evaluation"],
+    ["evaluation", "resume"],
     ["trainer", "index"],
     ["cli"],  # the binaries
     [""],  # the package's face

@@ -7,7 +7,7 @@ import pytest
 
 import helpers
 from helpers import random_batch, tiny_config
-from instance_loss_jax import sharding, training as ts, trainer
+from instance_loss_jax import resume, sharding, training as ts, trainer
 from instance_loss_jax.workdir import checkpoint
 from instance_loss_jax.evaluation import evaluator
 from instance_loss_jax import config as config_lib
@@ -89,12 +89,12 @@ def test_stage1_on_four_devices_initialises_stage2_on_eight(data_dir, tmp_path):
 
   # Stage II's starting state on 8 devices is Stage I's variables, bit for bit.
   config2 = small_config("stage2", data_dir, init_from=workdir1)
-  vocab, _ = trainer.prepare_vocab(config2, str(tmp_path / "s2"), [], need_table=False)
+  vocab, _ = resume.prepare_vocab(config2, str(tmp_path / "s2"), [], need_table=False)
   config2 = config_lib.run_config(config2, vocab.size, num_classes)
   meta = checkpoint.run_meta(config2, vocab.fingerprint)
   mesh8 = sharding.make_mesh(devices[:8])
   mgr2 = checkpoint.manager(str(tmp_path / "s2"))
-  state, start = trainer.initial_state(config2, str(tmp_path / "s2"), mgr2,
+  state, start = resume.initial_state(config2, str(tmp_path / "s2"), mgr2,
                                        checkpoint.reader(workdir1), meta, None, 4.0, mesh8)
   assert start == 0
   assert state.params["w_share"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(
