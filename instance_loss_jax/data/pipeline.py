@@ -97,9 +97,10 @@ def image_reader(example_name: str):
   number is in its name, so only that record is read), its `image` feature parsed in the graph."""
   if not tfds_source.is_image_ref(example_name):
     return tf.io.read_file
+  readers = tfds_source.Readers()  # this pipeline's: each split's reader opened once
 
   def read(name):
-    serialized = tf.numpy_function(lambda n: tfds_source.record_of(n.decode("utf-8")), [name],
+    serialized = tf.numpy_function(lambda n: readers.record_of(n.decode("utf-8")), [name],
                                    tf.string, stateful=False)
     serialized.set_shape([])
     return tf.io.parse_single_example(
@@ -284,9 +285,10 @@ def eval_images(split: EncodedSplit, config, batch_size: int) -> tf.data.Dataset
 def unreadable_images(paths: Sequence[str], limit: int = 5) -> list[str]:
   """Files that TensorFlow cannot read or decode as images, with the reason (up to `limit`)."""
   bad = []
+  readers = tfds_source.Readers()
   for path in paths:
     try:
-      _decode(tfds_source.image_bytes(path) if tfds_source.is_image_ref(path)
+      _decode(readers.image_bytes(path) if tfds_source.is_image_ref(path)
               else tf.io.read_file(path))
     except (tf.errors.OpError, ValueError, DataError, RuntimeError) as e:
       bad.append(f"{path}: {e.message if hasattr(e, 'message') else e}".splitlines()[0])

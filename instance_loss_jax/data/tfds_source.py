@@ -15,10 +15,10 @@ JSON files are read through our path layer. TensorFlow's own GCS client is not u
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import re
 import threading
+from typing import Any
 
 from instance_loss_jax import paths
 from instance_loss_jax.errors import DataError
@@ -74,7 +74,6 @@ def version_dir(data_dir: str, name: str, config: str) -> str:
   return paths.join(data_dir, name, config, VERSION)
 
 
-@functools.lru_cache(maxsize=None)  # read once per process: the pipeline names records by split
 def _info(data_dir: str, name: str, config: str) -> dict:
   info_file = paths.join(version_dir(data_dir, name, config), "dataset_info.json")
   if not paths.path(info_file).is_file():
@@ -92,9 +91,10 @@ def _info(data_dir: str, name: str, config: str) -> dict:
     raise DataError(f"{info_file}: not valid JSON ({e})") from None
 
 
-def shard_files(data_dir: str, name: str, config: str, split: str) -> list[str]:
-  """A split's record files in order (record k of the split is the k-th over them)."""
-  info = _info(data_dir, name, config)
+def shard_files(data_dir: str, name: str, config: str, split: str, info=None) -> list[str]:
+  """A split's record files in order (record k of the split is the k-th over them). `info`:
+  the dataset_info.json's contents, if the caller has them."""
+  info = info if info is not None else _info(data_dir, name, config)
   splits = {s["name"]: s for s in info["splits"]}
   if split not in splits:
     raise DataError(f"TFDS dataset {name} under {data_dir} has no split '{split}' (it has "
@@ -109,20 +109,61 @@ def shard_files(data_dir: str, name: str, config: str, split: str) -> list[str]:
       for i in range(count)]
 
 
-_sources: dict[tuple[str, ...], object] = {}
-_lock = threading.Lock()
+class Readers:
+  """ArrayRecord's random-access readers of prepared splits, each opened once, and the datasets'
+  info files, each read once: owned by what reads a dataset (a pipeline, a page, an index),
+  and gone with it. Thread-safe: tf.data's threads read records through one."""
 
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._sources: dict[tuple[str, ...], Any] = {}
+    self._infos: dict[tuple[str, str, str], dict] = {}
 
-def data_source(files: list[str]):
-  """ArrayRecord's random-access reader over `files`, one per set of files in this process."""
-  key = tuple(files)
-  with _lock:
-    if key not in _sources:
-      # Imported here: array_record's reader (C++, with its GCS client) only where a prepared
-      # dataset is read.
-      from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
-      _sources[key] = array_record_data_source.ArrayRecordDataSource(list(files))
-    return _sources[key]
+  def info(self, data_dir: str, name: str, config: str) -> dict:
+    key = (data_dir, name, config)
+    with self._lock:
+      if key not in self._infos:
+        self._infos[key] = _info(data_dir, name, config)
+      return self._infos[key]
+
+  def data_source(self, files: list[str]):
+    """ArrayRecord's random-access reader over `files`."""
+    key = tuple(files)
+    with self._lock:
+      if key not in self._sources:
+        # Imported here: array_record's reader (C++, with its GCS client) only where a
+        # prepared dataset is read.
+        from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+        self._sources[key] = array_record_data_source.ArrayRecordDataSource(list(files))
+      return self._sources[key]
+
+  def split_source(self, folder: str, split: str):
+    """The images of one split of an images config folder (<data_dir>/<name>/images/<version>)."""
+    name_dir = paths.path(folder).parent.parent
+    data_dir, name = str(name_dir.parent), name_dir.name
+    return self.data_source(shard_files(data_dir, name, IMAGES, split,
+                                        self.info(data_dir, name, IMAGES)))
+
+  def record_of(self, ref: str) -> bytes:
+    """The serialized example an image reference names (the image is its `image` feature).
+    Called once per image read, from the pipelines' threads: the split's reader is looked up,
+    not opened again."""
+    m = _REF.match(ref)
+    if m is None:
+      raise DataError(f"{ref}: not a record of a prepared TFDS dataset")
+    source = self.split_source(m["dir"], m["split"])
+    k = int(m["k"])
+    if k >= len(source):
+      raise DataError(f"{ref}: split '{m['split']}' has {len(source)} records")
+    return source[k]
+
+  def image_bytes(self, ref: str) -> bytes:
+    """The encoded image (as stored) of an image reference."""
+    return _example(self.record_of(ref))["image"].bytes_list.value[0]
+
+  def read_image(self, name: str) -> bytes:
+    """An image's encoded bytes, by file path (local or gs://) or record reference."""
+    return self.image_bytes(name) if is_image_ref(name) else paths.path(name).read_bytes()
 
 
 def _example(serialized: bytes):
@@ -139,34 +180,10 @@ def is_image_ref(name: str) -> bool:
   return _REF.match(name) is not None
 
 
-@functools.lru_cache(maxsize=None)
-def _split_source(folder: str, split: str):
-  """The images of one split of an images config folder (<data_dir>/<name>/images/<version>)."""
-  name_dir = paths.path(folder).parent.parent
-  return data_source(shard_files(str(name_dir.parent), name_dir.name, IMAGES, split))
-
-
-def record_of(ref: str) -> bytes:
-  """The serialized example an image reference names (the image is its `image` feature). Called
-  once per image read, from the pipelines' threads: the split's reader is looked up, not built."""
-  m = _REF.match(ref)
-  if m is None:
-    raise DataError(f"{ref}: not a record of a prepared TFDS dataset")
-  source = _split_source(m["dir"], m["split"])
-  k = int(m["k"])
-  if k >= len(source):
-    raise DataError(f"{ref}: split '{m['split']}' has {len(source)} records")
-  return source[k]
-
-
-def image_bytes(ref: str) -> bytes:
-  """The encoded image (as stored) of an image reference."""
-  return _example(record_of(ref))["image"].bytes_list.value[0]
-
-
 def read_image(name: str) -> bytes:
-  """An image's encoded bytes, by file path (local or gs://) or record reference."""
-  return image_bytes(name) if is_image_ref(name) else paths.path(name).read_bytes()
+  """An image's encoded bytes, by file path or record reference (a reader opened for it alone:
+  one who reads many keeps a `Readers`)."""
+  return Readers().read_image(name)
 
 
 def read_split(data_dir: str, name: str, splits: tuple[str, ...], split_raw=None
@@ -177,10 +194,11 @@ def read_split(data_dir: str, name: str, splits: tuple[str, ...], split_raw=None
   (`group/id`: the image, or the person) in order of first appearance over the splits, as those
   readers do. `split_raw`: a tokenizer for the raw texts instead of the stored tokens."""
   out, labels = [], {}
+  readers = Readers()
   for split in splits:
-    files = shard_files(data_dir, name, CAPTIONS, split)
-    _info(data_dir, name, IMAGES)  # the images must be there too
-    source = data_source(files)
+    files = shard_files(data_dir, name, CAPTIONS, split, readers.info(data_dir, name, CAPTIONS))
+    readers.info(data_dir, name, IMAGES)  # the images must be there too
+    source = readers.data_source(files)
     for k in range(len(source)):
       feature = _example(source[k])
       if split_raw is None:

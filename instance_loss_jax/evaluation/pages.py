@@ -34,10 +34,12 @@ h1 { font-size: 1.3em; } h2 { font-size: 1.05em; margin: 1.6em 0 0.4em; }
 """
 
 
-def thumbnail_uri(path: str, size: int = THUMBNAIL) -> str:
-  """A data: URI of the image file shrunk to fit size x size (JPEG), or "" if unreadable."""
+def thumbnail_uri(path: str, size: int = THUMBNAIL, readers=None) -> str:
+  """A data: URI of the image file shrunk to fit size x size (JPEG), or "" if unreadable.
+  `readers`: the page's `tfds_source.Readers` (a prepared split's reader opened once)."""
   try:
-    image = Image.open(io.BytesIO(tfds_source.read_image(path))).convert("RGB")
+    image = Image.open(io.BytesIO((readers or tfds_source.Readers()).read_image(path)))
+    image = image.convert("RGB")
   except (OSError, ValueError):
     return ""
   image.thumbnail((size, size))
@@ -46,12 +48,12 @@ def thumbnail_uri(path: str, size: int = THUMBNAIL) -> str:
   return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
 
 
-def _hit_html(hit: dict[str, Any], images: bool) -> str:
+def _hit_html(hit: dict[str, Any], images: bool, readers) -> str:
   right = " right" if hit.get("right") else ""
   score = f'<span class="score">#{hit["rank"]} &middot; {hit["score"]:.3f}</span>'
   if not images:
     return f'<div class="caption-hit{right}">{score} {html.escape(hit["item"])}</div>'
-  uri = thumbnail_uri(hit["item"])
+  uri = thumbnail_uri(hit["item"], readers=readers)
   name = html.escape(hit["item"].rsplit("/", 1)[-1])
   picture = f'<img src="{uri}" alt="{name}">' if uri else f"<div>(unreadable: {name})</div>"
   return (f'<div class="hit{right}">{picture}<div>{score}</div>'
@@ -63,13 +65,14 @@ def write_page(path: str, title: str, sections: Sequence[dict[str, Any]],
   """Writes the page. Each section: `query` (text) or `query_image` (a path), optional `note`,
   and `hits`: dicts with rank, score, item (image path or caption), is_image, optional right
   (the correct answer, outlined in green)."""
+  readers = tfds_source.Readers()
   parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
            f"</title><style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
   if subtitle:
     parts.append(f'<p class="meta">{html.escape(subtitle)}</p>')
   for section in sections:
     if "query_image" in section:
-      uri = thumbnail_uri(section["query_image"], 240)
+      uri = thumbnail_uri(section["query_image"], 240, readers)
       head = (f'<div class="query"><img src="{uri}" alt="query"> '
               f'{html.escape(section["query_image"])}</div>')
     else:
@@ -78,7 +81,7 @@ def write_page(path: str, title: str, sections: Sequence[dict[str, Any]],
     if section.get("note"):
       parts.append(f'<p class="meta">{html.escape(section["note"])}</p>')
     images = bool(section["hits"]) and section["hits"][0].get("is_image", True)
-    body = "".join(_hit_html(h, images) for h in section["hits"])
+    body = "".join(_hit_html(h, images, readers) for h in section["hits"])
     parts.append(f'<div class="hits">{body}</div>' if images else body)
   parts.append("</body></html>")
   return paths.write_text(path, "\n".join(parts))
