@@ -339,17 +339,12 @@ def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 def as_flags(cfg: ml_collections.ConfigDict) -> str:
   """Every field as the flag that sets it, `FIELD=VALUE` a line in the config's order, what
   `--print_config` shows: each line works as `--config.FIELD=VALUE` (quote it for the shell)."""
-  def show(value):
-    if isinstance(value, list):  # a run's recorded config holds JSON's lists
-      value = tuple(show_tuple(v) for v in value)
-    return repr(value)
-
-  def show_tuple(value):
-    return tuple(show_tuple(v) for v in value) if isinstance(value, list) else value
+  def as_tuples(value):  # a run's recorded config holds JSON's lists
+    return tuple(as_tuples(v) for v in value) if isinstance(value, list) else value
 
   lines = ["# Every field, as --config.FIELD=VALUE sets it; what each one means: the comments of",
            "# instance_loss_jax/config.py (base_config) and docs/design.md."]
-  lines += [f"{key}={show(value)}" for key, value in _flatten(cfg).items()]
+  lines += [f"{key}={as_tuples(value)!r}" for key, value in _flatten(cfg).items()]
   return "\n".join(lines)
 
 

@@ -66,10 +66,8 @@ def resolve_config(f):
   # pylint: disable=g-import-not-at-top
   from instance_loss_jax.workdir import checkpoint
   from instance_loss_jax.config import apply_overrides
-  config = apply_overrides(checkpoint.read_config(f.workdir),
-                           config_flags.get_override_values(f["config"]))
-  validate_config(config)
-  return config
+  return apply_overrides(checkpoint.read_config(f.workdir),
+                         config_flags.get_override_values(f["config"]))
 
 
 def main(argv):
@@ -82,6 +80,7 @@ def main(argv):
   from instance_loss_jax.evaluation.tables import markdown_table
   f = flags.FLAGS
   config = resolve_config(f)
+  validate_config(config)  # (--print_config: the runner validates what resolve_config gives)
   results = evaluate(config, f.workdir, f.split or config.eval.split, f.step)
   log.info("wrote %s", results["written"])
   print(markdown_table(results))

@@ -144,14 +144,15 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, num_shards: int = 0,
     raise ValueError(f"dataset {dataset!r}: one of {', '.join(tfds_datasets.BUILDERS)}")
   start = time.perf_counter()
   target = paths.path(dataset_dir(dataset, data_dir))
+  splits = None
   if overwrite and target.exists():
-    tfds_datasets.read_manual_dir(dataset, manual_dir)  # the files are there before it goes
+    splits = tfds_datasets.read_manual_dir(dataset, manual_dir)  # there before the old goes
     target.rmtree()
   if is_prepared(dataset, data_dir):
     _check_source(dataset, manual_dir, data_dir)
     return _summary(dataset, data_dir, time.perf_counter() - start, reused=True)
   # Before TFDS creates anything: a missing file is reported with nothing written.
-  splits = tfds_datasets.read_manual_dir(dataset, manual_dir)
+  splits = splits or tfds_datasets.read_manual_dir(dataset, manual_dir)
   record = source_record(dataset, manual_dir, splits)
   smallest = min(splits, key=lambda s: len(splits[s]))
   if num_shards > len(splits[smallest]):

@@ -118,6 +118,7 @@ class Readers:
     self._lock = threading.Lock()
     self._sources: dict[tuple[str, ...], Any] = {}
     self._infos: dict[tuple[str, str, str], dict] = {}
+    self._splits: dict[tuple[str, str], Any] = {}  # (images folder, split) -> its reader
 
   def info(self, data_dir: str, name: str, config: str) -> dict:
     key = (data_dir, name, config)
@@ -138,11 +139,16 @@ class Readers:
       return self._sources[key]
 
   def split_source(self, folder: str, split: str):
-    """The images of one split of an images config folder (<data_dir>/<name>/images/<version>)."""
-    name_dir = paths.path(folder).parent.parent
-    data_dir, name = str(name_dir.parent), name_dir.name
-    return self.data_source(shard_files(data_dir, name, IMAGES, split,
-                                        self.info(data_dir, name, IMAGES)))
+    """The images of one split of an images config folder (<data_dir>/<name>/images/<version>),
+    found once: every image read of the split looks it up here (the pipelines' hot path)."""
+    source = self._splits.get((folder, split))  # a dict read: safe without the lock
+    if source is None:
+      name_dir = paths.path(folder).parent.parent
+      data_dir, name = str(name_dir.parent), name_dir.name
+      source = self.data_source(shard_files(data_dir, name, IMAGES, split,
+                                            self.info(data_dir, name, IMAGES)))
+      self._splits[(folder, split)] = source
+    return source
 
   def record_of(self, ref: str) -> bytes:
     """The serialized example an image reference names (the image is its `image` feature).
