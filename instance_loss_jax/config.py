@@ -172,8 +172,8 @@ def base_config() -> ml_collections.ConfigDict:
   # file systems, gs:// included.)
   c.tensorboard_dir = ""
   # (first, last): a jax.profiler trace of these steps on process 0, written beside the run's
-  # TensorBoard events (its Profile tab). () for none. Start after the first steps: the first
-  # holds the compile.
+  # TensorBoard events (its Profile tab). () for none. From step 2 on: the first holds the
+  # compile.
   c.profile_steps = ()
   c.checkpoint_every = 1000  # steps; also at the end
   c.keep_checkpoints = 3
@@ -430,8 +430,10 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   check(cfg.stage in STAGES, f"stage={cfg.stage!r}: must be 1 or 2")
   check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1")
   profile = tuple(cfg.profile_steps)
-  check(not profile or (len(profile) == 2 and 1 <= profile[0] <= profile[1]),
-        f"profile_steps={profile}: () or (first, last) with 1 <= first <= last")
+  # 2 at least: the first step holds the compile, and clu's Profile starts its trace after the
+  # step before `first`.
+  check(not profile or (len(profile) == 2 and 2 <= profile[0] <= profile[1]),
+        f"profile_steps={profile}: () or (first, last) with 2 <= first <= last")
   check(cfg.data.prefetch >= 1 and cfg.data.device_prefetch >= 0,
         f"data.prefetch={cfg.data.prefetch}, data.device_prefetch={cfg.data.device_prefetch}: "
         "need >= 1 and >= 0")

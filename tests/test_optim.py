@@ -76,6 +76,7 @@ def test_sgd_moves_each_group_by_its_rate_during_the_warmup():
     ("optim.lr_batch_rule", "cubic", "optim.lr_batch_rule='cubic': one of"),
     ("optim.reference_batch", 0, "optim.reference_batch=0: must be >= 1"),
     ("profile_steps", (3, 2), r"profile_steps=\(3, 2\): \(\) or \(first, last\)"),
+    ("profile_steps", (1, 2), r"profile_steps=\(1, 2\): .* 2 <= first"),
     ("data.device_prefetch", -1, "data.device_prefetch=-1: need >= 1 and >= 0"),
 ])
 def test_bad_values_are_named(key, value, message):

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from instance_loss_jax import backbone, inference, sharding, trainer
+from instance_loss_jax import backbone, inference, sharding, trainer, training
 from instance_loss_jax.workdir import checkpoint
 from instance_loss_jax import config as config_lib
 from instance_loss_jax.config import ConfigError
@@ -177,13 +177,18 @@ def test_the_eval_binary_reads_the_run_as_it_was_trained(data_dir, stage1, tmp_p
 @pytest.mark.xdist_group("stage1")
 @pytest.mark.slow
 def test_without_device_prefetch_with_a_profile_the_run_is_the_same(data_dir, stage1, tmp_path,
-                                                                    caplog):
+                                                                    caplog, monkeypatch):
   # The stage1 fixture placed its batches 2 steps ahead (data.device_prefetch's default): placed
   # when each step starts, and with steps 2-3 traced, the run ends with the same variables.
   workdir, _ = stage1
   other = str(tmp_path / "run")
   config = small_config("stage1", data_dir, profile_steps=(2, 3), **{
       "data.device_prefetch": 0, "eval.at_end": False})
+  # A metric the step adds is reported under its own name, on the console and in TensorBoard.
+  step_call = training.TrainStep.__call__
+  monkeypatch.setattr(training.TrainStep, "__call__", lambda self, state, batch: (
+      lambda out: (out[0], {**out[1], "added_metric": np.float32(1.5)}))(
+          step_call(self, state, batch)))
   with caplog.at_level(logging.INFO, logger="instance_loss_jax.trainer"):
     trainer.train_and_evaluate(config, other)
   a = checkpoint.restore_variables(checkpoint.manager(workdir, read_only=True), 8)
@@ -196,8 +201,12 @@ def test_without_device_prefetch_with_a_profile_the_run_is_the_same(data_dir, st
   assert "profiling steps 2-3" in log
   # XLA's FLOP count of the step, and the rate per device on each log line; no MFU on a CPU.
   assert re.search(r"train step: [0-9.e+]+ GFLOP per device", log)
-  assert re.search(r"img/s \| [0-9.e+-]+ TFLOP/s/device \|", log)
-  assert "MFU" not in log
+  assert re.search(r"images_per_second [0-9.e+-]+, tflops_per_device [0-9.e+-]+, seconds_left",
+                   log)
+  assert "mfu" not in log
+  assert re.search(r"step 8/8 \| train: .*added_metric 1.5\b", log)
+  assert logged_scalars(other, "train/added_metric") == [1.5] * len(logged_scalars(other,
+                                                                                   "train/loss"))
 
 
 @pytest.mark.xdist_group("stage1")
