@@ -22,8 +22,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from helpers import random_batch, tiny_config  # noqa: E402
-from instance_loss_jax import training as ts  # noqa: E402
+from helpers import host_train_state, random_batch, tiny_config  # noqa: E402
 from test_train_step import STAGE2, STEPS_PER_EPOCH, run_steps  # noqa: E402
 
 LOSSES = ("rank_loss", "visual_loss", "textual_loss")
@@ -33,7 +32,7 @@ def gaps(seed: int, steps: int) -> dict[str, list[float]]:
   """Relative gaps of bfloat16's losses to float32's, per loss and step, for one seed."""
   config = tiny_config(**STAGE2)
   batches = [random_batch(config, seed=seed * 100 + s) for s in range(steps)]
-  init = ts.create_train_state(config, jax.random.key(seed), STEPS_PER_EPOCH)
+  init = host_train_state(config, jax.random.key(seed), STEPS_PER_EPOCH)
   devices = jax.local_devices()[:1]
   _, hist32 = run_steps(config, devices, batches, state=init)
   bf16 = config.copy_and_resolve_references()

@@ -36,7 +36,7 @@ def child(writer: str, devices: int) -> None:
     ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
         array_metadata_store=array_metadata_store.Store()), override=True)
   config = tiny_config()
-  state = ts.init_train_state(config, jax.random.key(0), 10, sharding.make_mesh(jax.devices()))
+  state = ts.create_train_state(config, jax.random.key(0), 10, sharding.make_mesh(jax.devices()))
   cpu = lambda: sum(getattr(resource.getrusage(resource.RUSAGE_SELF), f)
                     for f in ("ru_utime", "ru_stime"))
   with tempfile.TemporaryDirectory() as tmp:

@@ -31,8 +31,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from helpers import random_batch, tiny_config  # noqa: E402
-from instance_loss_jax import training as ts  # noqa: E402
+from helpers import host_train_state, random_batch, tiny_config  # noqa: E402
 from test_train_step import STAGE2, STEPS_PER_EPOCH, run_steps  # noqa: E402
 
 
@@ -71,7 +70,7 @@ def main():
     config = tiny_config(**STAGE2, **{"model.w_share_sharding": layout, "num_classes": classes,
                                       "batch_size": 8, "model.dropout": 0.5})
     for seed in range(args.seeds):
-      init = jax.device_get(ts.create_train_state(config, jax.random.key(seed), STEPS_PER_EPOCH))
+      init = host_train_state(config, jax.random.key(seed), STEPS_PER_EPOCH)
       state8 = state1 = init
       for step in range(1, args.steps + 1):
         batch = [random_batch(config, seed=100 * seed + step)]

@@ -63,7 +63,7 @@ def main(argv):
                          compute_dtype=FLAGS.dtype, **{"model.image.width": 8})
   mesh = sharding.make_mesh(jax.devices()[:1])
   step = ts.make_train_step(config, 10, mesh)
-  state = ts.place_state(ts.create_train_state(config, jax.random.key(0), 10), config, mesh)
+  state = ts.create_train_state(config, jax.random.key(0), 10, mesh)
   host = [random_batch(config, seed=s) for s in range(4)]
 
   def slow_batches(n):

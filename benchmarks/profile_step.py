@@ -65,7 +65,7 @@ def main():
   config = bench.make_config(args.stage, args.batch_size, 29783, args.dtype)
   mesh = sharding.make_mesh(jax.local_devices()[:1])
   step, compiled = bench.compile_step(config, mesh)
-  state = ts.init_train_state(config, jax.random.key(0), 1000, mesh)
+  state = ts.create_train_state(config, jax.random.key(0), 1000, mesh)
   batch = bench.host_batch(config)
   bodies = index_hlo(compiled.as_text())
   for _ in range(2):

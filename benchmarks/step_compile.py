@@ -37,7 +37,7 @@ def child(variant: str) -> None:
   from instance_loss_jax.workdir import checkpoint
   config = tiny_config(**STAGE2, **VARIANTS[variant])
   mesh = sharding.make_mesh(jax.devices()[:1])
-  state = ts.place_state(ts.create_train_state(config, jax.random.key(0), 10), config, mesh)
+  state = ts.create_train_state(config, jax.random.key(0), 10, mesh)
   step = ts.make_train_step(config, 10, mesh)
   start = time.time()
   lowered = step.jitted.lower(checkpoint.state_tree(state), ts.abstract_batch(config, mesh))

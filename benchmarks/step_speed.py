@@ -120,7 +120,7 @@ def bench_ours(config, devices):
   if row.get("xla_bytes_per_device", 0) > 0.8 * _memory_budget(devices[0]):
     row["note"] = "compiled only: does not fit this device"
     return row
-  state = ts.init_train_state(config, jax.random.key(0), 1000, mesh)
+  state = ts.create_train_state(config, jax.random.key(0), 1000, mesh)
   batch = host_batch(config)
   holder = [state, None]
 
@@ -204,10 +204,11 @@ def check(stage, batch_size, num_classes, torch_reference):
   import jax
   import torch
 
-  from instance_loss_jax.training import create_train_state, variables_of
+  from instance_loss_jax import sharding, training as ts
   config = make_config(stage, batch_size, num_classes, "float32", dropout=0.0)
-  state = create_train_state(config, jax.random.key(1), 1000)
-  losses = torch_reference.check_equivalence(config, variables_of(state),
+  one_device = sharding.make_mesh(jax.devices()[:1])
+  state = ts.host_state(ts.create_train_state(config, jax.random.key(1), 1000, one_device), config)
+  losses = torch_reference.check_equivalence(config, ts.variables_of(state),
                                              host_batch(config, seed=1), steps=2,
                                              torch_dtypes=(torch.float32, torch.float64))
   for i, exact in enumerate(losses["torch.float64"]):

@@ -67,10 +67,7 @@ def read_origin(path: str) -> dict[str, Any]:
   file = paths.join(path, ORIGIN_FILE)
   if not paths.path(file).is_file():
     raise BackboneError(f"{path}: not a backbone directory (no {ORIGIN_FILE})")
-  try:
-    origin = json.loads(paths.path(file).read_text())
-  except json.JSONDecodeError as e:
-    raise BackboneError(f"{file}: not valid JSON ({e})") from None
+  origin = paths.read_json(file, BackboneError)
   missing = [k for k in ORIGIN_KEYS if k not in origin]
   if missing:
     raise BackboneError(f"{file}: missing {missing}")

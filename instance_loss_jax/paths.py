@@ -7,6 +7,7 @@ TensorBoard's event files); they understand gs:// as well.
 
 from __future__ import annotations
 
+import json
 import os
 
 from etils import epath
@@ -44,6 +45,18 @@ def write_bytes(p, data: bytes) -> str:
 
 def write_text(p, text: str) -> str:
   return write_bytes(p, text.encode("utf-8"))
+
+
+def read_json(p, error: type[Exception], missing: str = "no such file",
+              what: str = "not valid JSON"):
+  """A JSON file's contents; `error` (the caller's kind: a DataError, a CheckpointError, ...)
+  naming the file when it is missing (`p: missing`) or unreadable (`p: what (why)`)."""
+  if not path(p).is_file():
+    raise error(f"{p}: {missing}")
+  try:
+    return json.loads(path(p).read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise error(f"{p}: {what} ({e})") from None
 
 
 def local_copy(p, directory: str) -> str:

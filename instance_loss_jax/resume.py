@@ -54,12 +54,12 @@ def initial_state(config, workdir: str, mgr, source, meta, table, steps_per_epoc
     what = f"resuming {workdir}"
     template = training.abstract_train_state(config, steps_per_epoch, mesh)
 
-    def resume(step):
+    def restore_own(step):
       checkpoint.checked_step(mgr, meta, step, what=what)
       return checkpoint.restore_state(mgr, step, template)
 
     # An unreadable newest checkpoint is moved aside and the one before it taken.
-    step, state = faults.newest_readable(mgr, resume, what)
+    step, state = faults.newest_readable(mgr, restore_own, what)
     log.info("resuming from %s step %d", workdir, step)
     return state, step
   loaded, scopes = None, ()
@@ -69,11 +69,11 @@ def initial_state(config, workdir: str, mgr, source, meta, table, steps_per_epoc
                                        f"{paths.join(config.init_from, 'checkpoints')}")
     what = f"init_from={config.init_from}"
 
-    def initialise(step):
+    def restore_stage1(step):
       checkpoint.checked_step(source, meta, step, what=what, keys=("num_classes", "vocab"))
       return checkpoint.restore_variables(source, step)
 
-    step, loaded = faults.newest_readable(source, initialise, what)
+    step, loaded = faults.newest_readable(source, restore_stage1, what)
     name = f"{config.init_from} step {step}"
   elif config.backbone_init:
     _, ported = backbone.load_backbone(config.backbone_init)
@@ -85,7 +85,7 @@ def initial_state(config, workdir: str, mgr, source, meta, table, steps_per_epoc
     if not scopes:  # init_from: every variable is Stage I's, so none is drawn at random
       log.info("initialised from %s (fresh optimiser state)", name)
       return training.state_from_variables(config, merged, steps_per_epoch, mesh), 0
-  state = training.init_train_state(config, jax.random.key(config.seed), steps_per_epoch, mesh)
+  state = training.create_train_state(config, jax.random.key(config.seed), steps_per_epoch, mesh)
   if loaded is None and table is None:
     return state, 0
   # The replaced leaves come from the host; the others stay on the mesh as they are. The

@@ -118,6 +118,15 @@ def random_batch(config, seed=0, num_groups=None):
       labels=labels.astype(np.int32))
 
 
+def host_train_state(config, key, steps_per_epoch):
+  """A fresh train state as host arrays (drawn on one device): every run places its own copy, so
+  a step's donation of its input never deletes this one."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from instance_loss_jax import sharding, training as ts  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(jax.local_devices()[:1])
+  return ts.host_state(ts.create_train_state(config, key, steps_per_epoch, mesh), config)
+
+
 def run_steps(config, devices, batches, state, steps_per_epoch=10):
   """Steps from a host train state on a mesh of `devices`; returns (host state with W_share at
   num_classes, host metrics per step)."""

@@ -32,7 +32,7 @@ from test_train_step import MULTIPROCESS  # noqa: E402
 
 config = tiny_config(**MULTIPROCESS)
 step = ts.make_train_step(config, 10)  # the mesh of every device of both processes
-state = ts.place_state(ts.create_train_state(config, jax.random.key(0), 10), config, step.mesh)
+state = ts.create_train_state(config, jax.random.key(0), 10, step.mesh)
 rows = config.batch_size // num_processes
 mine = slice(process_id * rows, (process_id + 1) * rows)
 for s in range(2):

@@ -71,7 +71,7 @@ def test_the_steps_count_is_a_forward_and_a_backward():
   config = tiny_config(**STAGE2)
   mesh = sharding.make_mesh(jax.devices()[:1])
   step = ts.make_train_step(config, 10, mesh)
-  state = ts.place_state(ts.create_train_state(config, jax.random.key(0), 10), config, mesh)
+  state = ts.create_train_state(config, jax.random.key(0), 10, mesh)
   batch = step.place(random_batch(config))
   state, _ = step(state, batch)
   counted = step.flops(state, batch)

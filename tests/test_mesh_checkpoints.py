@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import helpers
-from helpers import random_batch, tiny_config
+from helpers import host_train_state, random_batch, tiny_config
 from instance_loss_jax import resume, sharding, training as ts, trainer
 from instance_loss_jax.workdir import checkpoint
 from instance_loss_jax.evaluation import evaluator
@@ -32,7 +32,7 @@ def saved_on_four(tmp_path_factory):
   config = tiny_config(**STAGE2, **{"num_classes": 13, "model.dropout": 0.5})
   batches = [random_batch(config, seed=s) for s in range(3)]
   mesh4 = sharding.make_mesh(jax.local_devices()[:4])
-  init = ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
+  init = host_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
   state = _steps(config, mesh4, ts.place_state(init, config, mesh4), batches[:2])
   directory = str(tmp_path_factory.mktemp("four"))
   mgr = checkpoint.manager(directory)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from instance_loss_jax.config import set_stage
-from instance_loss_jax.training import abstract_variables, create_train_state, variables_of
-from helpers import NO_TORCH, random_batch, tiny_config, xla_flags
+from instance_loss_jax.training import abstract_variables, variables_of
+from helpers import NO_TORCH, host_train_state, random_batch, tiny_config, xla_flags
 
 # The reference module imports PyTorch as it loads.
 torch = pytest.importorskip("torch", reason=NO_TORCH)
@@ -37,7 +37,7 @@ def losses_for_stage(stage: int) -> dict[str, list[float]]:
   config.optim.weight_decay = 0.5
   config.optim.lr_mult.update(dict(backbone=0.5, word_embedding=2.0, text_cnn=1.0, heads=0.7,
                                    w_share=1.5))
-  state = create_train_state(config, jax.random.key(stage), 1000)
+  state = host_train_state(config, jax.random.key(stage), 1000)
   batch = random_batch(config, seed=stage)
   torch.manual_seed(0)
   losses = torch_reference.check_equivalence(config, variables_of(state), batch, steps=3,

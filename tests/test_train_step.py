@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import helpers
-from helpers import Processes, random_batch, tiny_config
+from helpers import host_train_state, Processes, random_batch, tiny_config
 from instance_loss_jax import inference, sharding, training as ts
 from instance_loss_jax.errors import BatchError
 from instance_loss_jax.models import build_model
@@ -23,7 +23,7 @@ STAGE2 = {"stage": 2, "freeze_backbone": False, "backbone_bn": "train",
 
 def run_steps(config, devices, batches, seed=0, state=None):
   if state is None:
-    state = ts.create_train_state(config, jax.random.key(seed), STEPS_PER_EPOCH)
+    state = host_train_state(config, jax.random.key(seed), STEPS_PER_EPOCH)
   return helpers.run_steps(config, devices, batches, state, STEPS_PER_EPOCH)
 
 
@@ -59,7 +59,7 @@ def test_eight_devices_match_one_device(w_share_sharding, num_classes):
                                     "model.dropout": 0.5})
   batches = [random_batch(config, seed=0)]
   devices = jax.local_devices()
-  init = ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
+  init = host_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
   state8, hist8 = run_steps(config, devices[:8], batches, state=init)
   state1, hist1 = run_steps(config, devices[:1], batches, state=init)
   assert state8.params["w_share"]["kernel"].shape[-1] == num_classes
@@ -102,8 +102,8 @@ def test_init_compiled_for_speed_draws_the_same_bits():
   key = jax.random.key(3)
   default = jax.device_get(jax.jit(lambda k: model.init(k, images, tokens, train=False))(key))
   assert ts.init_compiler_options("cpu") and ts.init_compiler_options("gpu") is None
-  plain = ts.variables_of(ts.create_train_state(config, key, STEPS_PER_EPOCH))
-  on_mesh = ts.variables_of(ts.host_state(ts.init_train_state(
+  plain = ts.variables_of(host_train_state(config, key, STEPS_PER_EPOCH))
+  on_mesh = ts.variables_of(ts.host_state(ts.create_train_state(
       config, key, STEPS_PER_EPOCH, sharding.make_mesh(jax.local_devices()[:2])), config))
   for got in (plain, on_mesh):
     flat_got = jax.tree_util.tree_leaves_with_path(jax.device_get(got))
@@ -118,7 +118,7 @@ def test_init_compiled_for_speed_draws_the_same_bits():
 def test_stage1_backbone_is_frozen(backbone_bn):
   config = tiny_config(**{"backbone_bn": backbone_bn})
   assert config.freeze_backbone and config.stage == 1
-  init = ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
+  init = host_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
   init_params, init_stats = jax.device_get((init.params, init.batch_stats))
   batches = [random_batch(config, seed=s) for s in range(3)]
   state, _ = run_steps(config, jax.local_devices()[:2], batches, state=init)
@@ -160,7 +160,7 @@ def test_step_loss_is_the_batch_loss_of_the_models_outputs():
   (The config is the test above's: its compiled step comes from the run's compile cache.)"""
   config = tiny_config(**LEARNS)
   batch = random_batch(config, seed=0)
-  init = ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
+  init = host_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
   _, history = run_steps(config, jax.local_devices()[:1], [batch], state=init)
   out, _ = jit_apply(build_model(config), train=True, mutable=["batch_stats"])(
       ts.variables_of(init), batch["images"], batch["tokens"])
@@ -187,7 +187,7 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
   # float32, and one step's losses stay close to float32's from the same start.
   config = tiny_config(**STAGE2)
   batches = [random_batch(config, seed=0)]
-  init = ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
+  init = host_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
   devices = jax.local_devices()[:1]
   state32, hist32 = run_steps(config, devices, batches, state=init)
   bf16 = config.copy_and_resolve_references()
@@ -213,7 +213,7 @@ def test_float32_parts_compute_in_float32_under_bfloat16():
   config = tiny_config(compute_dtype="bfloat16", float32_parts=("w_share", "batch_norm"))
   batch = random_batch(config)
   model = build_model(config)
-  variables = ts.variables_of(ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH))
+  variables = ts.variables_of(host_train_state(config, jax.random.key(0), STEPS_PER_EPOCH))
   out, inter = jit_apply(model, capture_intermediates=True)(variables, batch["images"],
                                                             batch["tokens"])
   assert out["img_logits"].dtype == jnp.float32  # W_share
@@ -240,7 +240,7 @@ def test_mined_negatives_match_numpy_on_a_fixed_pool():
   # Half of the candidates are captions of the batch's own classes: never their negatives.
   batch["mined_labels"] = np.concatenate([batch["labels"][:12], rng.integers(0, 16, 12)]).astype(
       np.int32)
-  init = ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
+  init = host_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
   _, history = run_steps(config, jax.local_devices()[:8], [batch], state=init)
 
   model = build_model(config)
@@ -272,7 +272,7 @@ def test_mined_negatives_match_numpy_on_a_fixed_pool():
 @pytest.mark.parametrize("features", ["after_relu", "original"])
 def test_embed_fns_give_unit_vectors_and_flip_average(features):
   config = tiny_config(**{"eval.features": features, "eval.batch_size": 7})
-  state = ts.create_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
+  state = host_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
   mesh = sharding.make_mesh(jax.local_devices()[:2])
   fns = inference.make_embed_fns(config, mesh)
   embed_images, embed_texts = fns.images, fns.texts

@@ -6,7 +6,6 @@ Each argument is NAME=PATH of a JSON file the evaluation wrote (local or an obje
 """
 
 import argparse
-import json
 import sys
 
 from instance_loss_jax import paths
@@ -21,12 +20,7 @@ def read_named(args: list[str]) -> dict:
     name, sep, path = arg.partition("=")
     if not sep or not name or not path:
       raise ValueError(f"{arg!r}: expected NAME=PATH of an evaluation's JSON file")
-    if not paths.path(path).exists():
-      raise ValueError(f"{path}: no such file")
-    try:
-      results = json.loads(paths.path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f"{path}: not an evaluation's JSON ({e})") from None
+    results = paths.read_json(path, ValueError, what="not an evaluation's JSON")
     if not isinstance(results, dict) or "metrics" not in results:
       raise ValueError(f"{path}: not an evaluation's JSON (no metrics)")
     named[name] = results

@@ -85,6 +85,7 @@ def import_run(model: str, dictionary: str, workdir: str, config) -> dict[str, A
                         f"{facts['text']['vocab_size'] - 1}")
   overrides = config_overrides(facts)
   config = config_lib.apply_overrides(config.copy_and_resolve_references(), overrides)
+  config_lib.validate_config(config)
   for key, value in sorted(overrides.items()):
     log.info("from the graph: %s = %s", key, value)
   vocab = Vocabulary(words, f"{os.path.abspath(dictionary)} (subset.names)")

@@ -27,7 +27,7 @@ import time
 import tensorflow_datasets as tfds
 
 from instance_loss_jax import paths
-from instance_loss_jax.data import records, tfds_datasets, tfds_source
+from instance_loss_jax.data import tfds_datasets, tfds_source
 from instance_loss_jax.errors import DataError
 
 INFO_FILE = "dataset_info.json"  # TFDS writes it last; its presence means "prepared"
@@ -74,7 +74,7 @@ def is_prepared(dataset: str, data_dir: str) -> bool:
 
 def split_sizes(folder: str) -> dict[str, tuple[int, int, int]]:
   """split -> (records, shards, bytes), from TFDS's info file (through our path layer)."""
-  info = records.load_json(paths.join(folder, INFO_FILE))
+  info = paths.read_json(paths.join(folder, INFO_FILE), DataError)
   return {s["name"]: (sum(int(n) for n in s["shardLengths"]), len(s["shardLengths"]),
                       int(s.get("numBytes", 0))) for s in info["splits"]}
 

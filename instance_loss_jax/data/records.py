@@ -9,7 +9,6 @@ CUHK-PEDES. Captions are token lists, lower-cased.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Callable, Iterable, Sequence
@@ -46,16 +45,6 @@ def tokenizer(data) -> Callable[[str], tuple[str, ...]]:
   return lambda text: tuple(t for t in pattern.split(text) if t)
 
 
-def load_json(path: str) -> Any:
-  if not paths.path(path).is_file():
-    raise DataError(f"{path}: no such file")
-  try:
-    with paths.path(path).open(encoding="utf-8") as f:
-      return json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise DataError(f"{path}: not valid JSON ({e})") from None
-
-
 def field(entry: dict[str, Any], key: str, where: str):
   if not isinstance(entry, dict) or key not in entry:
     raise DataError(f"{where}: missing field '{key}'")
@@ -86,7 +75,7 @@ def read_karpathy(path: str, image_root: str, split: str, train_splits: Iterable
   """One split of a Karpathy JSON. `split="train"` takes every split in `train_splits` (MSCOCO:
   train + restval); each image is its own class. `split_raw`: a tokenizer for every sentence's
   `raw` text instead of its `tokens` (data.tokenizer="original")."""
-  data = load_json(path)
+  data = paths.read_json(path, DataError)
   images = field(data, "images", path)
   wanted = set(train_splits) if split == "train" else {split}
   items = []
@@ -128,7 +117,7 @@ def read_cuhk_pedes(path: str, image_root: str, split: str, check_files: bool = 
                     split_raw=tokenize) -> list[Record]:
   """One split of CUHK-PEDES `reid_raw.json`: the class is the person `id`; `split_raw` splits
   the captions."""
-  data = load_json(path)
+  data = paths.read_json(path, DataError)
   if not isinstance(data, list):
     raise DataError(f"{path}: expected a list of entries")
   items = []

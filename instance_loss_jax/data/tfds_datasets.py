@@ -104,7 +104,7 @@ def read_manual_dir(dataset: str, manual_dir: str) -> dict[str, list[Image]]:
   if not paths.path(json_path).is_file():
     raise DataError(f"manual_dir {manual_dir}: {source.json} not found (the {dataset} "
                     f"annotation file; {DOCS} says where it comes from)")
-  data = records.load_json(json_path)
+  data = paths.read_json(json_path, DataError)
   read = _karpathy if source.kind == "karpathy" else _cuhk_pedes
   splits = read(data, json_path, source.splits)
   empty = [s for s, images in splits.items() if not images]

@@ -1,5 +1,6 @@
-"""The train state: the model's variables and SGD's, created, abstract, placed on a mesh or
-brought back to the host.
+"""The train state: the model's variables and SGD's. Three functions build one: abstract (shapes
+and shardings, a restore target), created (a random init) and from given variables (Stage I's,
+an imported model); two move one: onto a mesh and back to the host.
 
 A global state is laid out by `sharding.shardings`: W_share split over its classes when
 `model.w_share_sharding="classes"` (padded to a multiple of the device count), everything else
@@ -18,7 +19,6 @@ from flax.training import train_state
 
 from instance_loss_jax import sharding
 from instance_loss_jax.workdir import checkpoint
-from instance_loss_jax.config import validate_config
 from instance_loss_jax.models import build_model
 from instance_loss_jax.training import optim
 
@@ -28,7 +28,6 @@ class TrainState(train_state.TrainState):
 
 
 def _init_fn(config: ml_collections.ConfigDict):
-  validate_config(config)
   if config.num_classes < 1:
     raise ValueError("num_classes is 0: set it, or let the trainer take it from the data")
   model = build_model(config, axis_name=sharding.AXIS)
@@ -54,32 +53,16 @@ def abstract_variables(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return jax.eval_shape(init, jax.random.key(0))
 
 
-def _new_state(model, config: ml_collections.ConfigDict, variables: dict[str, Any],
-               steps_per_epoch: float, num_padded: int | None) -> TrainState:
-  """A step-0 state holding `variables` and a fresh optimiser state. num_padded: W_share's width,
-  zero columns after num_classes (the random ones are those of a num_classes-wide W_share, so
-  every padding starts from the same model)."""
-  if num_padded is not None:
-    variables = sharding.pad_classes(variables, num_padded)
+def _drawn_state(config: ml_collections.ConfigDict, rng, steps_per_epoch: float,
+                 num_padded: int) -> TrainState:
+  """A fresh state with a random init drawn from `rng`, for tracing (eval_shape, jit). W_share
+  is `num_padded` wide: zero columns after num_classes (the random ones are those of a
+  num_classes-wide W_share, so every padding starts from the same model)."""
+  model, init = _init_fn(config)
+  variables = sharding.pad_classes(init(rng), num_padded)
   tx = optim.make_optimizer(config, steps_per_epoch, variables["params"])
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables["batch_stats"])
-
-
-def _drawn_state(config: ml_collections.ConfigDict, rng, steps_per_epoch: float,
-                 num_padded: int | None) -> TrainState:
-  """A fresh state with a random init drawn from `rng`, for tracing (eval_shape, jit)."""
-  model, init = _init_fn(config)
-  return _new_state(model, config, init(rng), steps_per_epoch, num_padded)
-
-
-def create_train_state(config: ml_collections.ConfigDict, rng, steps_per_epoch: float,
-                       num_padded: int | None = None) -> TrainState:
-  """Initialises the model and optimiser on the default device (see `init_train_state` for a
-  mesh); num_padded as in `_new_state`."""
-  model, init = _init_fn(config)
-  variables = jax.jit(init, compiler_options=init_compiler_options(jax.default_backend()))(rng)
-  return _new_state(model, config, variables, steps_per_epoch, num_padded)
 
 
 def variables_of(state: TrainState) -> dict[str, Any]:
@@ -99,10 +82,10 @@ def abstract_train_state(config: ml_collections.ConfigDict, steps_per_epoch: flo
       sharding.shardings(abstract, config, mesh))
 
 
-def init_train_state(config: ml_collections.ConfigDict, rng, steps_per_epoch: float,
-                     mesh=None) -> TrainState:
-  """A fresh train state created directly in its sharded layout on `mesh` (no device ever
-  holds a whole sharded W_share)."""
+def create_train_state(config: ml_collections.ConfigDict, rng, steps_per_epoch: float,
+                       mesh=None) -> TrainState:
+  """A fresh train state (random init from `rng`, SGD's state at step 0) created directly in its
+  layout on `mesh` (default: every device; no device ever holds a whole sharded W_share)."""
   mesh = mesh if mesh is not None else sharding.make_mesh()
   num_padded = sharding.padded_num_classes(config, mesh)
   template = abstract_train_state(config, steps_per_epoch, mesh)
@@ -119,7 +102,7 @@ def state_from_variables(config: ml_collections.ConfigDict, variables: dict[str,
   """A train state at step 0 holding `variables` (host arrays, W_share at num_classes) with a
   fresh optimiser state, laid out on `mesh`.
 
-  What `init_train_state` gives once every variable is replaced, without drawing the random
+  What `create_train_state` gives once every variable is replaced, without drawing the random
   ones first: Stage II from Stage I's checkpoint skips a whole random init (its compile on XLA:CPU
   is most of a small run's start-up; on a pod, a W_share of 500k classes drawn to be dropped).
   The optimiser state depends on the parameters' shapes only (SGD's momentum starts at zero).

@@ -21,7 +21,7 @@ import ml_collections
 
 from instance_loss_jax import sharding
 from instance_loss_jax.workdir import checkpoint
-from instance_loss_jax.config import frozen_scopes, uses_mined_negatives, validate_config
+from instance_loss_jax.config import frozen_scopes, uses_mined_negatives
 from instance_loss_jax.models import build_model, dropout_mask
 from instance_loss_jax.training import losses, optim
 from instance_loss_jax.training.batch import check_batch
@@ -121,7 +121,7 @@ def _train_step(arrays: dict[str, Any], batch: dict[str, Any], *, config, tx, sc
 class TrainStep:
   """step(state, batch) -> (state, metrics) over `mesh`, and the facts about it.
 
-  state: a global TrainState laid out by `sharding.shardings` (see `init_train_state`,
+  state: a global TrainState laid out by `sharding.shardings` (see `create_train_state`,
   `place_state`); batch: this process's rows as numpy (checked against the config first, then
   assembled into global arrays), or what `place(rows)` returned for them (ahead of time:
   `training.prefetch.DevicePrefetch`). Metrics come back replicated. `jitted` is the compiled
@@ -153,8 +153,8 @@ class TrainStep:
 def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: float,
                     mesh=None) -> TrainStep:
   """The train step over `mesh` (default: every device of every process,
-  `sharding.make_mesh()`), compiled at its first call."""
-  validate_config(config)
+  `sharding.make_mesh()`), compiled at its first call. The config is taken as valid (the
+  binaries and `train_and_evaluate` validate it)."""
   mesh = mesh if mesh is not None else sharding.make_mesh()
   num_padded = sharding.padded_num_classes(config, mesh)
   collectives = mesh.size > 1

@@ -74,13 +74,9 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run recorded (vocabulary size, class count and input convention resolved):
   what its checkpoints are read with."""
-  path = paths.join(workdir, CONFIG_FILE)
-  if not paths.path(path).exists():
-    raise CheckpointError(f"{path}: no such file (is {workdir} a training run's workdir?)")
-  try:
-    recorded = json.loads(paths.path(path).read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: not a run config ({e})") from None
+  recorded = paths.read_json(
+      paths.join(workdir, CONFIG_FILE), CheckpointError,
+      missing=f"no such file (is {workdir} a training run's workdir?)", what="not a run config")
   return ml_collections.ConfigDict(config_lib.with_recorded_defaults(recorded))
 
 
