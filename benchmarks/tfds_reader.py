@@ -123,6 +123,7 @@ def main(argv):
   results = {"local": measure(local, n_train)}
   if f.gcs_reads:
     with emulator() as store:
+      os.makedirs(os.path.join(f.out, "staging"), exist_ok=True)
       prepare.prepare("flickr30k", manual, store, num_shards=2,
                       staging_dir=os.path.join(f.out, "staging"))
       results["gs:// (emulator)"] = measure(store, min(f.gcs_reads, n_train))

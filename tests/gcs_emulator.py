@@ -1,10 +1,14 @@
 """gcp-storage-emulator (PyPI) as tests/test_object_store.py runs it: `python gcs_emulator.py
-start --port N --in-memory --default-bucket B`, the emulator's own command line, with three
+start --port N --in-memory --default-bucket B`, the emulator's own command line, with four
 differences from its released behaviour, each toward what GCS itself does:
 
 - Downloads carry `x-goog-generation` and `x-goog-metageneration`, as GCS's do. TensorStore's
   OCDBT driver (Orbax's default checkpoint format) reads an object's generation from them and
   fails with "Malformed StorageGeneration" without them.
+- A suffix range (`Range: bytes=-N`, the last N bytes) is served as GCS serves it; the emulator
+  ignores it and sends the whole object. google-cloud-cpp reads a file's tail so (Riegeli's
+  postscript, under ArrayRecord's reader): an ArrayRecord file of more than ~1 MB was then
+  unreadable ("Invalid Riegeli/records file: chunk boundary is ...").
 - No metadata file: on every write the emulator serialises every object it holds into a JSON
   file that only a restart reads back (none here); with the objects of a few checkpoints that
   made each save quadratic.
@@ -17,6 +21,7 @@ it (an upload, a copy, a move) is answered 403 with GCS's words, as when the job
 loses write access during a run; reads and deletes still pass, so the test can lift it.
 """
 
+import re
 import runpy
 import sys
 
@@ -31,6 +36,11 @@ DENY_WRITES = ".deny-writes"
 
 
 def _download_with_generation(request, response, store, *args, **kwargs):
+  headers = request._request_handler.headers  # pylint: disable=protected-access
+  suffix = re.fullmatch(r"\s*bytes=-(\d+)\s*", headers.get("range") or "")
+  if suffix:  # the last N bytes, as GCS serves them (the emulator would send the whole object)
+    size = len(store.get_file(request.params["bucket_name"], request.params["object_id"]))
+    headers.replace_header("range", f"bytes={max(0, size - int(suffix[1]))}-")
   _download(request, response, store, *args, **kwargs)
   if response.status.value < 300:
     obj = store.get_file_obj(request.params["bucket_name"], request.params["object_id"])
