@@ -1,15 +1,23 @@
-"""Instance loss, the bidirectional ranking loss, and their weighted sum (paper eqs. 4-9).
+"""Instance loss, the bidirectional ranking loss, and their weighted sum (paper eqs. 4-9); and,
+as eq. 9's ranking term instead of the hinge (`loss.ranking`), CLIP's InfoNCE and SigLIP's
+sigmoid loss with their learned temperature (and bias).
 
 Public API. What the train step (training/step.py) assembles its objective from, on the mesh:
   instance_loss_per_row(logits, labels, num_classes, axis_name=None)  (W_share split over classes)
   ranking_loss_against(img_emb, txt_emb, labels, pool_img, pool_txt, pool_labels, margin,
                        negatives, rng, mined_txt_emb, mined_labels, anchor_rows=(0, None))
                        (this device's anchors against the global batch's negatives)
+  infonce_loss_against(img_emb, txt_emb, labels, pool_img, pool_txt, pool_labels, log_scale,
+                       max_log_scale, anchor_rows)
+  sigmoid_loss_against(img_emb, txt_emb, labels, pool_txt, pool_labels, log_scale, bias,
+                       max_log_scale)
   total_loss(lambdas, rank, visual, textual)  (eq. 9)
 One batch on one device, the same functions wrapped (for a loop of one's own, and the tests):
   instance_loss(logits, labels)
   ranking_loss(img_emb, txt_emb, margin=1.0, negatives="hardest", rng=None, labels=None,
                mined_txt_emb=None, mined_labels=None)  (ranking_loss_against, pool = batch)
+  infonce_loss(img_emb, txt_emb, log_scale, labels=None)
+  sigmoid_loss(img_emb, txt_emb, log_scale, bias, labels=None)
   batch_loss(outputs, labels, lambdas, margin=1.0, negatives="hardest", rng=None, ...)
 
 Ranking conventions. Row i of `img_emb` and `txt_emb` is a positive pair. A negative of anchor i
@@ -155,6 +163,78 @@ def ranking_loss(img_emb, txt_emb, margin: float = 1.0, negatives: str = "hardes
     labels = jnp.arange(img_emb.shape[0])
   return ranking_loss_against(img_emb, txt_emb, labels, img_emb, txt_emb, labels, margin,
                               negatives, rng, mined_txt_emb, mined_labels)
+
+
+def _scale(log_scale, max_log_scale: float | None):
+  """exp(log_scale) in float32, log_scale clipped at max_log_scale (CLIP clips at log 100)."""
+  log_scale = jnp.asarray(log_scale, jnp.float32)
+  return jnp.exp(log_scale if max_log_scale is None else jnp.minimum(log_scale, max_log_scale))
+
+
+def _similarities(anchors, pool):
+  """anchors @ pool.T with float32 accumulation and result (the inputs may be bfloat16)."""
+  return jnp.matmul(anchors, pool.T, preferred_element_type=jnp.float32)
+
+
+def _anchor_columns(rows: int, pool_rows: int, anchor_rows):
+  """[rows, pool_rows] bool: column j is anchor i's own pair (its global position)."""
+  own = anchor_rows[0] + jnp.arange(rows)
+  return jnp.arange(pool_rows)[None, :] == own[:, None]
+
+
+def infonce_loss_against(img_emb, txt_emb, labels, pool_img, pool_txt, pool_labels, log_scale,
+                         max_log_scale: float | None = None, anchor_rows=(0, None)):
+  """CLIP's InfoNCE of these anchors against pools (the train step: the global batch), both
+  directions: the mean over anchors of -log softmax_j(s * img_i . txt_j) at j = i's own pair,
+  and the same from the text side, averaged. s = exp(log_scale) (a learned parameter).
+
+  Inputs are L2-normalised rows; row i of img_emb/txt_emb is a pair, at position
+  anchor_rows[0] + i of the pools. Another column with i's label (CUHK-PEDES: another image of
+  the same person) is no negative: it is left out of i's softmax, which keeps i's own pair as
+  the one target.
+  """
+  scale = _scale(log_scale, max_log_scale)
+  own = _anchor_columns(img_emb.shape[0], pool_img.shape[0], anchor_rows)
+  not_negative = (labels[:, None] == pool_labels[None, :]) & ~own
+
+  def direction(anchors, pool):
+    logits = jnp.where(not_negative, -jnp.inf, scale * _similarities(anchors, pool))
+    target = jnp.sum(jnp.where(own, logits, 0.0), axis=1)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=1) - target)
+
+  return 0.5 * (direction(img_emb, pool_txt) + direction(txt_emb, pool_img))
+
+
+def sigmoid_loss_against(img_emb, txt_emb, labels, pool_txt, pool_labels, log_scale, bias,
+                         max_log_scale: float | None = None):
+  """SigLIP's pairwise sigmoid loss of these image anchors against a pool of texts (the train
+  step: the global batch): -(1/n) sum_j log sigmoid(z_ij * (s * img_i . txt_j + b)) summed over
+  the anchors i and divided by their number n; on the mesh the mean over devices then gives
+  SigLIP's -(1/N) sum_ij over the global batch of N. s = exp(log_scale) and b are learned.
+
+  Inputs are L2-normalised rows. z_ij = +1 where txt_j has i's label (its own caption, and
+  CUHK-PEDES's other captions of the same person: positives), -1 elsewhere. One sum over every
+  (image, text) pair covers both directions.
+  """
+  logits = _scale(log_scale, max_log_scale) * _similarities(img_emb, pool_txt) + jnp.asarray(
+      bias, jnp.float32)
+  z = jnp.where(labels[:, None] == pool_labels[None, :], 1.0, -1.0)
+  return -jnp.sum(jax.nn.log_sigmoid(z * logits)) / img_emb.shape[0]
+
+
+def infonce_loss(img_emb, txt_emb, log_scale, labels=None, max_log_scale: float | None = None):
+  """`infonce_loss_against` of one batch against itself (labels default: the row index)."""
+  labels = jnp.arange(img_emb.shape[0]) if labels is None else labels
+  return infonce_loss_against(img_emb, txt_emb, labels, img_emb, txt_emb, labels, log_scale,
+                              max_log_scale)
+
+
+def sigmoid_loss(img_emb, txt_emb, log_scale, bias, labels=None,
+                 max_log_scale: float | None = None):
+  """`sigmoid_loss_against` of one batch against itself (labels default: the row index)."""
+  labels = jnp.arange(img_emb.shape[0]) if labels is None else labels
+  return sigmoid_loss_against(img_emb, txt_emb, labels, txt_emb, labels, log_scale, bias,
+                              max_log_scale)
 
 
 def total_loss(lambdas: Sequence[float], rank, visual, textual):
