@@ -29,6 +29,8 @@ STAGE_SIZES = {
 # The ranking loss's negatives (losses.ranking_loss): the batch's hardest, a random one, or the
 # original code's mined captions.
 NEGATIVE_MODES = ("hardest", "random", "mined")
+# Eq. 9's ranking term: the paper's hinge (with NEGATIVE_MODES), CLIP's InfoNCE, SigLIP's sigmoid.
+RANKING_LOSSES = ("triplet", "infonce", "sigmoid")
 POOLINGS = ("max", "mean")
 STRIDE_VARIANTS = ("v1", "v1.5")
 # How the frozen backbone's BatchNorm behaves in Stage I:
@@ -157,9 +159,20 @@ def base_config() -> ml_collections.ConfigDict:
   # term is half of ours. E.g. its MSCOCO script's 2/1/0.1 is (1.0, 1.0, 0.1) here. Configs use
   # the paper's (0, 1, 1) and (1, 1, 1), not an original script's.
   c.loss.lambdas = (0.0, 1.0, 1.0)
+  # The ranking term (lambdas[0]): "triplet" (eq. 4's hinge, with `margin` and `negatives`),
+  # "infonce" (CLIP, Radford et al. 2021) or "sigmoid" (SigLIP, Zhai et al. 2023), both over the
+  # global batch with a learned temperature (params `contrastive/log_scale`, and SigLIP's
+  # `contrastive/bias`), in their own learning-rate group (optim.lr_mult.contrastive).
+  c.loss.ranking = "triplet"
   c.loss.margin = 1.0
   c.loss.negatives = "hardest"
   c.loss.num_mined = 256  # candidate captions per step in "mined" mode
+  # The papers' starts: CLIP's temperature 0.07 (logit scale 1/0.07), SigLIP's scale 10 and
+  # bias -10. CLIP clips the scale at 100; applied to both.
+  c.loss.infonce_log_scale_init = math.log(1 / 0.07)
+  c.loss.sigmoid_log_scale_init = math.log(10.0)
+  c.loss.sigmoid_bias_init = -10.0
+  c.loss.max_log_scale = math.log(100.0)
 
   c.freeze_backbone = True  # Stage I
   c.backbone_bn = "running"
@@ -218,7 +231,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 1e-4
   # Effective rate of a group = lr * multiplier (docs/design.md, from the original code).
   c.optim.lr_mult = ml_collections.ConfigDict(dict(
-      backbone=0.02, word_embedding=0.001, text_cnn=0.1, heads=0.1, w_share=0.01))
+      backbone=0.02, word_embedding=0.001, text_cnn=0.1, heads=0.1, w_share=0.01,
+      # The contrastive ranking term's temperature and bias (the heads' rate; not the
+      # original's: it has no such parameter).
+      contrastive=0.1))
   # ((epochs, lr factor), ...): piecewise constant; the run's length is the sum of the epochs.
   c.optim.schedule = ((240, 1.0),)
   # Steps of linear warmup into the schedule: step s (from 0) runs at (s + 1) / warmup_steps of
@@ -238,7 +254,8 @@ def base_config() -> ml_collections.ConfigDict:
 # (the text CNN's and heads' BatchNorm epsilon), embedded (after the heads' ReLU) and scored
 # (every caption).
 RECORDED_BEFORE = {"model.text.bn_epsilon": 1e-5, "model.head_bn_epsilon": 1e-5,
-                   "eval.features": "after_relu", "eval.captions_per_image": 0}
+                   "eval.features": "after_relu", "eval.captions_per_image": 0,
+                   "loss.ranking": "triplet"}
 
 
 def with_recorded_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
@@ -360,7 +377,8 @@ def uses_mined_negatives(cfg: ml_collections.ConfigDict) -> bool:
   """Whether the step ranks against mined negatives, so that each batch carries a candidate
   pool (`mined_tokens`, `mined_labels`): the ranking term is on and its negatives are mined.
   The one rule the pipeline, the batch check and the step read."""
-  return float(cfg.loss.lambdas[0]) > 0 and cfg.loss.negatives == "mined"
+  return (float(cfg.loss.lambdas[0]) > 0 and cfg.loss.ranking == "triplet"
+          and cfg.loss.negatives == "mined")
 
 
 def frozen_scopes(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -470,6 +488,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   else:
     check(all(math.isfinite(x) and x >= 0 for x in lambdas) and any(x > 0 for x in lambdas),
           f"loss.lambdas={lambdas}: finite, >= 0 and not all zero")
+  check(loss.ranking in RANKING_LOSSES,
+        f"loss.ranking={loss.ranking!r}: one of {RANKING_LOSSES}")
   check(loss.negatives in NEGATIVE_MODES,
         f"loss.negatives={loss.negatives!r}: one of {NEGATIVE_MODES}")
   check(loss.margin > 0, f"loss.margin={loss.margin}: must be > 0")

@@ -26,6 +26,7 @@ def test_unknown_keys_are_listed():
     ("loss.lambdas", (1.0, -1.0, 1.0), ">= 0"),
     ("loss.lambdas", (float("nan"), 1.0, 1.0), "finite"),
     ("loss.negatives", "semi-hard", "loss.negatives='semi-hard'"),
+    ("loss.ranking", "clip", "loss.ranking='clip': one of"),
     ("model.text.pooling", "sum", "model.text.pooling='sum'"),
     ("model.image.depth", 34, "model.image.depth=34"),
     ("model.image.stride_variant", "v2", "stride_variant='v2'"),
@@ -63,3 +64,13 @@ def test_binary_names_an_unknown_override_without_a_traceback(tmp_path):
       "optim.momentum?)")
   assert "Traceback" not in result.stderr
   assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_mined_negatives_only_for_the_hinge():
+  # The candidate pools are built (pipeline, batch check, step) only where the hinge ranks
+  # against them: a contrastive ranking term takes the global batch and nothing else.
+  from instance_loss_jax.config import uses_mined_negatives  # pylint: disable=g-import-not-at-top
+  config = tiny_config(**{"loss.lambdas": (1.0, 1.0, 1.0), "loss.negatives": "mined"})
+  assert uses_mined_negatives(config)
+  config.loss.ranking = "infonce"
+  assert not uses_mined_negatives(config)

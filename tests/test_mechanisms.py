@@ -51,8 +51,9 @@ def test_each_configs_stages_are_the_papers(path, stage):
 
 # Which group each top-level scope's parameters belong to (docs/design.md, Training).
 GROUP_OF_SCOPE = {"backbone": "backbone", "image_head": "heads", "text_head": "heads",
-                  "w_share": "w_share"}
-DISTINCT_MULTS = dict(backbone=0.5, word_embedding=2.0, text_cnn=3.0, heads=5.0, w_share=7.0)
+                  "w_share": "w_share", "contrastive": "contrastive"}
+DISTINCT_MULTS = dict(backbone=0.5, word_embedding=2.0, text_cnn=3.0, heads=5.0, w_share=7.0,
+                      contrastive=11.0)
 
 
 def _group(path):
@@ -79,10 +80,11 @@ def _numpy_sgd(params, grads, steps, lr, mult_of, momentum, decay):
 def test_each_learning_rate_group_moves_by_its_own_rate(stage):
   """Catches: two groups' multipliers swapped (the configs' text CNN and heads share 0.1, so
   a swap there is invisible to any run), a parameter in the wrong group, the frozen backbone
-  moving in Stage I, weight decay on biases or BN parameters."""
+  moving in Stage I, weight decay on biases, BN parameters or SigLIP's temperature and bias."""
   from flax import traverse_util
   config = tiny_config(**{"optim.lr": 0.1, "optim.momentum": 0.9, "optim.nesterov": True,
-                          "optim.weight_decay": 0.01, "optim.schedule": ((10, 1.0),)})
+                          "optim.weight_decay": 0.01, "optim.schedule": ((10, 1.0),),
+                          "loss.ranking": "sigmoid"})
   config = config_lib.set_stage(config, stage)
   for group, mult in DISTINCT_MULTS.items():
     config.optim.lr_mult[group] = mult

@@ -46,17 +46,21 @@ def assert_trees_close(a, b, **tol):
     np.testing.assert_allclose(x, y, err_msg=jax.tree_util.keystr(path), **tol)
 
 
-@pytest.mark.parametrize("w_share_sharding,num_classes", [("classes", 13), ("replicated", 16)])
+@pytest.mark.parametrize("w_share_sharding,num_classes,ranking", [
+    ("classes", 13, "triplet"), ("replicated", 16, "triplet"), ("classes", 13, "infonce"),
+    ("replicated", 16, "sigmoid")])
 @pytest.mark.slow
-def test_eight_devices_match_one_device(w_share_sharding, num_classes):
+def test_eight_devices_match_one_device(w_share_sharding, num_classes, ranking):
   # Stage II with both losses: BN statistics must be synchronised over devices (8 devices hold
   # one example each), the hardest negatives must come from the global batch of 8, and W_share's
   # 13 classes (padded to 16, 2 per device) give the softmax of all 13. Dropout on: its masks
   # follow the rows' global positions, so 8 devices draw what 1 does.
   assert jax.local_device_count() >= 8, "conftest.py forces 8 host devices"
+  # InfoNCE and SigLIP: each device's rows against the all-gathered global batch, with their
+  # learned temperature (and bias) among the parameters compared.
   config = tiny_config(**STAGE2, **{"model.w_share_sharding": w_share_sharding,
                                     "num_classes": num_classes, "batch_size": 8,
-                                    "model.dropout": 0.5})
+                                    "model.dropout": 0.5, "loss.ranking": ranking})
   batches = [random_batch(config, seed=0)]
   devices = jax.local_devices()
   init = host_train_state(config, jax.random.key(0), STEPS_PER_EPOCH)
@@ -88,6 +92,9 @@ def test_eight_devices_match_one_device(w_share_sharding, num_classes):
   # The parameters really moved: equality is not the trivial kind.
   moved = np.abs(state1.params["w_share"]["kernel"] - init.params["w_share"]["kernel"]).max()
   assert moved > 1e-3
+  if ranking != "triplet":
+    assert abs(state1.params["contrastive"]["log_scale"] -
+               init.params["contrastive"]["log_scale"]) > 1e-4
 
 
 @pytest.mark.slow

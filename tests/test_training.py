@@ -174,6 +174,28 @@ def test_the_eval_binary_reads_the_run_as_it_was_trained(data_dir, stage1, tmp_p
   assert f"data.json={os.path.join(data_dir, 'dataset.json')!r}" in lines
 
 
+@pytest.mark.slow
+def test_a_learned_temperature_is_logged_checkpointed_and_carried_into_stage2(data_dir,
+                                                                             tmp_path):
+  # SigLIP as the ranking term: Stage I (no ranking term) keeps its temperature and bias at the
+  # start; Stage II starts from Stage I's (its own config's starts differ, and are not used),
+  # trains them, logs them and checkpoints them.
+  workdir1, workdir2 = str(tmp_path / "one"), str(tmp_path / "two")
+  siglip = {"loss.ranking": "sigmoid", "eval.at_end": False}
+  trainer.train_and_evaluate(small_config("stage1", data_dir, **siglip), workdir1)
+  trainer.train_and_evaluate(small_config("stage2", data_dir, init_from=workdir1, **{
+      **siglip, "loss.sigmoid_bias_init": -5.0, "loss.sigmoid_log_scale_init": 0.0}), workdir2)
+  v1 = checkpoint.restore_variables(checkpoint.manager(workdir1, read_only=True), 8)
+  v2 = checkpoint.restore_variables(checkpoint.manager(workdir2, read_only=True), 8)
+  one, two = v1["params"]["contrastive"], v2["params"]["contrastive"]
+  assert float(one["bias"]) == -10.0 and float(one["log_scale"]) == pytest.approx(np.log(10.0))
+  assert set(logged_scalars(workdir1, "train/logit_bias")) == {-10.0}
+  assert logged_scalars(workdir2, "train/logit_bias")[0] == pytest.approx(-10.0, abs=0.1)
+  assert logged_scalars(workdir2, "train/logit_scale")[0] == pytest.approx(10.0, rel=0.05)
+  assert float(two["bias"]) != -10.0 and float(two["log_scale"]) != float(one["log_scale"])
+  assert min(logged_scalars(workdir2, "train/rank_loss")) > 0
+
+
 @pytest.mark.xdist_group("stage1")
 @pytest.mark.slow
 def test_without_device_prefetch_with_a_profile_the_run_is_the_same(data_dir, stage1, tmp_path,

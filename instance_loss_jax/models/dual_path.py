@@ -1,7 +1,8 @@
 """The dual-path model: image ResNet + text CNN, unshared heads, one W_share for both.
 
-Top-level parameter names (backbone, image_head, text_encoder, text_head, w_share) are what the
-optimiser's learning-rate groups and Stage I's freezing key on.
+Top-level parameter names (backbone, image_head, text_encoder, text_head, w_share, and
+contrastive with a contrastive ranking term) are what the optimiser's learning-rate groups and
+Stage I's freezing key on.
 """
 
 from __future__ import annotations
@@ -47,6 +48,21 @@ class Head(nn.Module):
     return x
 
 
+class ContrastiveScale(nn.Module):
+  """The learned log logit scale of a contrastive ranking term and, for SigLIP, its bias: float32
+  scalars in the params tree (checkpointed, carried from Stage I to Stage II)."""
+  log_scale_init: float
+  bias_init: float | None = None
+
+  @nn.compact
+  def __call__(self) -> dict[str, jax.Array]:
+    out = {"log_scale": self.param("log_scale", nn.initializers.constant(self.log_scale_init),
+                                   (), jnp.float32)}
+    if self.bias_init is not None:
+      out["bias"] = self.param("bias", nn.initializers.constant(self.bias_init), (), jnp.float32)
+    return out
+
+
 class DualPath(nn.Module):
   """Both branches and W_share.
 
@@ -63,6 +79,9 @@ class DualPath(nn.Module):
   dtype: Any = jnp.float32
   # Parts computed in float32 whatever `dtype` (the run's `float32_parts`, see config.py).
   float32_parts: tuple[str, ...] = ()
+  # (log_scale,) for InfoNCE, (log_scale, bias) for SigLIP: the contrastive ranking term's
+  # parameters and their starts; () for none (the hinge).
+  contrastive_init: tuple[float, ...] = ()
 
   def _dtype(self, part: str):
     return jnp.float32 if part in self.float32_parts else self.dtype
@@ -86,6 +105,8 @@ class DualPath(nn.Module):
                            m.head_bn_epsilon, self.axis_name, self._dtype("heads"), bn_dtype)
     self.text_head = Head(m.embed_dim, m.text_head_layers, m.bn_momentum, m.head_bn_epsilon,
                           self.axis_name, self._dtype("heads"), bn_dtype)
+    if self.contrastive_init:
+      self.contrastive = ContrastiveScale(*self.contrastive_init)
     # He init x 0.1 (original): variance 2 / fan_in scaled by 0.1^2.
     self.w_share = nn.Dense(
         self.num_classes, dtype=self._dtype("w_share"), use_bias=m.w_share_bias,
@@ -141,7 +162,10 @@ class DualPath(nn.Module):
     if train and self.config.dropout:
       mask = dropout_mask(self.make_rng("dropout"), self.config.dropout, *both.shape)
     logits = self.classify(both, mask)
-    return dict(out, img_logits=logits[:img.shape[0]], txt_logits=logits[img.shape[0]:])
+    out = dict(out, img_logits=logits[:img.shape[0]], txt_logits=logits[img.shape[0]:])
+    if self.contrastive_init:
+      out["contrastive"] = self.contrastive()
+    return out
 
 
 def dropout_mask(rng, rate: float, rows: int, dim: int):
@@ -164,4 +188,14 @@ def build_model(config: ml_collections.ConfigDict, axis_name: str | None = None,
                   freeze_backbone="backbone" in frozen_scopes(config),
                   backbone_batch_stats=config.backbone_bn != "running",
                   axis_name=axis_name, dtype=jnp.dtype(config.compute_dtype),
-                  float32_parts=float32_parts(config))
+                  float32_parts=float32_parts(config),
+                  contrastive_init=contrastive_init(config.loss))
+
+
+def contrastive_init(loss: ml_collections.ConfigDict) -> tuple[float, ...]:
+  """The contrastive ranking term's parameters' starts (`DualPath.contrastive_init`)."""
+  if loss.ranking == "infonce":
+    return (float(loss.infonce_log_scale_init),)
+  if loss.ranking == "sigmoid":
+    return (float(loss.sigmoid_log_scale_init), float(loss.sigmoid_bias_init))
+  return ()

@@ -1,6 +1,7 @@
 """SGD with per-group learning rates, weight decay and Stage I's frozen backbone.
 
-Groups (docs/design.md): backbone, word_embedding, text_cnn, heads, w_share. Each group's rate
+Groups (docs/design.md): backbone, word_embedding, text_cnn, heads, w_share, and contrastive (the
+learned temperature of a contrastive ranking term). Each group's rate
 is `optim.lr * optim.lr_mult[group] * schedule(step)`.
 """
 
@@ -28,8 +29,8 @@ def param_group(path: tuple[str, ...]) -> str:
     return "word_embedding" if path[1] == "word_embedding" else "text_cnn"
   if top in ("image_head", "text_head"):
     return "heads"
-  if top == "w_share":
-    return "w_share"
+  if top in ("w_share", "contrastive"):
+    return top
   raise ValueError(f"parameter {'/'.join(path)} belongs to no learning-rate group")
 
 

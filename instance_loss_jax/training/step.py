@@ -96,10 +96,23 @@ def _train_step(arrays: dict[str, Any], batch: dict[str, Any], *, config, tx, sc
     terms = {k: v if split_classes and k.endswith("loss") else mean(v) for k, v in terms.items()}
     terms["rank_loss"] = jnp.zeros((), jnp.float32)
     if l_rank:
-      terms["rank_loss"] = mean(losses.ranking_loss_against(
-          out["img_emb"], out["txt_emb"], labels, gather(out["img_emb"]), gather(out["txt_emb"]),
-          all_labels, config.loss.margin, negatives, negatives_rng, mined_emb, mined_labels,
-          anchor_rows=(device * rows, global_rows)))
+      # This device's anchors against the global batch (all-gathered, gradients through it).
+      pools = (labels, gather(out["img_emb"]), gather(out["txt_emb"]), all_labels)
+      anchor_rows = (device * rows, global_rows)
+      if config.loss.ranking == "triplet":
+        rank = losses.ranking_loss_against(
+            out["img_emb"], out["txt_emb"], *pools, config.loss.margin, negatives,
+            negatives_rng, mined_emb, mined_labels, anchor_rows=anchor_rows)
+      elif config.loss.ranking == "infonce":
+        rank = losses.infonce_loss_against(
+            out["img_emb"], out["txt_emb"], *pools, params["contrastive"]["log_scale"],
+            config.loss.max_log_scale, anchor_rows=anchor_rows)
+      else:  # sigmoid: one sum over (image, text) pairs covers both directions
+        rank = losses.sigmoid_loss_against(
+            out["img_emb"], out["txt_emb"], labels, pools[2], all_labels,
+            params["contrastive"]["log_scale"], params["contrastive"]["bias"],
+            config.loss.max_log_scale)
+      terms["rank_loss"] = mean(rank)
     total = losses.total_loss(config.loss.lambdas, terms["rank_loss"], terms["visual_loss"],
                               terms["textual_loss"])
     return total, (terms, updates["batch_stats"])
@@ -114,6 +127,11 @@ def _train_step(arrays: dict[str, Any], batch: dict[str, Any], *, config, tx, sc
     new_state = new_state.replace(
         batch_stats={**batch_stats, "backbone": state.batch_stats["backbone"]})
   metrics = dict(metrics, loss=total, learning_rate=schedule(state.step))
+  if "contrastive" in state.params:  # the learned temperature (and bias) the step used
+    learned = state.params["contrastive"]
+    metrics["logit_scale"] = jnp.exp(jnp.minimum(learned["log_scale"], config.loss.max_log_scale))
+    if "bias" in learned:
+      metrics["logit_bias"] = learned["bias"]
   return checkpoint.state_tree(new_state), metrics
 
 
