@@ -139,3 +139,17 @@ def test_split_into_devices_the_loss_and_gradients_are_those_of_one(name):
   assert float(got) == pytest.approx(float(want), rel=1e-6)
   for g, w in zip(got_grads, want_grads):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["infonce", "sigmoid"])
+def test_bfloat16_rows_give_float32_logits(name):
+  # compute_dtype=bfloat16: the similarities accumulate and the softmax / log-sigmoid reduce in
+  # float32, so the loss is that of the bfloat16-rounded rows computed in float32.
+  rng = np.random.default_rng(4)
+  img, txt = jnp.bfloat16(unit_rows(rng, 16, 32)), jnp.bfloat16(unit_rows(rng, 16, 32))
+  ours = CASES[name][0]
+  params = jnp.float32(CASES[name][2])
+  low = ours(img, txt, params, None)
+  assert low.dtype == jnp.float32
+  exact = ours(jnp.float32(img), jnp.float32(txt), params, None)
+  assert float(low) == pytest.approx(float(exact), rel=1e-6)
