@@ -90,6 +90,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tfds_name = ""
   c.data.word2vec = ""  # KeyedVectors file; "" = vocabulary from counts, random init
   c.data.min_word_count = 1  # the no-word2vec vocabulary's threshold
+  # The paper's Table 5: K > 0 trains instance loss on K pseudo-classes, k-means clusters of the
+  # training images' pool5 features from `backbone_init` (data/pseudo_classes.py), instead of one
+  # class per image (0). Computed once, recorded in the workdir; Stage II takes Stage I's.
+  c.data.pseudo_classes = 0
+  c.data.pseudo_classes_iterations = 100  # Lloyd's iterations at most (stops when none moves)
   # "words", or "original": the authors' split on original_delimiters and spaces, case kept
   # (their Flickr30k and CUHK-PEDES preparation; MSCOCO's splits on "?" too).
   c.data.tokenizer = "words"
@@ -255,7 +260,7 @@ def base_config() -> ml_collections.ConfigDict:
 # (every caption).
 RECORDED_BEFORE = {"model.text.bn_epsilon": 1e-5, "model.head_bn_epsilon": 1e-5,
                    "eval.features": "after_relu", "eval.captions_per_image": 0,
-                   "loss.ranking": "triplet"}
+                   "loss.ranking": "triplet", "data.pseudo_classes": 0}
 
 
 def with_recorded_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
@@ -514,6 +519,12 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         f"eval.final_checkpoint={cfg.eval.final_checkpoint!r}: 'best' or 'newest'")
   d = cfg.data
   check(d.format in DATA_FORMATS, f"data.format={d.format!r}: one of {DATA_FORMATS}")
+  check(d.pseudo_classes >= 0 and d.pseudo_classes_iterations >= 1,
+        f"data.pseudo_classes={d.pseudo_classes}, data.pseudo_classes_iterations="
+        f"{d.pseudo_classes_iterations}: need >= 0 and >= 1")
+  check(not d.pseudo_classes or cfg.backbone_init or cfg.init_from,
+        f"data.pseudo_classes={d.pseudo_classes} clusters the frozen backbone's pool5 features: "
+        "set backbone_init (a backbone directory), or init_from a run that has them")
   check(d.tokenizer in TOKENIZERS, f"data.tokenizer={d.tokenizer!r}: one of {TOKENIZERS}")
   check(len(d.crop_area) == 2 and 0 < d.crop_area[0] <= d.crop_area[1] <= 1,
         f"data.crop_area={d.crop_area}: (low, high) with 0 < low <= high <= 1")

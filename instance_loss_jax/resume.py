@@ -13,7 +13,8 @@ from typing import Any
 import jax
 
 from instance_loss_jax import backbone, paths, sharding, training
-from instance_loss_jax.config import input_convention
+from instance_loss_jax.config import input_convention, with_input_convention
+from instance_loss_jax.data import pseudo_classes
 from instance_loss_jax.data import vocab as vocab_lib
 from instance_loss_jax.errors import TrainingError
 from instance_loss_jax.workdir import checkpoint, faults
@@ -98,6 +99,17 @@ def initial_state(config, workdir: str, mgr, source, meta, table, steps_per_epoc
     variables["params"]["text_encoder"]["word_embedding"]["embedding"] = table
   variables = sharding.place(variables, sharding.shardings(variables, config, mesh))
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"]), 0
+
+
+def pseudo_classes_of(config, workdir: str, train_records, convention: dict[str, Any]):
+  """Table 5's labels (`data.pseudo_classes`): (records relabelled, the record to keep): the
+  run's own recorded ones, else init_from's (Stage II trains Stage I's classes), else k-means
+  over pool5 features read with the image branch's input convention."""
+  recorded = pseudo_classes.read_recorded(workdir)
+  if recorded is None and config.init_from:
+    recorded = pseudo_classes.read_recorded(config.init_from)
+  return pseudo_classes.relabel(with_input_convention(config, convention), train_records,
+                                recorded)
 
 
 def input_convention_of(config, mgr, source) -> dict[str, Any]:

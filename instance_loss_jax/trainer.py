@@ -25,7 +25,7 @@ from clu import periodic_actions
 from instance_loss_jax import inference, paths, resume, sharding, training
 from instance_loss_jax.workdir import checkpoint, writer
 from instance_loss_jax.config import ConfigError, run_config, validate_config
-from instance_loss_jax.data import pipeline, records
+from instance_loss_jax.data import pipeline, pseudo_classes, records
 from instance_loss_jax.errors import Preempted, TrainingError
 from instance_loss_jax.evaluation.evaluator import Evaluator, evaluate
 from instance_loss_jax.evaluation.tables import markdown_table
@@ -232,17 +232,21 @@ def _prepare(config, workdir: str, mesh) -> _Run:
   """Everything before the first step, by the resume order (resume.py); writes the vocabulary
   and the run's config once every check has passed."""
   train_records = records.read_split(config, "train")
-  num_classes = 1 + max(r.label for r in train_records)
+  mgr = checkpoint.manager(workdir, keep=config.keep_checkpoints,
+                           ocdbt=config.checkpoint_ocdbt)
+  source = checkpoint.reader(config.init_from) if config.init_from else None
+  convention = resume.input_convention_of(config, mgr, source)
+  pseudo = None
+  if config.data.pseudo_classes:
+    train_records, pseudo = resume.pseudo_classes_of(config, workdir, train_records, convention)
+  # K pseudo-classes: W_share has K, an empty cluster among them.
+  num_classes = config.data.pseudo_classes or 1 + max(r.label for r in train_records)
   if config.num_classes and config.num_classes != num_classes:
     raise ConfigError(f"num_classes={config.num_classes} but the training split has "
                       f"{num_classes} groups (set 0 to take it from the data)")
-  mgr = checkpoint.manager(workdir, keep=config.keep_checkpoints,
-                           ocdbt=config.checkpoint_ocdbt)
   fresh = not mgr.all_steps() and not config.init_from
   vocab, table = resume.prepare_vocab(config, workdir, train_records, need_table=fresh)
-  source = checkpoint.reader(config.init_from) if config.init_from else None
-  config = run_config(config, vocab.size, num_classes,
-                      resume.input_convention_of(config, mgr, source))
+  config = run_config(config, vocab.size, num_classes, convention)
   meta = checkpoint.run_meta(config, vocab.fingerprint)
   split = pipeline.encode_split(train_records, vocab, config.model.text.max_len, True)
   steps_per_epoch = split.num_images / config.batch_size
@@ -253,6 +257,8 @@ def _prepare(config, workdir: str, mesh) -> _Run:
   if jax.process_index() == 0:
     vocab.save(workdir)
     checkpoint.write_config(workdir, config)
+    if pseudo is not None:
+      pseudo_classes.write_recorded(workdir, pseudo)
   log.info("%d training images (%d classes), vocabulary %d words, %d steps of %d",
            split.num_images, num_classes, len(vocab.words), total_steps, config.batch_size)
   host_batches = pipeline.numpy_batches(

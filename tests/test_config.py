@@ -27,6 +27,7 @@ def test_unknown_keys_are_listed():
     ("loss.lambdas", (float("nan"), 1.0, 1.0), "finite"),
     ("loss.negatives", "semi-hard", "loss.negatives='semi-hard'"),
     ("loss.ranking", "clip", "loss.ranking='clip': one of"),
+    ("data.pseudo_classes", 3, "data.pseudo_classes=3 clusters .* set backbone_init"),
     ("model.text.pooling", "sum", "model.text.pooling='sum'"),
     ("model.image.depth", 34, "model.image.depth=34"),
     ("model.image.stride_variant", "v2", "stride_variant='v2'"),

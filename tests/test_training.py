@@ -19,6 +19,7 @@ from instance_loss_jax import backbone, inference, sharding, trainer, training
 from instance_loss_jax.workdir import checkpoint
 from instance_loss_jax import config as config_lib
 from instance_loss_jax.config import ConfigError
+from instance_loss_jax.errors import DataError
 from instance_loss_jax.data import records, synthetic
 from instance_loss_jax.evaluation import evaluator
 
@@ -194,6 +195,45 @@ def test_a_learned_temperature_is_logged_checkpointed_and_carried_into_stage2(da
   assert logged_scalars(workdir2, "train/logit_scale")[0] == pytest.approx(10.0, rel=0.05)
   assert float(two["bias"]) != -10.0 and float(two["log_scale"]) != float(one["log_scale"])
   assert min(logged_scalars(workdir2, "train/rank_loss")) > 0
+
+
+@pytest.mark.xdist_group("stage1")
+@pytest.mark.slow
+def test_pseudo_classes_from_pool5_kmeans_recorded_and_kept_by_stage2(data_dir, stage1, tmp_path,
+                                                                        caplog):
+  # Table 5: Stage I on K = 3 k-means classes of the backbone's pool5 features (the stage1
+  # fixture's backbone, saved as a backbone directory); Stage II trains the same classes.
+  from instance_loss_jax.data import pseudo_classes  # pylint: disable=g-import-not-at-top
+  trained = checkpoint.restore_variables(checkpoint.manager(stage1[0], read_only=True), 8)
+  path = str(tmp_path / "backbone")
+  backbone.save_backbone(path, {k: trained[k]["backbone"] for k in ("params", "batch_stats")},
+                         dict(source="test", format="test", depth=14, width=4,
+                              stride_variant="v1", bn_epsilon=1e-5,
+                              input=dict(mean_rgb=[0.5] * 3, std_rgb=[0.25] * 3, bgr=False)))
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  extra = {"data.pseudo_classes": 3, "eval.at_end": False}
+  config1 = small_config("stage1", data_dir, backbone_init=path, **extra)
+  with caplog.at_level(logging.INFO, logger="instance_loss_jax"):
+    trainer.train_and_evaluate(config1, one)
+  recorded = pseudo_classes.read_recorded(one)
+  train = records.read_split(config1, "train")
+  assert recorded["k"] == 3 and len(recorded["labels"]) == len(train)
+  # The labels are k-means' of the pool5 features (the same seed), and more than one class.
+  labels, _ = pseudo_classes.kmeans(pseudo_classes.pool5_features(
+      config_lib.with_input_convention(config1, backbone.read_origin(path)["input"]),
+      [r.image_path for r in train]), 3, config1.seed)
+  assert recorded["labels"] == labels.tolist() and len(set(labels.tolist())) > 1
+  assert f"{len(train)} training images (3 classes)" in caplog.text
+  # Stage II (no backbone_init) reads Stage I's classes and keeps them in its own workdir.
+  trainer.train_and_evaluate(small_config("stage2", data_dir, init_from=one, **extra), two)
+  assert pseudo_classes.read_recorded(two) == recorded
+  for workdir in (one, two):
+    variables = checkpoint.restore_variables(checkpoint.manager(workdir, read_only=True), 8)
+    assert variables["params"]["w_share"]["kernel"].shape[-1] == 3
+  # Another K on the same workdir is refused, naming the recorded one.
+  with pytest.raises(DataError, match="k=3"):
+    trainer.train_and_evaluate(small_config("stage2", data_dir, init_from=one, **{
+        **extra, "data.pseudo_classes": 4}), two)
 
 
 @pytest.mark.xdist_group("stage1")

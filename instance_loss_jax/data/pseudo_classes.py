@@ -119,7 +119,7 @@ def pool5_features(config, image_paths: Sequence[str]) -> np.ndarray:
   return out
 
 
-def relabel(config, workdir: str, train_records: list, recorded: dict[str, Any] | None):
+def relabel(config, train_records: list, recorded: dict[str, Any] | None):
   """(records with `label` = pseudo-class, the record to keep in the workdir): from `recorded`
   (the run's own, or init_from's) when given, else k-means over pool5 features."""
   k = int(config.data.pseudo_classes)
@@ -127,8 +127,8 @@ def relabel(config, workdir: str, train_records: list, recorded: dict[str, Any] 
   fingerprint = _fingerprint(image_paths)
   if recorded is None:
     if not config.backbone_init:
-      raise ConfigError(f"data.pseudo_classes={k} clusters the frozen backbone's pool5 "
-                        "features: set backbone_init (a backbone directory)")
+      raise ConfigError(f"data.pseudo_classes={k}: no recorded pseudo-classes here or in "
+                        "init_from, and no backbone_init to compute them from")
     log.info("pseudo-classes: pool5 features of %d training images from %s", len(image_paths),
              config.backbone_init)
     features = pool5_features(config, image_paths)
