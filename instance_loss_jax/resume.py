@@ -8,9 +8,10 @@ compiled."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import jax
+import numpy as np
 
 from instance_loss_jax import backbone, paths, sharding, training
 from instance_loss_jax.config import input_convention, with_input_convention
@@ -101,6 +102,20 @@ def initial_state(config, workdir: str, mgr, source, meta, table, steps_per_epoc
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"]), 0
 
 
+def pool5_features(config, image_paths: Sequence[str]) -> np.ndarray:
+  """The training images' globally pooled features [n, 2048] from `backbone_init`'s ResNet in
+  inference mode (its BatchNorm statistics), the images as the evaluation reads them."""
+  # Imported here: the pipeline (TensorFlow) only where K is set.
+  from instance_loss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  module, variables = backbone.load_backbone(config.backbone_init)
+  embed = jax.jit(lambda v, images: module.apply(v, images, train=False))
+  out = np.zeros((len(image_paths), module.width * 32), np.float32)
+  for batch in pipeline.numpy_batches(
+      pipeline.eval_image_files(image_paths, config, config.eval.batch_size), image_paths):
+    out[batch["index"]] = np.asarray(embed(variables, batch["images"]))
+  return out
+
+
 def pseudo_classes_of(config, workdir: str, train_records, convention: dict[str, Any]):
   """Table 5's labels (`data.pseudo_classes`): (records relabelled, the record to keep): the
   run's own recorded ones, else init_from's (Stage II trains Stage I's classes), else k-means
@@ -108,8 +123,9 @@ def pseudo_classes_of(config, workdir: str, train_records, convention: dict[str,
   recorded = pseudo_classes.read_recorded(workdir)
   if recorded is None and config.init_from:
     recorded = pseudo_classes.read_recorded(config.init_from)
-  return pseudo_classes.relabel(with_input_convention(config, convention), train_records,
-                                recorded)
+  config = with_input_convention(config, convention)
+  return pseudo_classes.relabel(config, train_records, recorded,
+                                lambda image_paths: pool5_features(config, image_paths))
 
 
 def input_convention_of(config, mgr, source) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from instance_loss_jax import backbone, inference, sharding, trainer, training
+from instance_loss_jax import backbone, inference, resume, sharding, trainer, training
 from instance_loss_jax.workdir import checkpoint
 from instance_loss_jax import config as config_lib
 from instance_loss_jax.config import ConfigError
@@ -219,7 +219,7 @@ def test_pseudo_classes_from_pool5_kmeans_recorded_and_kept_by_stage2(data_dir, 
   train = records.read_split(config1, "train")
   assert recorded["k"] == 3 and len(recorded["labels"]) == len(train)
   # The labels are k-means' of the pool5 features (the same seed), and more than one class.
-  labels, _ = pseudo_classes.kmeans(pseudo_classes.pool5_features(
+  labels, _ = pseudo_classes.kmeans(resume.pool5_features(
       config_lib.with_input_convention(config1, backbone.read_origin(path)["input"]),
       [r.image_path for r in train]), 3, config1.seed)
   assert recorded["labels"] == labels.tolist() and len(set(labels.tolist())) > 1

@@ -18,7 +18,7 @@ import functools
 import hashlib
 import json
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -104,24 +104,10 @@ def _fingerprint(image_paths: Sequence[str]) -> str:
   return hashlib.sha256("\n".join(image_paths).encode("utf-8")).hexdigest()[:16]
 
 
-def pool5_features(config, image_paths: Sequence[str]) -> np.ndarray:
-  """The training images' globally pooled features [n, 2048] from `backbone_init`'s ResNet in
-  inference mode (its BatchNorm statistics), the images as the evaluation reads them."""
-  # Imported here: the backbone (Orbax) and the pipeline (TensorFlow) only where K is set.
-  from instance_loss_jax import backbone  # pylint: disable=g-import-not-at-top
-  from instance_loss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  module, variables = backbone.load_backbone(config.backbone_init)
-  embed = jax.jit(lambda v, images: module.apply(v, images, train=False))
-  out = np.zeros((len(image_paths), module.width * 32), np.float32)
-  for batch in pipeline.numpy_batches(
-      pipeline.eval_image_files(image_paths, config, config.eval.batch_size), image_paths):
-    out[batch["index"]] = np.asarray(embed(variables, batch["images"]))
-  return out
-
-
-def relabel(config, train_records: list, recorded: dict[str, Any] | None):
+def relabel(config, train_records: list, recorded: dict[str, Any] | None,
+            features_of: Callable[[Sequence[str]], np.ndarray]):
   """(records with `label` = pseudo-class, the record to keep in the workdir): from `recorded`
-  (the run's own, or init_from's) when given, else k-means over pool5 features."""
+  (the run's own, or init_from's) when given, else k-means over `features_of(image paths)`."""
   k = int(config.data.pseudo_classes)
   image_paths = [r.image_path for r in train_records]
   fingerprint = _fingerprint(image_paths)
@@ -131,7 +117,7 @@ def relabel(config, train_records: list, recorded: dict[str, Any] | None):
                         "init_from, and no backbone_init to compute them from")
     log.info("pseudo-classes: pool5 features of %d training images from %s", len(image_paths),
              config.backbone_init)
-    features = pool5_features(config, image_paths)
+    features = features_of(image_paths)
     labels, _ = kmeans(features, k, config.seed, config.data.pseudo_classes_iterations)
     counts = np.bincount(labels, minlength=k)
     log.info("pseudo-classes: %d clusters (k-means, seed %d), %d empty, largest %d images",
