@@ -18,6 +18,7 @@ from instance_loss_jax.config import input_convention, with_input_convention
 from instance_loss_jax.data import pseudo_classes
 from instance_loss_jax.data import vocab as vocab_lib
 from instance_loss_jax.errors import TrainingError
+from instance_loss_jax.models.dual_path import contrastive_init
 from instance_loss_jax.workdir import checkpoint, faults
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def initial_state(config, workdir: str, mgr, source, meta, table, steps_per_epoc
 
     step, loaded = faults.newest_readable(source, restore_stage1, what)
     name = f"{config.init_from} step {step}"
+    loaded = _with_contrastive_start(config, loaded, name)
   elif config.backbone_init:
     _, ported = backbone.load_backbone(config.backbone_init)
     loaded = {k: {"backbone": ported[k]} for k in ("params", "batch_stats")}
@@ -126,6 +128,18 @@ def pseudo_classes_of(config, workdir: str, train_records, convention: dict[str,
   config = with_input_convention(config, convention)
   return pseudo_classes.relabel(config, train_records, recorded,
                                 lambda image_paths: pool5_features(config, image_paths))
+
+
+def _with_contrastive_start(config, loaded: dict[str, Any], name: str) -> dict[str, Any]:
+  """Stage I's variables, plus a contrastive term's temperature (and bias) at the config's start
+  where Stage I had none (trained with the hinge, or with no ranking term: the parameter was
+  never trained there, so nothing is lost)."""
+  start = contrastive_init(config.loss)
+  if not start or "contrastive" in loaded["params"]:
+    return loaded
+  learned = dict(zip(("log_scale", "bias"), (np.float32(v) for v in start)))
+  log.info("%s has no contrastive temperature: starting it at %s", name, learned)
+  return {**loaded, "params": {**loaded["params"], "contrastive": learned}}
 
 
 def input_convention_of(config, mgr, source) -> dict[str, Any]:

@@ -199,6 +199,20 @@ def test_a_learned_temperature_is_logged_checkpointed_and_carried_into_stage2(da
 
 @pytest.mark.xdist_group("stage1")
 @pytest.mark.slow
+def test_a_contrastive_stage2_from_a_hinge_stage1_starts_its_temperature_at_the_config(
+    data_dir, stage1, tmp_path):
+  workdir = str(tmp_path / "two")
+  trainer.train_and_evaluate(small_config("stage2", data_dir, init_from=stage1[0], **{
+      "loss.ranking": "infonce", "loss.infonce_log_scale_init": 1.5, "eval.at_end": False,
+      "optim.schedule": ((1, 1.0),)}), workdir)
+  first = logged_scalars(workdir, "train/logit_scale")[0]  # the mean of steps 1-2
+  assert first == pytest.approx(np.exp(1.5), rel=0.05)
+  variables = checkpoint.restore_variables(checkpoint.manager(workdir, read_only=True), 4)
+  assert float(variables["params"]["contrastive"]["log_scale"]) != 1.5  # and it trained
+
+
+@pytest.mark.xdist_group("stage1")
+@pytest.mark.slow
 def test_pseudo_classes_from_pool5_kmeans_recorded_and_kept_by_stage2(data_dir, stage1, tmp_path,
                                                                         caplog):
   # Table 5: Stage I on K = 3 k-means classes of the backbone's pool5 features (the stage1
