@@ -1,6 +1,10 @@
-r"""The paper's mechanism study (Tables 4, 6, 7 and Figure 7) on the built-in synthetic dataset.
+r"""The paper's mechanism study (Tables 4, 6, 7 and Figure 7) on the built-in synthetic dataset;
+with --study=losses, the ranking terms (hinge, InfoNCE, sigmoid) with and without instance loss
+and Table 5's pseudo-classes.
 
     python -m instance_loss_jax.cli.ablate --config=configs/demo.py --workdir=DIR [--seeds=0,1,2]
+    python -m instance_loss_jax.cli.ablate --study=losses --scenes=1600 --val_fraction=0.4 \
+        --workdir=DIR
 
 Trains and evaluates (on the val split, as the paper's study does) every row for every seed,
 then writes DIR/report.md (ours as mean +- standard deviation over seeds beside the paper's
@@ -11,6 +15,7 @@ Stage II models. Runs are ordinary workdirs: re-running the command resumes or r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -23,10 +28,11 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from instance_loss_jax import backbone, trainer
 from instance_loss_jax import config as config_lib
-from instance_loss_jax import trainer
 from instance_loss_jax.cli import runner
-from instance_loss_jax.data import synthetic
+from instance_loss_jax.data import records, synthetic
+from instance_loss_jax.workdir import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,11 @@ class Row:
   paper: tuple[float, float, float, float] | None
   init_from: str = ""  # the row whose Stage I run this Stage II run starts from
   overrides: tuple[tuple[str, Any], ...] = ()
+  # Table 5: K pseudo-classes, K = training images / images_per_class (MSCOCO's ratios), over
+  # the pool5 features of the frozen backbone of row `backbone_from`'s Stage I run (the same
+  # backbone the instance-loss row trains on).
+  images_per_class: float = 0.0
+  backbone_from: str = ""
 
 
 ROWS = (
@@ -68,6 +79,28 @@ ROWS = (
     Row("s2_full_bf16", "prec.", "Full model, bfloat16", 2, (1.0, 1.0, 1.0), None,
         "s1_inst_bf16", overrides=(("compute_dtype", "bfloat16"),)),
 )
+# Issue #52's study: the ranking term as the hinge, CLIP's InfoNCE or SigLIP's sigmoid, with and
+# without instance loss; and Table 5 (MSCOCO, Stage I, R@1 only: i2t, t2i).
+ROWS_LOSSES = (
+    Row("s1_inst", "5", "Instance loss (one class per image)", 1, (0.0, 1.0, 1.0),
+        (52.2, None, 37.2, None)),
+    Row("s1_k_few", "5", "K-class loss, K = images / 37.8 (MSCOCO's 3,000)", 1, (0.0, 1.0, 1.0),
+        (38.0, None, 26.1, None), images_per_class=113287 / 3000, backbone_from="s1_inst"),
+    Row("s1_k_more", "5", "K-class loss, K = images / 11.3 (MSCOCO's 10,000)", 1,
+        (0.0, 1.0, 1.0), (44.7, None, 31.3, None), images_per_class=113287 / 10000,
+        backbone_from="s1_inst"),
+    Row("s2_full", "rank", "Full model, hinge (triplet)", 2, (1.0, 1.0, 1.0), None, "s1_inst"),
+    Row("s2_full_infonce", "rank", "Full model, InfoNCE", 2, (1.0, 1.0, 1.0), None, "s1_inst",
+        overrides=(("loss.ranking", "infonce"),)),
+    Row("s2_full_sigmoid", "rank", "Full model, sigmoid (SigLIP)", 2, (1.0, 1.0, 1.0), None,
+        "s1_inst", overrides=(("loss.ranking", "sigmoid"),)),
+    Row("s2_rank", "rank", "Hinge alone", 2, (1.0, 0.0, 0.0), None, "s1_inst"),
+    Row("s2_rank_infonce", "rank", "InfoNCE alone", 2, (1.0, 0.0, 0.0), None, "s1_inst",
+        overrides=(("loss.ranking", "infonce"),)),
+    Row("s2_rank_sigmoid", "rank", "Sigmoid alone", 2, (1.0, 0.0, 0.0), None, "s1_inst",
+        overrides=(("loss.ranking", "sigmoid"),)),
+)
+STUDIES = {"paper": ROWS, "losses": ROWS_LOSSES}
 PAPER_S = dict(s2_rank=0.2563, s2_inst=0.1633, s2_full=0.0914)
 METRICS = ("i2t_r1", "i2t_r10", "t2i_r1", "t2i_r10")
 
@@ -82,7 +115,30 @@ def run_row(row: Row, seed: int, config_path: str, workdir: str, data_dir: str,
   if row.init_from:
     settings["init_from"] = os.path.join(workdir, f"seed{seed}", row.init_from)
   config = config_lib.load_config(f"{config_path}:stage{row.stage}", settings)
+  if row.images_per_class:
+    num_train = len(records.read_split(config, "train"))
+    with config.unlocked():
+      config.data.pseudo_classes = max(2, round(num_train / row.images_per_class))
+      config.backbone_init = _saved_backbone(os.path.join(workdir, f"seed{seed}"),
+                                             row.backbone_from, config)
   return trainer.train_and_evaluate(config, os.path.join(workdir, f"seed{seed}", row.name))
+
+
+def _saved_backbone(seed_dir: str, row_name: str, config) -> str:
+  """The frozen backbone of a Stage I run as a backbone directory (once): its random init, as
+  the run trained on it, with the config's architecture and input convention."""
+  path = os.path.join(seed_dir, f"{row_name}-backbone")
+  if not os.path.isdir(path):
+    mgr = checkpoint.manager(os.path.join(seed_dir, row_name), read_only=True)
+    variables = checkpoint.restore_variables(mgr, mgr.latest_step())
+    image = config.model.image
+    backbone.save_backbone(path, {k: variables[k]["backbone"] for k in ("params", "batch_stats")},
+                           dict(source=f"{row_name}'s frozen backbone", format="study",
+                                depth=image.depth, width=image.width,
+                                stride_variant=image.stride_variant, bn_epsilon=image.bn_epsilon,
+                                stem_pool_pad=list(image.stem_pool_pad),
+                                input=config_lib.input_convention(config)))
+  return path
 
 
 def _stats(values):
@@ -94,18 +150,19 @@ def _fmt(values, digits=1):
   return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _claim(results, text, better, worse, key, lower_is_better=False) -> str:
+  """A claim that row `better` beats row `worse` on `key`, checked on the means over seeds."""
+  (b, bs), (w, ws) = (_stats([m[key] for m in results[row]]) for row in (better, worse))
+  holds = b < w if lower_is_better else b > w
+  gap = abs(b - w)
+  verdict = "holds" if holds else "does NOT hold"
+  clear = "clearly (gap > both spreads)" if gap > max(bs, ws) else "within the spread"
+  return f"- {text}: {verdict}, {clear}: {b:.3g} ± {bs:.2g} vs {w:.3g} ± {ws:.2g} ({key})"
+
+
 def orderings(results: dict[str, list[dict[str, float]]]) -> list[str]:
   """Each of the paper's claims, checked on our means, with the spread named."""
-  def mean(row, key):
-    return _stats([m[key] for m in results[row]])
-
-  def claim(text, better, worse, key, lower_is_better=False):
-    (b, bs), (w, ws) = mean(better, key), mean(worse, key)
-    holds = b < w if lower_is_better else b > w
-    gap = abs(b - w)
-    verdict = "holds" if holds else "does NOT hold"
-    clear = "clearly (gap > both spreads)" if gap > max(bs, ws) else "within the spread"
-    return f"- {text}: {verdict}, {clear}: {b:.3g} ± {bs:.2g} vs {w:.3g} ± {ws:.2g} ({key})"
+  claim = functools.partial(_claim, results)
 
   lines = []
   for key in ("i2t_r1", "t2i_r1"):
@@ -158,6 +215,42 @@ def write_report(workdir: str, seeds: list[int], results, command: str, seconds:
   return path
 
 
+def write_losses_report(workdir: str, seeds: list[int], results, command: str,
+                        seconds: float) -> str:
+  """Issue #52's study: the ranking terms with and without instance loss, and Table 5."""
+  claim = functools.partial(_claim, results)
+  lines = [
+      "# Ranking terms and pseudo-classes on the synthetic dataset", "",
+      f"Command: `{command}`  ", f"Seeds: {seeds}; wall time {seconds / 60:.1f} min. "
+      "Ours: mean ± standard deviation over seeds, in percent on the synthetic val split; "
+      "paper: Table 5 (MSCOCO 1K test, Stage I, R@1). Rows of table 'rank' are ours.", "",
+      "| table | row | stage | i2t R@1 | i2t R@10 | t2i R@1 | t2i R@10 | rsum | S | "
+      "paper i2t R@1 | paper t2i R@1 |", "|---" * 11 + "|"]
+  for row in ROWS_LOSSES:
+    ours = [_fmt([m[k] for m in results[row.name]]) for k in METRICS + ("rsum",)]
+    paper = (row.paper[0], row.paper[2]) if row.paper else ("-", "-")
+    lines.append(f"| {row.table} | {row.label} | {'I' if row.stage == 1 else 'II'} | "
+                 + " | ".join(ours) + f" | {_fmt([m['S'] for m in results[row.name]], 3)} | "
+                 + " | ".join(str(p) for p in paper) + " |")
+  lines += ["", "## Orderings, checked", ""]
+  for key in ("i2t_r1", "t2i_r1", "rsum"):
+    lines += [
+        claim("Table 5: instance loss beats K-class loss (the larger K)", "s1_inst",
+              "s1_k_more", key),
+        claim("Table 5: the larger K beats the smaller", "s1_k_more", "s1_k_few", key),
+        claim("InfoNCE beats the hinge (full model)", "s2_full_infonce", "s2_full", key),
+        claim("sigmoid beats the hinge (full model)", "s2_full_sigmoid", "s2_full", key),
+        claim("instance loss helps the hinge", "s2_full", "s2_rank", key),
+        claim("instance loss helps InfoNCE", "s2_full_infonce", "s2_rank_infonce", key),
+        claim("instance loss helps the sigmoid loss", "s2_full_sigmoid", "s2_rank_sigmoid",
+              key),
+    ]
+  path = os.path.join(workdir, "report.md")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  return path
+
+
 def define_flags():
   config_flags.DEFINE_config_file(
       "config", "configs/demo.py", "Config file with get_config(stage); --config.FIELD=VALUE "
@@ -165,6 +258,12 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "Directory for the data, runs and report.")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: every row is run once per seed.")
   flags.DEFINE_integer("scenes", 800, "Synthetic scenes to generate (if DIR/data has none).")
+  flags.DEFINE_float("val_fraction", 0.1, "The share of the scenes in the val split the study "
+                     "reports on (generated data only; as much again goes to test).")
+  flags.DEFINE_enum("study", "paper", sorted(STUDIES), "paper: Tables 4, 6, 7 and Figure 7 "
+                    "(with our negatives and bfloat16 rows); losses: the hinge, InfoNCE and "
+                    "SigLIP's sigmoid as the ranking term, with and without instance loss, and "
+                    "Table 5's pseudo-classes.")
   runner.define_print_config()
   runner.require_unless_print_config("workdir")
 
@@ -181,17 +280,20 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
   data_dir = os.path.join(workdir, "data")
   if not os.path.isfile(os.path.join(data_dir, "dataset.json")):
-    synthetic.generate(data_dir, f.scenes, seed=0, image_size=64, w2v_dim=32)
+    synthetic.generate(data_dir, f.scenes, seed=0, image_size=64, w2v_dim=32,
+                       val_fraction=f.val_fraction, test_fraction=f.val_fraction)
   seeds = [int(s) for s in f.seeds]
-  results = {row.name: [] for row in ROWS}
+  rows = STUDIES[f.study]
+  results = {row.name: [] for row in rows}
   for seed in seeds:
-    for row in ROWS:
+    for row in rows:
       log.info("seed %d, %s (Table %s: %s, stage %d)", seed, row.name, row.table,
                row.label, row.stage)
       results[row.name].append(
           run_row(row, seed, config_path, workdir, data_dir, overrides)["metrics"])
   command = "python -m instance_loss_jax.cli.ablate " + " ".join(sys.argv[1:])
-  path = write_report(workdir, seeds, results, command, time.time() - start)
+  write = write_report if f.study == "paper" else write_losses_report
+  path = write(workdir, seeds, results, command, time.time() - start)
   print(open(path, encoding="utf-8").read())
 
 
