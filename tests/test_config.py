@@ -75,3 +75,14 @@ def test_mined_negatives_only_for_the_hinge():
   assert uses_mined_negatives(config)
   config.loss.ranking = "infonce"
   assert not uses_mined_negatives(config)
+
+
+def test_the_compile_cache_flag_names_one_directory():
+  from instance_loss_jax.cli.runner import compile_cache_dir  # pylint: disable=g-import-not-at-top
+  run = "gs://b/run/compile_cache"
+  assert compile_cache_dir("off", run, {"JAX_COMPILATION_CACHE_DIR": "/x"}) is None
+  assert compile_cache_dir("/mine", run, {"JAX_COMPILATION_CACHE_DIR": "/x"}) == "/mine"
+  assert compile_cache_dir("auto", run, {"JAX_COMPILATION_CACHE_DIR": "/x"}) == "/x"
+  assert compile_cache_dir("auto", run, {}) == run  # training: beside its checkpoints
+  assert compile_cache_dir("auto", None, {"XDG_CACHE_HOME": "/c"}) == (
+      "/c/instance_loss_jax/compile_cache")  # the readers: the user's

@@ -23,7 +23,6 @@ import sys
 import time
 from typing import Any
 
-import jax
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
@@ -252,6 +251,7 @@ def write_losses_report(workdir: str, seeds: list[int], results, command: str,
 
 
 def define_flags():
+  runner.define_compile_cache_flag()
   config_flags.DEFINE_config_file(
       "config", "configs/demo.py", "Config file with get_config(stage); --config.FIELD=VALUE "
       "overrides apply to every run (e.g. --config.optim.schedule='((5, 1.0),)').")
@@ -277,7 +277,7 @@ def main(argv):
   config_path = config_flags.get_config_filename(f["config"]).split(":", 1)[0]
   overrides = config_flags.get_override_values(f["config"])
   # Rows share programs (the init, the evaluation, same-loss steps): compile each once.
-  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+  runner.use_compile_cache(os.path.join(workdir, "compile_cache"))
   data_dir = os.path.join(workdir, "data")
   if not os.path.isfile(os.path.join(data_dir, "dataset.json")):
     synthetic.generate(data_dir, f.scenes, seed=0, image_size=64, w2v_dim=32,

@@ -33,6 +33,7 @@ def _config_file_given(argv: list[str]) -> bool:
 
 
 def define_flags():
+  runner.define_compile_cache_flag()
   if _config_file_given(sys.argv):
     config_flags.DEFINE_config_file(
         "config", None, "Config file and stage, e.g. configs/flickr30k.py:stage2; without it, "
@@ -73,6 +74,7 @@ def resolve_config(f):
 def main(argv):
   del argv  # runner.run refuses positional arguments
   runner.configure_logging()
+  runner.use_compile_cache()
   # Imported here: TensorFlow (under the evaluation's input pipeline) takes seconds to import,
   # which --help, --print_config and a flag error do not need.
   # pylint: disable=g-import-not-at-top

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def define_flags():
+  runner.define_compile_cache_flag()
   flags.DEFINE_string("workdir", None, "The training run's directory.")
   flags.DEFINE_string("out", None, "Directory to write the index to.")
   flags.DEFINE_string("images", None, "Gallery: a folder of JPEG/PNG files, or a glob.")
@@ -45,6 +46,7 @@ def define_flags():
 def main(argv):
   del argv  # runner.run refuses positional arguments
   runner.configure_logging()
+  runner.use_compile_cache()
   # Imported here: the Index imports JAX, Flax and Orbax (seconds), which --help and a flag
   # error do not need.
   # pylint: disable=g-import-not-at-top

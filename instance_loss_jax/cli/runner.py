@@ -31,6 +31,42 @@ def define_flags():
                       "(for testing several processes on one machine).")
 
 
+def define_compile_cache_flag():
+  flags.DEFINE_string(
+      "compile_cache", "auto", "JAX's persistent compilation cache (a restart reads the train "
+      "step and the init back instead of compiling them again): a directory (local or gs://), "
+      "'off', or 'auto': $JAX_COMPILATION_CACHE_DIR if set, else for training WORKDIR/"
+      "compile_cache (it outlives a preempted machine with the workdir), for the other binaries "
+      "~/.cache/instance_loss_jax/compile_cache.")
+
+
+def compile_cache_dir(choice: str, run_default: str | None, environ) -> str | None:
+  """What --compile_cache=`choice` names (None: off); see its help."""
+  if choice == "off":
+    return None
+  if choice != "auto":
+    return choice
+  return environ.get("JAX_COMPILATION_CACHE_DIR") or run_default or os.path.join(
+      environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+      "instance_loss_jax", "compile_cache")
+
+
+def use_compile_cache(run_default: str | None = None) -> str | None:
+  """Points JAX's persistent compilation cache where --compile_cache says (`run_default`: the
+  training binary's WORKDIR/compile_cache); returns the directory, None when off. Call before
+  the first compile."""
+  choice = compile_cache_dir(flags.FLAGS.compile_cache, run_default, os.environ)
+  if choice is None:
+    return None
+  jax.config.update("jax_compilation_cache_dir", choice)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    # The train step, the init and the evaluation's embeddings take 3-40 s to compile; a
+    # program under a second is not worth a round trip to an object store.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  logging.getLogger(__name__).info("compilation cache: %s", choice)
+  return choice
+
+
 def configure_logging():
   """Our INFO lines on the console, the libraries' only from WARNING up (Orbax logs INFO through
   absl's logger, gensim, TF, fsspec through their own).

@@ -19,6 +19,7 @@ from instance_loss_jax.cli import runner
 
 
 def define_flags():
+  runner.define_compile_cache_flag()
   flags.DEFINE_string("index", None, "The index directory (instance_loss_jax.cli.export).")
   flags.DEFINE_string("query", None, "A sentence (searches an image index).")
   flags.DEFINE_string("image", None, "An image file (searches a caption index).")
@@ -32,6 +33,7 @@ def define_flags():
 def main(argv):
   del argv  # runner.run refuses positional arguments
   runner.configure_logging()
+  runner.use_compile_cache()
   # Imported here: the Index imports JAX, Flax and Orbax (seconds), which --help and a flag
   # error do not need.
   # pylint: disable=g-import-not-at-top

@@ -26,6 +26,7 @@ def define_flags():
                       "an object store).")
   flags.mark_flags_as_required(["config"])
   runner.define_flags()
+  runner.define_compile_cache_flag()
   runner.define_print_config()
   runner.require_unless_print_config("workdir")
 
@@ -33,6 +34,7 @@ def define_flags():
 def main(argv):
   del argv  # runner.run refuses positional arguments
   runner.initialize()
+  runner.use_compile_cache(f"{flags.FLAGS.workdir.rstrip('/')}/compile_cache")
   # Imported here, not at the top: TensorFlow (tf.data, under the trainer) takes seconds to
   # import, which --help, --print_config and a flag error do not need.
   from instance_loss_jax import trainer  # pylint: disable=g-import-not-at-top
