@@ -30,14 +30,20 @@ sys.path[:0] = [ROOT]
 flags.DEFINE_string("out", "/tmp/restart_compile", "working folder")
 flags.DEFINE_integer("pairs", 3, "cold/warm pairs of resumes")
 flags.DEFINE_integer("scenes", 200, "synthetic scenes")
+flags.DEFINE_string("config", "configs/demo.py", "config file (configs/flickr30k.py: full size, "
+                    "read from the synthetic JSON and folder)")
+flags.DEFINE_integer("batch_size", 0, "global batch (0: the config's)")
 
 
 def train(workdir: str, stage: int, data_dir: str, epochs: int, cache: str,
           extra=(), until_first_step=False) -> float:
   """Runs the training binary; returns the seconds to its first step (then kills it) or to its
   end."""
+  f = flags.FLAGS
   command = [sys.executable, "-m", "instance_loss_jax.cli.train",
-             f"--config=configs/demo.py:stage{stage}", f"--workdir={workdir}",
+             f"--config={f.config}:stage{stage}", f"--workdir={workdir}",
+             "--config.data.format=karpathy", "--config.eval.every_steps=0",
+             *([f"--config.batch_size={f.batch_size}"] if f.batch_size else []),
              f"--config.data.json={data_dir}/dataset.json",
              f"--config.data.image_root={data_dir}/images",
              f"--config.data.word2vec={data_dir}/word2vec.bin",
@@ -64,7 +70,9 @@ def main(argv):
   f = flags.FLAGS
   data_dir, cache = os.path.join(f.out, "data"), os.path.join(f.out, "cache")
   if not os.path.isfile(os.path.join(data_dir, "dataset.json")):
-    synthetic.generate(data_dir, f.scenes, seed=0, image_size=64, w2v_dim=32)
+    # The demo's word vectors are 32-d; the dataset configs' text CNN takes 300.
+    synthetic.generate(data_dir, f.scenes, seed=0, image_size=64,
+                       w2v_dim=32 if "demo" in f.config else 300)
   one, two = os.path.join(f.out, "stage1"), os.path.join(f.out, "stage2")
   if not os.path.isdir(two):
     train(one, 1, data_dir, 1, "off")
