@@ -127,14 +127,18 @@ def test_two_stages_resume_and_evaluation_on_gcs(emulator, data_dir, tmp_path):
 
   # The evaluation binary in its own process, reading and writing on the store.
   overrides = {k: v for k, v in small_overrides(data_dir).items() if k not in on_store}
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
+  # Its compilation cache on the store too (every program, however quick to compile).
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   done = subprocess.run(
       [sys.executable, "-m", "instance_loss_jax.cli.evaluate", "--config=configs/demo.py:stage2",
        f"--workdir={stage2}", f"--config.data.json={on_store['data.json']}",
-       f"--config.data.word2vec={on_store['data.word2vec']}"] + flags_for(overrides),
+       f"--config.data.word2vec={on_store['data.word2vec']}",
+       f"--compile_cache={store}/compile_cache"] + flags_for(overrides),
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "| rsum |" in done.stdout
+  assert any(p.name.endswith("-cache") for p in epath.Path(f"{store}/compile_cache").iterdir())
   written = sorted(p.name for p in (epath.Path(stage2) / "eval").iterdir())
   assert written == ["test-8-correlation.png", "test-8-gallery.html", "test-8-similarity.png",
                      "test-8.json", "test-8.md"]
