@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
@@ -39,23 +37,10 @@ NAME = "flickr30k_karpathy"
 @contextlib.contextmanager
 def emulator():
   """The storage emulator of tests/ on a free port, with its clients' environment."""
-  from helpers import free_port  # pylint: disable=g-import-not-at-top
-  port = free_port()
-  proc = subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, "tests", "gcs_emulator.py"), "start", "--port",
-       str(port), "--in-memory", "--default-bucket", "bench"],
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 60
-  while True:
-    try:
-      socket.create_connection(("127.0.0.1", port), timeout=1).close()
-      break
-    except OSError:
-      if time.time() > deadline:
-        proc.kill()
-        raise RuntimeError("the storage emulator did not start") from None
-      time.sleep(0.1)
-  url = f"http://127.0.0.1:{port}"
+  # pylint: disable=g-import-not-at-top
+  from gcs_emulator import launch
+  from helpers import free_port
+  proc, url = launch(free_port(), "bench")
   os.environ.update({"STORAGE_EMULATOR_HOST": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
                      "GOOGLE_CLOUD_PROJECT": "test"})
   try:

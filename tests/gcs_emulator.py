@@ -21,9 +21,13 @@ it (an upload, a copy, a move) is answered 403 with GCS's words, as when the job
 loses write access during a run; reads and deletes still pass, so the test can lift it.
 """
 
+import os
 import re
 import runpy
+import socket
+import subprocess
 import sys
+import time
 
 from http import HTTPStatus
 
@@ -80,6 +84,24 @@ def _unless_denied(handler):
                                          "reason": "forbidden"}]}})
     return None
   return handle
+
+
+def launch(port: int, bucket: str, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+  """This emulator in a process of its own, in memory, serving `bucket` on `port`, once it
+  answers: (the process, its URL). Raises RuntimeError if it does not start."""
+  proc = subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), "start", "--port", str(port), "--in-memory",
+       "--default-bucket", bucket], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + timeout
+  while True:
+    try:
+      socket.create_connection(("127.0.0.1", port), timeout=1).close()
+      return proc, f"http://127.0.0.1:{port}"
+    except OSError:
+      if time.time() > deadline or proc.poll() is not None:
+        proc.kill()
+        raise RuntimeError("the storage emulator did not start") from None
+      time.sleep(0.1)
 
 
 def main():

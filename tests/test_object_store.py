@@ -12,10 +12,8 @@ tests/gcs_emulator.py adds to the emulator's downloads.
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import types
 
 import jax
@@ -26,35 +24,23 @@ from instance_loss_jax import sharding, trainer
 from instance_loss_jax.workdir import checkpoint, faults, writer
 from instance_loss_jax.errors import StorageError
 
-from gcs_emulator import DENY_WRITES
+from gcs_emulator import DENY_WRITES, launch
 from helpers import free_port, xla_flags
 from test_training import (  # noqa: F401  (data_dir: a fixture)
     ROOT, data_dir, flags_for, small_config, small_overrides)
 
 pytestmark = pytest.mark.slow
 BUCKET = "bucket"
-_EMULATOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator.py")
 
 
 @pytest.fixture(scope="module")
 def emulator():
   """The emulator's environment for this process and its children."""
   pytest.importorskip("gcsfs")
-  port = free_port()
-  proc = subprocess.Popen(
-      [sys.executable, _EMULATOR, "start", "--port", str(port), "--in-memory",
-       "--default-bucket", BUCKET], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 60
-  while True:
-    try:
-      socket.create_connection(("127.0.0.1", port), timeout=1).close()
-      break
-    except OSError:
-      if time.time() > deadline or proc.poll() is not None:
-        proc.kill()
-        pytest.fail("the storage emulator did not start")
-      time.sleep(0.1)
-  url = f"http://127.0.0.1:{port}"
+  try:
+    proc, url = launch(free_port(), BUCKET)
+  except RuntimeError as e:
+    pytest.fail(str(e))
   env = {
       "STORAGE_EMULATOR_HOST": url,  # gcsfs (and google-cloud-storage)
       "TENSORSTORE_GCS_HTTP_URL": url,  # TensorStore, under Orbax

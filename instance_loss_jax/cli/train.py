@@ -16,6 +16,7 @@ rate) or '((5, 1.0),)' for 5 epochs (the trailing comma makes it a tuple of one 
 from absl import flags
 from ml_collections import config_flags
 
+from instance_loss_jax import paths
 from instance_loss_jax.cli import runner
 
 
@@ -34,7 +35,7 @@ def define_flags():
 def main(argv):
   del argv  # runner.run refuses positional arguments
   runner.initialize()
-  runner.use_compile_cache(f"{flags.FLAGS.workdir.rstrip('/')}/compile_cache")
+  runner.use_compile_cache(paths.join(flags.FLAGS.workdir, "compile_cache"))
   # Imported here, not at the top: TensorFlow (tf.data, under the trainer) takes seconds to
   # import, which --help, --print_config and a flag error do not need.
   from instance_loss_jax import trainer  # pylint: disable=g-import-not-at-top

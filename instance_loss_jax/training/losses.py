@@ -165,7 +165,7 @@ def ranking_loss(img_emb, txt_emb, margin: float = 1.0, negatives: str = "hardes
                               negatives, rng, mined_txt_emb, mined_labels)
 
 
-def _scale(log_scale, max_log_scale: float | None):
+def logit_scale(log_scale, max_log_scale: float | None = None):
   """exp(log_scale) in float32, log_scale clipped at max_log_scale (CLIP clips at log 100)."""
   log_scale = jnp.asarray(log_scale, jnp.float32)
   return jnp.exp(log_scale if max_log_scale is None else jnp.minimum(log_scale, max_log_scale))
@@ -193,7 +193,7 @@ def infonce_loss_against(img_emb, txt_emb, labels, pool_img, pool_txt, pool_labe
   the same person) is no negative: it is left out of i's softmax, which keeps i's own pair as
   the one target.
   """
-  scale = _scale(log_scale, max_log_scale)
+  scale = logit_scale(log_scale, max_log_scale)
   own = _anchor_columns(img_emb.shape[0], pool_img.shape[0], anchor_rows)
   not_negative = (labels[:, None] == pool_labels[None, :]) & ~own
 
@@ -216,7 +216,7 @@ def sigmoid_loss_against(img_emb, txt_emb, labels, pool_txt, pool_labels, log_sc
   CUHK-PEDES's other captions of the same person: positives), -1 elsewhere. One sum over every
   (image, text) pair covers both directions.
   """
-  logits = _scale(log_scale, max_log_scale) * _similarities(img_emb, pool_txt) + jnp.asarray(
+  logits = logit_scale(log_scale, max_log_scale) * _similarities(img_emb, pool_txt) + jnp.asarray(
       bias, jnp.float32)
   z = jnp.where(labels[:, None] == pool_labels[None, :], 1.0, -1.0)
   return -jnp.sum(jax.nn.log_sigmoid(z * logits)) / img_emb.shape[0]

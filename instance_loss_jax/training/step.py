@@ -97,21 +97,22 @@ def _train_step(arrays: dict[str, Any], batch: dict[str, Any], *, config, tx, sc
     terms["rank_loss"] = jnp.zeros((), jnp.float32)
     if l_rank:
       # This device's anchors against the global batch (all-gathered, gradients through it).
-      pools = (labels, gather(out["img_emb"]), gather(out["txt_emb"]), all_labels)
+      img_emb, txt_emb = out["img_emb"], out["txt_emb"]
+      pool_txt = gather(txt_emb)
       anchor_rows = (device * rows, global_rows)
+      learned = params.get("contrastive")
       if config.loss.ranking == "triplet":
         rank = losses.ranking_loss_against(
-            out["img_emb"], out["txt_emb"], *pools, config.loss.margin, negatives,
-            negatives_rng, mined_emb, mined_labels, anchor_rows=anchor_rows)
+            img_emb, txt_emb, labels, gather(img_emb), pool_txt, all_labels, config.loss.margin,
+            negatives, negatives_rng, mined_emb, mined_labels, anchor_rows=anchor_rows)
       elif config.loss.ranking == "infonce":
         rank = losses.infonce_loss_against(
-            out["img_emb"], out["txt_emb"], *pools, params["contrastive"]["log_scale"],
-            config.loss.max_log_scale, anchor_rows=anchor_rows)
+            img_emb, txt_emb, labels, gather(img_emb), pool_txt, all_labels,
+            learned["log_scale"], config.loss.max_log_scale, anchor_rows=anchor_rows)
       else:  # sigmoid: one sum over (image, text) pairs covers both directions
         rank = losses.sigmoid_loss_against(
-            out["img_emb"], out["txt_emb"], labels, pools[2], all_labels,
-            params["contrastive"]["log_scale"], params["contrastive"]["bias"],
-            config.loss.max_log_scale)
+            img_emb, txt_emb, labels, pool_txt, all_labels, learned["log_scale"],
+            learned["bias"], config.loss.max_log_scale)
       terms["rank_loss"] = mean(rank)
     total = losses.total_loss(config.loss.lambdas, terms["rank_loss"], terms["visual_loss"],
                               terms["textual_loss"])
@@ -129,7 +130,7 @@ def _train_step(arrays: dict[str, Any], batch: dict[str, Any], *, config, tx, sc
   metrics = dict(metrics, loss=total, learning_rate=schedule(state.step))
   if "contrastive" in state.params:  # the learned temperature (and bias) the step used
     learned = state.params["contrastive"]
-    metrics["logit_scale"] = jnp.exp(jnp.minimum(learned["log_scale"], config.loss.max_log_scale))
+    metrics["logit_scale"] = losses.logit_scale(learned["log_scale"], config.loss.max_log_scale)
     if "bias" in learned:
       metrics["logit_bias"] = learned["bias"]
   return checkpoint.state_tree(new_state), metrics
