@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from instance_loss_jax import backbone, paths, sharding, training
+from instance_loss_jax import backbone, paths, training
 from instance_loss_jax.config import input_convention, with_input_convention
 from instance_loss_jax.data import pseudo_classes
 from instance_loss_jax.data import vocab as vocab_lib
@@ -83,25 +83,20 @@ def initial_state(config, workdir: str, mgr, source, meta, table, steps_per_epoc
     _, ported = backbone.load_backbone(config.backbone_init)
     loaded = {k: {"backbone": ported[k]} for k in ("params", "batch_stats")}
     name, scopes = f"backbone {config.backbone_init}", ("params/backbone", "batch_stats/backbone")
+  given = {}  # host variables that replace random ones (not drawn)
   if loaded is not None:
     merged = checkpoint.merge_variables(training.abstract_variables(config), loaded, name,
                                         scopes)
     if not scopes:  # init_from: every variable is Stage I's, so none is drawn at random
       log.info("initialised from %s (fresh optimiser state)", name)
       return training.state_from_variables(config, merged, steps_per_epoch, mesh), 0
-  state = training.create_train_state(config, jax.random.key(config.seed), steps_per_epoch, mesh)
-  if loaded is None and table is None:
-    return state, 0
-  # The replaced leaves come from the host; the others stay on the mesh as they are. The
-  # optimiser state is the fresh one of the init (SGD's momentum: zeros whatever the params).
-  variables = training.variables_of(state)
-  if loaded is not None:  # backbone_init: the backbone's leaves only
-    variables = checkpoint.merge_variables(variables, loaded, name, scopes)
+    given = {k: {"backbone": merged[k]["backbone"]} for k in ("params", "batch_stats")}
     log.info("initialised %s from %s", ", ".join(scopes), name)
   if table is not None:  # only built for a fresh run (no checkpoint, no init_from)
-    variables["params"]["text_encoder"]["word_embedding"]["embedding"] = table
-  variables = sharding.place(variables, sharding.shardings(variables, config, mesh))
-  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"]), 0
+    given.setdefault("params", {})["text_encoder"] = {"word_embedding": {"embedding": table}}
+  # SGD's momentum starts at zeros whatever the params, so the given leaves need nothing else.
+  return training.create_train_state(config, jax.random.key(config.seed), steps_per_epoch,
+                                     mesh, given=given), 0
 
 
 def pool5_features(config, image_paths: Sequence[str]) -> np.ndarray:

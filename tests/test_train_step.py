@@ -120,6 +120,43 @@ def test_init_compiled_for_speed_draws_the_same_bits():
       assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), jax.tree_util.keystr(path)
 
 
+def test_given_variables_are_not_drawn_and_the_rest_are_as_a_whole_init():
+  # create_train_state(given=...) (the ported backbone and the word2vec table of a fresh Stage I)
+  # returns the given leaves as given and every other leaf bit for bit as the whole init draws
+  # it; with every leaf given (state_from_variables) the state is the given variables with the
+  # same optimiser state. W_share is padded from 13 classes to 14 on two devices.
+  config = tiny_config(num_classes=13)
+  key, mesh = jax.random.key(5), sharding.make_mesh(jax.local_devices()[:2])
+  whole = ts.host_state(ts.create_train_state(config, key, STEPS_PER_EPOCH, mesh), config)
+  rng = np.random.default_rng(0)
+  fake = lambda tree: jax.tree_util.tree_map(
+      lambda x: rng.normal(size=x.shape).astype(x.dtype), tree)
+  table = fake(whole.params["text_encoder"]["word_embedding"]["embedding"])
+  given = {k: {"backbone": fake(getattr(whole, k)["backbone"])}
+           for k in ("params", "batch_stats")}
+  given["params"]["text_encoder"] = {"word_embedding": {"embedding": table}}
+  got = ts.host_state(ts.create_train_state(config, key, STEPS_PER_EPOCH, mesh, given), config)
+  flat_given = dict(jax.tree_util.tree_leaves_with_path(given))
+  assert len(flat_given) > 10
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(ts.variables_of(got)),
+                          jax.tree_util.tree_leaves(ts.variables_of(whole))):
+    want = flat_given.get(path, y)
+    assert np.asarray(x).tobytes() == np.asarray(want).tobytes(), jax.tree_util.keystr(path)
+  for x, y in zip(jax.tree_util.tree_leaves((got.opt_state, got.step)),
+                  jax.tree_util.tree_leaves((whole.opt_state, whole.step))):
+    np.testing.assert_array_equal(x, y)
+  loaded = ts.host_state(ts.state_from_variables(config, ts.variables_of(whole),
+                                                 STEPS_PER_EPOCH, mesh), config)
+  for x, y in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(whole)):
+    np.testing.assert_array_equal(x, y)
+  bad = {"params": {"text_encoder": {"word_embedding": {"embedding": table[:3]}}, "nope": table}}
+  with pytest.raises(ValueError, match=r"params/nope: not in the model; "
+                     r"params/text_encoder/word_embedding/embedding: \(3, 16\) given"):
+    ts.create_train_state(config, key, STEPS_PER_EPOCH, mesh, bad)
+  with pytest.raises(ValueError, match="variables missing: batch_stats/image_head/bn1/mean, "):
+    ts.state_from_variables(config, given, STEPS_PER_EPOCH, mesh)
+
+
 @pytest.mark.parametrize("backbone_bn", ["running", "batch"])
 @pytest.mark.slow
 def test_stage1_backbone_is_frozen(backbone_bn):

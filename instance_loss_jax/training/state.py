@@ -12,15 +12,20 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax.training import train_state
 
 from instance_loss_jax import sharding
 from instance_loss_jax.workdir import checkpoint
 from instance_loss_jax.models import build_model
 from instance_loss_jax.training import optim
+
+
+_VARIABLES = ("params", "batch_stats")
 
 
 class TrainState(train_state.TrainState):
@@ -82,40 +87,69 @@ def abstract_train_state(config: ml_collections.ConfigDict, steps_per_epoch: flo
       sharding.shardings(abstract, config, mesh))
 
 
+def _flat_variables(tree) -> dict[str, Any]:
+  """{"params/backbone/conv_init/kernel": leaf, ...} of a {params, batch_stats} tree."""
+  return flax.traverse_util.flatten_dict(
+      flax.core.unfreeze({k: tree[k] for k in _VARIABLES if k in tree}), sep="/")
+
+
 def create_train_state(config: ml_collections.ConfigDict, rng, steps_per_epoch: float,
-                       mesh=None) -> TrainState:
+                       mesh=None, given: dict[str, Any] | None = None) -> TrainState:
   """A fresh train state (random init from `rng`, SGD's state at step 0) created directly in its
-  layout on `mesh` (default: every device; no device ever holds a whole sharded W_share)."""
+  layout on `mesh` (default: every device; no device ever holds a whole sharded W_share).
+
+  `given`: variables ({params, batch_stats} host arrays, any subset of the leaves, W_share at
+  num_classes) that replace the random ones: the ported ImageNet backbone, the word2vec table,
+  Stage I's variables. Those are not drawn: the init program returns only the other leaves, and
+  XLA drops what nothing reads (a leaf's draw is a threefry of a key folded from its own path,
+  so the rest are bit for bit a whole init's). A fresh Stage I from `backbone_init` compiles
+  about half the draws; with every leaf given nothing is drawn at all.
+  """
   mesh = mesh if mesh is not None else sharding.make_mesh()
   num_padded = sharding.padded_num_classes(config, mesh)
   template = abstract_train_state(config, steps_per_epoch, mesh)
-  arrays = jax.jit(
-      lambda k: checkpoint.state_tree(_drawn_state(config, k, steps_per_epoch, num_padded)),
-      out_shardings=jax.tree_util.tree_map(lambda x: x.sharding,
-                                           checkpoint.state_tree(template)),
-      compiler_options=init_compiler_options(mesh.devices.flat[0].platform))(rng)
-  return template.replace(**arrays)
+  target = jax.tree_util.tree_map(lambda x: x.sharding, checkpoint.state_tree(template))
+  flat_target = _flat_variables(target)
+  flat_template = _flat_variables(checkpoint.state_tree(template))
+  flat_given = _flat_variables(sharding.pad_classes(given or {}, num_padded))
+  unknown = sorted(set(flat_given) - set(flat_target))
+  shapes = sorted(f"{k}: {np.shape(x)} given, {flat_template[k].shape} in the model"
+                  for k, x in flat_given.items()
+                  if k in flat_template and np.shape(x) != flat_template[k].shape)
+  if unknown or shapes:
+    raise ValueError("given variables that do not fit the model: "
+                     + "; ".join([*(f"{k}: not in the model" for k in unknown), *shapes]))
+  flat_given = {k: x if isinstance(x, jax.Array) else np.asarray(x, flat_template[k].dtype)
+                for k, x in flat_given.items()}
+
+  def drawn(k):
+    tree = checkpoint.state_tree(_drawn_state(config, k, steps_per_epoch, num_padded))
+    return _without(tree, flat_given)
+
+  arrays = jax.jit(drawn, out_shardings=_without(target, flat_given),
+                   compiler_options=init_compiler_options(mesh.devices.flat[0].platform))(rng)
+  placed = sharding.place(flat_given, {k: flat_target[k] for k in flat_given})
+  variables = flax.traverse_util.unflatten_dict({**arrays.pop("variables"), **placed}, sep="/")
+  return template.replace(**arrays, **{k: variables.get(k, {}) for k in _VARIABLES})
+
+
+def _without(tree: dict[str, Any], flat_given: dict[str, Any]) -> dict[str, Any]:
+  """A state tree with its variables flat and those in `flat_given` left out."""
+  rest = {k: v for k, v in tree.items() if k not in _VARIABLES}
+  return dict(rest, variables={k: v for k, v in _flat_variables(tree).items()
+                               if k not in flat_given})
 
 
 def state_from_variables(config: ml_collections.ConfigDict, variables: dict[str, Any],
                          steps_per_epoch: float, mesh=None) -> TrainState:
   """A train state at step 0 holding `variables` (host arrays, W_share at num_classes) with a
-  fresh optimiser state, laid out on `mesh`.
-
-  What `create_train_state` gives once every variable is replaced, without drawing the random
-  ones first: Stage II from Stage I's checkpoint skips a whole random init (its compile on XLA:CPU
-  is most of a small run's start-up; on a pod, a W_share of 500k classes drawn to be dropped).
-  The optimiser state depends on the parameters' shapes only (SGD's momentum starts at zero).
-  """
-  mesh = mesh if mesh is not None else sharding.make_mesh()
-  template = abstract_train_state(config, steps_per_epoch, mesh)
-  variables = sharding.pad_classes(variables, sharding.padded_num_classes(config, mesh))
-  target = jax.tree_util.tree_map(lambda x: x.sharding, checkpoint.state_tree(template))
-  params = sharding.place(variables["params"], target["params"])
-  batch_stats = sharding.place(variables["batch_stats"], target["batch_stats"])
-  opt_state = jax.jit(template.tx.init, out_shardings=target["opt_state"])(params)
-  step = jax.device_put(jnp.zeros(template.step.shape, template.step.dtype), target["step"])
-  return template.replace(step=step, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  fresh optimiser state, laid out on `mesh`: `create_train_state` with every leaf given, so
+  nothing is drawn (Stage II from Stage I's checkpoint; an imported model). The optimiser state
+  depends on the parameters' shapes only (SGD's momentum starts at zero)."""
+  missing = sorted(set(_flat_variables(abstract_variables(config))) - set(_flat_variables(variables)))
+  if missing:
+    raise ValueError(f"variables missing: {', '.join(missing)}")
+  return create_train_state(config, jax.random.key(0), steps_per_epoch, mesh, given=variables)
 
 
 def place_state(state: TrainState, config: ml_collections.ConfigDict, mesh=None) -> TrainState:
