@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The performance figures on a GPU host, in one go (a few minutes on one H100/H200 class GPU):
+# The performance figures on a GPU host, in one go (a few minutes on one H100/H200 class GPU;
+# for a lease of ~10 minutes, benchmarks/device_check.sh, which compiles far less):
 #   0. The full-size Stage I step on one GPU, its batches placed ahead (data.device_prefetch=2)
 #      or when each step starts (0): step time, TFLOP/s and MFU.
 #   1. Stage I and Stage II train steps, float32 and bfloat16, batch 32 per GPU, with XLA's

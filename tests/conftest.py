@@ -58,6 +58,7 @@ LONGEST_FIRST = (
     "stage1",
     "storage_faults",  # a full disk (in process and the binary), damaged checkpoints
     "trained_run",
+    "test_device_check.py::test_device_check_dry_run",  # six tiny compiles, two launches
     "test_object_store.py::test_two_stages_resume_and_evaluation_on_gcs",
     "test_train_step.py::test_two_processes_match_one_process",
     "saved_on_four",
