@@ -16,6 +16,11 @@ differences from its released behaviour, each toward what GCS itself does:
   delete: the emulator answers 501, which gcsfs retries with back-off for ~40 s per object
   before it copies and deletes itself.
 
+- Preconditions: a write or delete with `ifGenerationMatch=G` is answered 412 unless the
+  object's generation is G (0: the object must not exist), as GCS does; the emulator ignores
+  them. The writer claim (workdir/writer.py) creates its object only if absent. The emulator
+  serves one request at a time, so the check and the write cannot interleave.
+
 And one switch for the tests: while a bucket holds an object named DENY_WRITES, every write to
 it (an upload, a copy, a move) is answered 403 with GCS's words, as when the job's account
 loses write access during a run; reads and deletes still pass, so the test can lift it.
@@ -86,6 +91,43 @@ def _unless_denied(handler):
   return handle
 
 
+def _if_generation_match(handler):
+  def handle(request, response, store, *args, **kwargs):
+    wanted = request.query.get("ifGenerationMatch")
+    bucket = request.params.get("bucket_name")
+    name = request.params.get("object_id") or (request.query.get("name") or [None])[0]
+    if wanted and bucket and name:
+      try:
+        current = str(store.get_file_obj(bucket, name)["generation"])
+      except NotFound:
+        current = "0"
+      if current != wanted[0]:
+        response.status = HTTPStatus.PRECONDITION_FAILED
+        message = "At least one of the pre-conditions you specified did not hold."
+        response.json({"error": {"code": 412, "message": message, "errors": [
+            {"message": message, "domain": "global", "reason": "conditionNotMet",
+             "locationType": "header", "location": "If-Match"}]}})
+        return None
+    return handler(request, response, store, *args, **kwargs)
+  return handle
+
+
+def client_env(url: str) -> dict[str, str]:
+  """The environment that points every storage client in our path at `url` (the emulator, or a
+  front of it). EPATH_USE_TF=false, NO_GCE_CHECK and GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT are read
+  once per process, so conftest.py sets them before any test."""
+  return {
+      "STORAGE_EMULATOR_HOST": url,  # gcsfs (and google-cloud-storage)
+      "TENSORSTORE_GCS_HTTP_URL": url,  # TensorStore, under Orbax and the writer claim
+      "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,  # google-cloud-cpp, under ArrayRecord's reader
+      "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorStore: no credential lookup
+      # The emulator serves one request at a time: TensorStore's default 32 in flight make it
+      # time out and back off.
+      "TENSORSTORE_GCS_REQUEST_CONCURRENCY": "4",
+      "GOOGLE_CLOUD_PROJECT": "test",
+  }
+
+
 def launch(port: int, bucket: str, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
   """This emulator in a process of its own, in memory, serving `bucket` on `port`, once it
   answers: (the process, its URL). Raises RuntimeError if it does not start."""
@@ -114,7 +156,9 @@ def main():
        rf"(?P<dest_object_id>.*[^/]+)$", {server.POST: _move})
       for prefix in (settings.API_ENDPOINT, ""))
   server.HANDLERS = tuple(
-      (route, {method: _unless_denied(fn) if method in (server.POST, server.PUT) else fn
+      (route, {method: _if_generation_match(_unless_denied(fn))
+                       if method in (server.POST, server.PUT) else
+                       _if_generation_match(fn) if method == server.DELETE else fn
                for method, fn in handlers.items()})
       for route, handlers in move_routes + tuple(
           (route, {method: _download_with_generation if fn is _download else fn

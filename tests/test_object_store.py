@@ -24,7 +24,7 @@ from instance_loss_jax import sharding, trainer
 from instance_loss_jax.workdir import checkpoint, faults, writer
 from instance_loss_jax.errors import StorageError
 
-from gcs_emulator import DENY_WRITES, launch
+from gcs_emulator import DENY_WRITES, client_env, launch
 from helpers import free_port, xla_flags
 from test_training import (  # noqa: F401  (data_dir: a fixture)
     ROOT, data_dir, flags_for, small_config, small_overrides)
@@ -41,18 +41,7 @@ def emulator():
     proc, url = launch(free_port(), BUCKET)
   except RuntimeError as e:
     pytest.fail(str(e))
-  env = {
-      "STORAGE_EMULATOR_HOST": url,  # gcsfs (and google-cloud-storage)
-      "TENSORSTORE_GCS_HTTP_URL": url,  # TensorStore, under Orbax
-      "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,  # google-cloud-cpp, under ArrayRecord's reader
-      "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorStore: no credential lookup
-      # The emulator serves one request at a time: TensorStore's default 32 in flight make it
-      # time out and back off.
-      "TENSORSTORE_GCS_REQUEST_CONCURRENCY": "4",
-      "GOOGLE_CLOUD_PROJECT": "test",
-      # Read once per process, so conftest.py sets them before any test: etils.epath through
-      # gcsfs (EPATH_USE_TF=false), no metadata-server probe, no bucket-layout gRPC calls.
-  }
+  env = client_env(url)
   for name in ("EPATH_USE_TF", "NO_GCE_CHECK", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
     env[name] = os.environ[name]
   saved = {k: os.environ.get(k) for k in env}
@@ -145,6 +134,52 @@ def test_one_writer_per_workdir_on_gcs(emulator):
   with writer.WriterClaim(workdir) as claim:
     assert "host another-host, pid 1" in claim.took_over
     assert writer.read_claim(workdir)["job"] == claim.claim["job"]
+
+
+def _claim_race(barrier, rounds: int, who: int, results) -> None:
+  """One of two jobs (processes): in each round both try to claim the same new workdir at the
+  barrier, and the winner lets go once both have tried."""
+  for r in range(rounds):
+    workdir = f"gs://{BUCKET}/race/{r}"
+    barrier.wait()
+    try:
+      claim = writer.WriterClaim(workdir).acquire()
+      results.put((r, who, "won"))
+    except writer.WorkdirBusy as e:
+      claim = None
+      results.put((r, who, str(e)))
+    barrier.wait()
+    if claim is not None:
+      claim.release()
+
+
+def test_two_jobs_started_at_once_on_one_gcs_workdir_one_runs_every_time(emulator):
+  # The claim is created with GCS's ifGenerationMatch=0: of two jobs that both read "no claim",
+  # the store takes one write and refuses the other (412). With a plain write both would run.
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  rounds = 40
+  context = multiprocessing.get_context("spawn")
+  barrier, results = context.Barrier(2), context.Queue()
+  jobs = [context.Process(target=_claim_race, args=(barrier, rounds, who, results))
+          for who in range(2)]
+  for job in jobs:
+    job.start()
+  outcomes = [results.get(timeout=300) for _ in range(2 * rounds)]
+  for job in jobs:
+    job.join(timeout=60)
+    assert job.exitcode == 0
+  by_round = {}
+  for r, _, outcome in outcomes:
+    by_round.setdefault(r, []).append(outcome)
+  same_moment = sum("claimed at the same moment" in o for v in by_round.values() for o in v)
+  for r, got in sorted(by_round.items()):
+    assert sorted(got, key=lambda o: o != "won")[0] == "won" and got.count("won") == 1, (r, got)
+    refusal = next(o for o in got if o != "won")
+    assert ("is being written by another training job" in refusal
+            or "claimed at the same moment" in refusal), refusal
+  # Most rounds are a true race (both read "no claim"; 39 of 40 here): the precondition, not
+  # the order of the reads, decided them.
+  assert same_moment >= 1, "no round reached the write's precondition"
 
 
 def test_prepare_uploads_a_tfds_dataset_and_an_upload_cut_short_is_no_dataset(

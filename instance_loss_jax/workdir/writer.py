@@ -9,9 +9,14 @@ writes it (all processes of a multi-host job are one writer) and rewrites `heart
 
 A claim is stale, and is taken over, when its writer is known to be gone: on the same host, a
 pid that no longer exists (a SIGKILL, an out-of-memory kill); anywhere, a heartbeat older than
-`STALE_S` (a host that died or lost the store). The files are plain objects, so this works
-the same on gs://; two jobs starting within the same second on an object store could both
-write a claim, and the one whose claim is not read back refuses.
+`STALE_S` (a host that died or lost the store).
+
+Every write of the claim is conditional on the generation the job last saw: created only if
+absent (GCS's `ifGenerationMatch=0`), taken over only if still the stale one that was read,
+renewed and removed only while it is this job's. Two jobs that start at the same moment cannot
+both win, on a local disk or on gs://. The writes go through TensorStore's key-value store,
+the client under Orbax's checkpoints (its GCS driver sends the generation as the precondition;
+its file driver holds a lock file while it compares).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import uuid
 from typing import Any
 
 import jax
+import tensorstore as ts
 
 from instance_loss_jax import paths
 from instance_loss_jax.errors import TrainingError
@@ -41,14 +47,34 @@ class WorkdirBusy(TrainingError):
   """The workdir is claimed by another live training job."""
 
 
-def read_claim(workdir: str) -> dict[str, Any] | None:
-  """The workdir's claim, or None if there is none (or it is unreadable: a half-written local
-  file cannot occur, see paths.write_bytes)."""
-  path = paths.path(workdir) / CLAIM_FILE
+def _kvstore(workdir: str) -> ts.KvStore:
+  """TensorStore's key-value store over `workdir` (a local folder, gs:// or s3://)."""
+  location = paths.absolute(workdir)
+  scheme, _, rest = location.rpartition("://")
+  if not scheme:
+    return ts.KvStore.open({"driver": "file", "path": location.rstrip("/") + "/"}).result()
+  bucket, _, prefix = rest.partition("/")
+  driver = {"gs": "gcs", "s3": "s3"}.get(scheme)
+  if driver is None:
+    raise TrainingError(f"workdir {workdir}: no claim store for {scheme}:// (gs:// and s3:// "
+                        "are supported)")
+  prefix = prefix.strip("/")
+  return ts.KvStore.open({"driver": driver, "bucket": bucket,
+                          "path": prefix + "/" if prefix else ""}).result()
+
+
+def _parse(value: bytes) -> dict[str, Any] | None:
   try:
-    return json.loads(path.read_text())
-  except (FileNotFoundError, json.JSONDecodeError, ValueError):
+    claim = json.loads(value)
+  except (json.JSONDecodeError, UnicodeDecodeError):
     return None
+  return claim if isinstance(claim, dict) else None
+
+
+def read_claim(workdir: str) -> dict[str, Any] | None:
+  """The workdir's claim, or None if there is none (or it is not a claim)."""
+  found = _kvstore(workdir).read(CLAIM_FILE).result()
+  return _parse(found.value) if found.state == "value" else None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -88,6 +114,7 @@ class WriterClaim:
     self.workdir, self.heartbeat_s, self.stale_s = workdir, heartbeat_s, stale_s
     self.path = paths.path(workdir) / CLAIM_FILE
     self.claim: dict[str, Any] | None = None
+    self._generation = b""  # the store's generation of this job's claim, once written
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self.took_over: str | None = None  # why an earlier claim was stale, if one was there
@@ -104,7 +131,9 @@ class WriterClaim:
     return self
 
   def _claim_or_refusal(self) -> str:
-    existing = read_claim(self.workdir)
+    store = _kvstore(self.workdir)
+    found = store.read(CLAIM_FILE).result()  # a missing claim has the "no value" generation
+    existing = _parse(found.value) if found.state == "value" else None
     if existing is not None:
       reason = stale_reason(existing, stale_s=self.stale_s)
       if reason is None:
@@ -113,45 +142,56 @@ class WriterClaim:
                 f"it stopped heartbeating ({self.path})")
       self.took_over = f"{describe(existing)}: {reason}"
     now = time.time()
-    self.claim = dict(host=socket.gethostname(), pid=os.getpid(), started=now, heartbeat=now,
-                      job=uuid.uuid4().hex)
-    self._write()
-    # Two jobs that read "no claim" at once both write one; the store keeps the last.
-    time.sleep(0.2)
-    back = read_claim(self.workdir)
-    if back is None or back.get("job") != self.claim["job"]:
-      self.claim = None
+    claim = dict(host=socket.gethostname(), pid=os.getpid(), started=now, heartbeat=now,
+                 job=uuid.uuid4().hex)
+    # Written only if the claim is still what was read: of two jobs that read it at once, the
+    # store lets one write (the other's precondition fails, an empty generation back).
+    written = store.write(CLAIM_FILE, json.dumps(claim), if_equal=found.stamp.generation).result()
+    if not written.generation:
+      back = read_claim(self.workdir)
+      self.took_over = None
       return (f"workdir {self.workdir} was claimed at the same moment by another training job"
-              f" ({describe(back) if back else 'unreadable claim'})")
+              f" ({describe(back) if back else 'its claim is gone again'})")
+    self.claim, self._generation = claim, written.generation
     self._thread = threading.Thread(target=self._beat, name="writer_heartbeat", daemon=True)
     self._thread.start()
     return ""
 
-  def _write(self) -> None:
-    paths.write_text(os.fspath(self.path), json.dumps(self.claim))
-
   def _beat(self) -> None:
+    store = _kvstore(self.workdir)
     while not self._stop.wait(self.heartbeat_s):
       self.claim["heartbeat"] = time.time()
       try:
-        self._write()
+        written = store.write(CLAIM_FILE, json.dumps(self.claim),
+                              if_equal=self._generation).result()
       except Exception as e:  # pylint: disable=broad-except
         # A store hiccup must not end the beats (a silent thread would let another job take
         # the workdir after STALE_S): say so, and the next beat tries again.
         log.warning("could not renew the claim %s (%s); retrying in %.0f s", self.path, e,
                     self.heartbeat_s)
+        continue
+      if not written.generation:  # another job took the workdir over: its claim stays
+        other = read_claim(self.workdir)
+        log.error("the claim %s is no longer this job's (now: %s); this job's checkpoints may "
+                  "mix with the other's", self.path, describe(other) if other else "none")
+        return
+      self._generation = written.generation
 
   def release(self) -> None:
-    """Stops the heartbeat and removes the claim if it is still this job's."""
+    """Stops the heartbeat and removes the claim if it is still this job's. A store that
+    refuses is logged, not raised: a release runs in `finally`, where it must not replace the
+    error that ended the run (the claim then goes stale, and the next run takes it over)."""
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
       self._thread = None
     if self.claim is not None:
-      back = read_claim(self.workdir)
-      if back is not None and back.get("job") == self.claim["job"]:
-        self.path.unlink()
       self.claim = None
+      try:  # a delete conditional on this job's generation: another job's claim stays
+        _kvstore(self.workdir).write(CLAIM_FILE, None, if_equal=self._generation).result()
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning("could not remove the claim %s (%s): the next run takes it over", self.path,
+                    faults.cause(e))
 
   def __enter__(self) -> "WriterClaim":
     return self.acquire()
