@@ -199,6 +199,11 @@ def base_config() -> ml_collections.ConfigDict:
   # larger objects: the fast path on GCS). Readers take either. False for a store that lacks
   # what it needs (e.g. object generations on downloads, which gcp-storage-emulator omits).
   c.checkpoint_ocdbt = True
+  # Seconds that a checkpoint's save or restore (TensorStore, under Orbax) and the writer claim
+  # keep retrying an object store that fails (429, 5xx, a reset) before the run stops with one
+  # line, its written checkpoints intact; the waits grow from 1 s to 32 s. (TensorStore's own
+  # default: 32 retries, about 15 minutes.) Other clients keep their own: docs/training.md.
+  c.storage_retry_s = 900.0
   c.log_every = 50
 
   c.eval = ml_collections.ConfigDict()
@@ -452,6 +457,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   m, t, loss, opt = cfg.model, cfg.model.text, cfg.loss, cfg.optim
   check(cfg.stage in STAGES, f"stage={cfg.stage!r}: must be 1 or 2")
   check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1")
+  check(cfg.storage_retry_s > 0, f"storage_retry_s={cfg.storage_retry_s}: must be > 0")
   profile = tuple(cfg.profile_steps)
   # 2 at least: the first step holds the compile, and clu's Profile starts its trace after the
   # step before `first`.

@@ -23,10 +23,10 @@ import PIL.Image
 from clu import periodic_actions
 
 from instance_loss_jax import inference, paths, resume, sharding, training
-from instance_loss_jax.workdir import checkpoint, writer
+from instance_loss_jax.workdir import checkpoint, faults, writer
 from instance_loss_jax.config import ConfigError, run_config, validate_config
 from instance_loss_jax.data import pipeline, pseudo_classes, records
-from instance_loss_jax.errors import Preempted, TrainingError
+from instance_loss_jax.errors import Preempted, StorageError, TrainingError
 from instance_loss_jax.evaluation.evaluator import Evaluator, evaluate
 from instance_loss_jax.evaluation.tables import markdown_table
 from instance_loss_jax.training import optim, report
@@ -94,8 +94,10 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, Any] | None
   pipeline.keep_tensorflow_off_accelerators()  # before TensorBoard's writer starts TensorFlow
   created = not paths.path(workdir).exists()
   check_workdir(workdir)
+  # Every checkpoint read and write of this run retries a failing store for this long.
+  checkpoint.set_store_retries(config.storage_retry_s)
   # Before anything is written: a workdir that another live job writes is refused here.
-  claim = writer.WriterClaim(workdir).acquire()
+  claim = writer.WriterClaim(workdir, retry_s=config.storage_retry_s).acquire()
   if claim.took_over:
     log.info("took over the workdir from a job that is gone (%s)", claim.took_over)
   try:
@@ -132,6 +134,7 @@ def _train(run: _Run) -> None:
   stop = _StopSignal()  # from here on, SIGTERM stops the run at the next step boundary
   batches = DevicePrefetch(run.host_batches, run.step_fn.place, config.data.device_prefetch)
   state, pending, throughput = run.state, [], None
+  failure = None
   try:
     for step in range(run.start + 1, run.total_steps + 1):
       batch = next(batches)
@@ -156,17 +159,39 @@ def _train(run: _Run) -> None:
       if reason:
         checkpoint.finish(mgr)  # a failed save raises here: the run did not stop with it saved
         raise Preempted(step, reason)
+  except BaseException as e:
+    failure = e
+    raise
   finally:
-    batches.close()
-    metric_writer.close()
-    if config.profile_steps and jax.process_index() == 0:
-      _stop_trace()  # one an error left running
+    # An error must not leave a half-written checkpoint behind: a failed save raises in
+    # `finish` as one StorageError line. What ends the run is the one line the user sees: a
+    # clean-up that fails after it (TensorBoard's flush to a store that is down) is logged.
+    _clean_up(failure, batches.close, metric_writer.close,
+              _stop_trace if config.profile_steps and jax.process_index() == 0 else None,
+              lambda: checkpoint.finish(mgr), stop.restore)
+
+
+def _clean_up(failure: BaseException | None, *steps) -> None:
+  """Runs every step (None: skipped). The first error among them is raised at the end when
+  nothing else failed the run, or when it is a StorageError (a checkpoint not written: the line
+  that says what is kept) and what failed the run was a library's error (TensorBoard's flush
+  to a disk that has just filled); any other is logged in one line and dropped."""
+  first = None
+  for step in steps:
+    if step is None:
+      continue
     try:
-      # An error must not leave a half-written checkpoint behind; a failed save raises here
-      # as one StorageError line.
-      checkpoint.finish(mgr)
-    finally:
-      stop.restore()
+      step()
+    except Exception as e:  # pylint: disable=broad-except
+      ours = isinstance(e, StorageError) and not isinstance(
+          failure, (StorageError, TrainingError, Preempted))
+      if first is None and (failure is None or ours):
+        first = e
+      else:
+        log.warning("after the run stopped, %s failed too: %s",
+                    getattr(step, "__qualname__", "a clean-up"), faults.cause(e))
+  if first is not None:
+    raise first
 
 
 def _periodic_actions(config, logdir: str) -> list[periodic_actions.PeriodicAction]:

@@ -93,6 +93,9 @@ def configure_logging():
     # search), which is what a reader is.
     logging.getLogger("absl").addFilter(_not_orbax_errors)
     sys.unraisablehook = _quiet_abandoned_writes
+    # gcsfs (gs:// through etils without TensorFlow) logs each request it gives up on with a
+    # traceback at ERROR; the error it raises then reaches the run's one line anyway.
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
   logging.getLogger("instance_loss_jax").setLevel(logging.INFO)
 
 

@@ -18,6 +18,8 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+# The module whose TensorStore context defaults `set_store_retries` extends (no public setter).
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 # Not exported by Orbax (orbax-checkpoint is pinned below 0.13 in setup.cfg): see the handler below.
 from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint._src.serialization import type_handler_registry
@@ -78,6 +80,30 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
       paths.join(workdir, CONFIG_FILE), CheckpointError,
       missing=f"no such file (is {workdir} a training run's workdir?)", what="not a run config")
   return ml_collections.ConfigDict(config_lib.with_recorded_defaults(recorded))
+
+
+def retry_policy(seconds: float) -> dict[str, Any]:
+  """TensorStore's request-retry resource (`gcs_request_retries`, `s3_request_retries`) that
+  keeps retrying for about `seconds`: waits from min(1 s, seconds / 16), doubling, to at most
+  min(32 s, seconds / 4), as many as add up to `seconds`."""
+  initial = min(1.0, seconds / 16)
+  ceiling = min(32.0, max(initial, seconds / 4))
+  waited, delay, retries = 0.0, initial, 0
+  while waited < seconds:
+    waited, delay, retries = waited + delay, min(2 * delay, ceiling), retries + 1
+  return {"max_retries": retries, "initial_delay": f"{initial:g}s", "max_delay": f"{ceiling:g}s"}
+
+
+def set_store_retries(seconds: float) -> None:
+  """Makes every checkpoint save and restore of this process retry a failing object store for
+  about `seconds` (config.storage_retry_s) before it gives up.
+
+  Orbax opens TensorStore with contexts built from two module-level defaults and has no setter
+  for them (orbax-checkpoint 0.12): the retry resources are added to those dicts."""
+  policy = retry_policy(seconds)
+  # pylint: disable=protected-access
+  for defaults in (ts_utils._BASE_TS_CONTEXT, ts_utils._DEFAULT_OCDBT_TS_CONTEXT):
+    defaults.update(gcs_request_retries=dict(policy), s3_request_retries=dict(policy))
 
 
 def reader(workdir: str) -> ocp.CheckpointManager | None:

@@ -45,7 +45,9 @@ def cause(error: BaseException) -> str:
   if isinstance(error, OSError) and len(lines) > 1:
     # gcsfs's form, "Forbidden: <request URL>" over the store's own words: keep both.
     return f"{lines[0]}: {lines[1]}"[:400]
-  return lines[0][:300]
+  # TensorStore appends the store's whole answer ("[http_response_body=...]"): its message is
+  # already in the line.
+  return re.sub(r"\s*\[http_response_body=.*$", "", lines[0])[:300]
 
 
 def save_failure(directory: str, step: int | None, error: BaseException,

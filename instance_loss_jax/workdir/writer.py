@@ -35,24 +35,31 @@ import tensorstore as ts
 
 from instance_loss_jax import paths
 from instance_loss_jax.errors import TrainingError
-from instance_loss_jax.workdir import faults
+from instance_loss_jax.workdir import checkpoint, faults
 
 log = logging.getLogger(__name__)
 CLAIM_FILE = "WRITER.json"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0  # ten missed heartbeats
+# The claim's removal at the run's end retries a failing store this long, not the run's whole
+# budget: it runs in `finally`, often after the store has already failed the run (the claim
+# then goes stale and the next run takes it over).
+RELEASE_RETRY_S = 5.0
 
 
 class WorkdirBusy(TrainingError):
   """The workdir is claimed by another live training job."""
 
 
-def _kvstore(workdir: str) -> ts.KvStore:
-  """TensorStore's key-value store over `workdir` (a local folder, gs:// or s3://)."""
+def _kvstore(workdir: str, retry_s: float) -> ts.KvStore:
+  """TensorStore's key-value store over `workdir` (a local folder, gs:// or s3://), retrying a
+  failing object store for about `retry_s` seconds."""
   location = paths.absolute(workdir)
   scheme, _, rest = location.rpartition("://")
   if not scheme:
     return ts.KvStore.open({"driver": "file", "path": location.rstrip("/") + "/"}).result()
+  policy = checkpoint.retry_policy(retry_s)
+  context = ts.Context({"gcs_request_retries": policy, "s3_request_retries": policy})
   bucket, _, prefix = rest.partition("/")
   driver = {"gs": "gcs", "s3": "s3"}.get(scheme)
   if driver is None:
@@ -60,7 +67,7 @@ def _kvstore(workdir: str) -> ts.KvStore:
                         "are supported)")
   prefix = prefix.strip("/")
   return ts.KvStore.open({"driver": driver, "bucket": bucket,
-                          "path": prefix + "/" if prefix else ""}).result()
+                          "path": prefix + "/" if prefix else ""}, context=context).result()
 
 
 def _parse(value: bytes) -> dict[str, Any] | None:
@@ -71,9 +78,9 @@ def _parse(value: bytes) -> dict[str, Any] | None:
   return claim if isinstance(claim, dict) else None
 
 
-def read_claim(workdir: str) -> dict[str, Any] | None:
+def read_claim(workdir: str, retry_s: float = RELEASE_RETRY_S) -> dict[str, Any] | None:
   """The workdir's claim, or None if there is none (or it is not a claim)."""
-  found = _kvstore(workdir).read(CLAIM_FILE).result()
+  found = _kvstore(workdir, retry_s).read(CLAIM_FILE).result()
   return _parse(found.value) if found.state == "value" else None
 
 
@@ -110,8 +117,10 @@ class WriterClaim:
   """The claim of this job on `workdir`; `acquire()` before writing, `release()` at the end
   (or use it as a context manager)."""
 
-  def __init__(self, workdir: str, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S):
+  def __init__(self, workdir: str, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S,
+               retry_s: float = 900.0):
     self.workdir, self.heartbeat_s, self.stale_s = workdir, heartbeat_s, stale_s
+    self.retry_s = retry_s  # config.storage_retry_s: for the claim and its heartbeats
     self.path = paths.path(workdir) / CLAIM_FILE
     self.claim: dict[str, Any] | None = None
     self._generation = b""  # the store's generation of this job's claim, once written
@@ -131,7 +140,7 @@ class WriterClaim:
     return self
 
   def _claim_or_refusal(self) -> str:
-    store = _kvstore(self.workdir)
+    store = _kvstore(self.workdir, self.retry_s)
     found = store.read(CLAIM_FILE).result()  # a missing claim has the "no value" generation
     existing = _parse(found.value) if found.state == "value" else None
     if existing is not None:
@@ -148,7 +157,7 @@ class WriterClaim:
     # store lets one write (the other's precondition fails, an empty generation back).
     written = store.write(CLAIM_FILE, json.dumps(claim), if_equal=found.stamp.generation).result()
     if not written.generation:
-      back = read_claim(self.workdir)
+      back = read_claim(self.workdir, self.retry_s)
       self.took_over = None
       return (f"workdir {self.workdir} was claimed at the same moment by another training job"
               f" ({describe(back) if back else 'its claim is gone again'})")
@@ -158,7 +167,7 @@ class WriterClaim:
     return ""
 
   def _beat(self) -> None:
-    store = _kvstore(self.workdir)
+    store = _kvstore(self.workdir, self.retry_s)
     while not self._stop.wait(self.heartbeat_s):
       self.claim["heartbeat"] = time.time()
       try:
@@ -188,7 +197,8 @@ class WriterClaim:
     if self.claim is not None:
       self.claim = None
       try:  # a delete conditional on this job's generation: another job's claim stays
-        _kvstore(self.workdir).write(CLAIM_FILE, None, if_equal=self._generation).result()
+        _kvstore(self.workdir, RELEASE_RETRY_S).write(CLAIM_FILE, None,
+                                                      if_equal=self._generation).result()
       except Exception as e:  # pylint: disable=broad-except
         log.warning("could not remove the claim %s (%s): the next run takes it over", self.path,
                     faults.cause(e))
