@@ -84,6 +84,8 @@ def test_a_run_on_a_failing_store_ends_as_on_local_disk_through_a_sigterm(flaky,
   prepare.prepare("synthetic", data_dir, f"{store}/tfds", num_shards=2)
   # The reference: the same Stage I on local disk, from the image folder (a prepared TFDS
   # dataset trains the same, bit for bit: test_training.py).
+  # Eight devices here and in the binaries: bit for bit needs the same programs (XLA:CPU's
+  # arithmetic differs with the process's device count, even on a one-device mesh).
   local = str(tmp_path / "local")
   reference = trainer.train_and_evaluate(small_config("stage1", data_dir), local)
 

@@ -63,11 +63,7 @@ def _upload(local: str, uri: str) -> str:
   return uri
 
 
-def _final_variables(workdir: str, step: int):
-  return checkpoint.restore_variables(checkpoint.reader(workdir), step)
-
-
-def test_two_stages_resume_and_evaluation_on_gcs(emulator, data_dir, tmp_path):
+def test_two_stages_and_evaluation_on_gcs(emulator, data_dir, tmp_path):
   from etils import epath  # pylint: disable=g-import-not-at-top
   # One device: meshes are other tests' subject, and the emulator serves one request at a time.
   mesh = sharding.make_mesh(jax.devices()[:1])
@@ -90,15 +86,8 @@ def test_two_stages_resume_and_evaluation_on_gcs(emulator, data_dir, tmp_path):
   config2 = small_config("stage2", data_dir, **on_store, init_from=stage1,
                          tensorboard_dir=str(tmp_path / "tb2"))
   trainer.train_and_evaluate(config2, stage2, mesh)
-  straight = _final_variables(stage2, 8)
-  # A job that died after step 4's checkpoint: the next launch resumes from it on the store.
-  (epath.Path(stage2) / "checkpoints" / "8").rmtree()
-  trainer.train_and_evaluate(config2, stage2, mesh)
   assert sorted(int(p.name) for p in (epath.Path(stage2) / "checkpoints").iterdir()) == [4, 8]
-  resumed = _final_variables(stage2, 8)
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(straight),
-                          jax.tree_util.tree_leaves(resumed)):
-    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+  # (A resume on the store, after a SIGTERM and with requests failing: test_flaky_store.py.)
 
   # The evaluation binary in its own process, reading and writing on the store.
   overrides = {k: v for k, v in small_overrides(data_dir).items() if k not in on_store}
