@@ -51,16 +51,16 @@ def test_device_check_dry_run(tmp_path):
     assert [json.loads(line) for line in f] == lines  # the file has each line as printed
   assert [r["part"] for r in lines] == [
       "start", "stage2_bf16", "stage2_bf16_larger", "stage2_bf16_larger", "stage1_prefetch",
-      "stage2_float32", "w_share_100", "end"]
+      "stage2_float32", "w_share_64", "end"]
   assert lines[0]["cache"] == str(cache) and lines[0]["dry_run"]
   rows = {r["part"]: r for r in lines[1:-1] if "step_s" in r}
-  assert sorted(rows) == ["stage2_bf16", "stage2_bf16_larger", "stage2_float32", "w_share_100"]
+  assert sorted(rows) == ["stage2_bf16", "stage2_bf16_larger", "stage2_float32", "w_share_64"]
   for row in rows.values():
     assert row["step_s"] > 0 and row["compile_s"] > 0 and row["tflop_per_s"] > 0
     assert math.isfinite(row["loss"]) and "note" not in row
   # The larger batch: predicted from part 1's memory account to fit, then compiled and run.
   assert lines[2]["predicted_fit"] == [8] and rows["stage2_bf16_larger"]["batch"] == 8
-  assert rows["w_share_100"]["classes"] == 100 and rows["stage2_float32"]["dtype"] == "float32"
+  assert rows["w_share_64"]["classes"] == 64 and rows["stage2_float32"]["dtype"] == "float32"
   assert lines[4]["prefetch_0_ms"] > 0 and lines[4]["prefetch_2_ms"] > 0
   assert any(cache.iterdir())  # the compiles were written to the persistent cache
   assert "| jax/xla | 2 | bfloat16 | 64 | 4 |" in proc.stdout  # the closing table
