@@ -163,7 +163,7 @@ def test_a_store_that_stays_down_ends_the_run_in_one_line_and_keeps_the_checkpoi
   assert proc.returncode == 1, text[-3000:]
   others = [line for line in text.splitlines() if line.strip() and not _LOG_LINE.match(line)]
   assert len(others) == 1 and others[0].startswith("error: saving step 8 to "
-                                                   f"{workdir}/checkpoints failed: "), others
+                                                   f"{workdir}/checkpoints failed: "), text
   assert "the checkpoints already written (4) are intact" in others[0]
   assert "Traceback" not in text
   assert waited < 200, waited  # about storage_retry_s per request, not TensorStore's 15 min

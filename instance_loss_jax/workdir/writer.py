@@ -176,8 +176,8 @@ class WriterClaim:
       except Exception as e:  # pylint: disable=broad-except
         # A store hiccup must not end the beats (a silent thread would let another job take
         # the workdir after STALE_S): say so, and the next beat tries again.
-        log.warning("could not renew the claim %s (%s); retrying in %.0f s", self.path, e,
-                    self.heartbeat_s)
+        log.warning("could not renew the claim %s (%s); retrying in %.0f s", self.path,
+                    faults.cause(e), self.heartbeat_s)
         continue
       if not written.generation:  # another job took the workdir over: its claim stays
         other = read_claim(self.workdir)
