@@ -5,6 +5,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 
 import jax
 import ml_collections
@@ -93,6 +94,10 @@ def configure_logging():
     # search), which is what a reader is.
     logging.getLogger("absl").addFilter(_not_orbax_errors)
     sys.unraisablehook = _quiet_abandoned_writes
+    # A save that failed leaves Orbax's remaining coroutines unawaited; Python names each at
+    # shutdown, after the run's one error line.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                            category=RuntimeWarning)
     # gcsfs (gs:// through etils without TensorFlow) logs each request it gives up on with a
     # traceback at ERROR; the error it raises then reaches the run's one line anyway.
     logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
