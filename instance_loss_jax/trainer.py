@@ -10,6 +10,7 @@ the first step, and nothing is written into the workdir before those checks pass
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import logging
 import os
@@ -168,7 +169,7 @@ def _train(run: _Run) -> None:
     # clean-up that fails after it (TensorBoard's flush to a store that is down) is logged.
     _clean_up(failure, batches.close, metric_writer.close,
               _stop_trace if config.profile_steps and jax.process_index() == 0 else None,
-              lambda: checkpoint.finish(mgr), stop.restore)
+              functools.partial(checkpoint.finish, mgr), stop.restore)
 
 
 def _clean_up(failure: BaseException | None, *steps) -> None:
@@ -189,7 +190,8 @@ def _clean_up(failure: BaseException | None, *steps) -> None:
         first = e
       else:
         log.warning("after the run stopped, %s failed too: %s",
-                    getattr(step, "__qualname__", "a clean-up"), faults.cause(e))
+                    getattr(getattr(step, "func", step), "__qualname__", "a clean-up"),
+                    faults.cause(e))
   if first is not None:
     raise first
 

@@ -83,6 +83,16 @@ class Processes:
     return outputs
 
 
+def load_benchmark(name: str):
+  """benchmarks/NAME.py as a module (the folder is no package)."""
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def tiny_config(**overrides):
   """A model that trains in seconds on CPU: ResNet-14 of width 4, 32x32 images, a text CNN of
   two stages (one block each; the model's four compile ~1.6x slower), length 8."""

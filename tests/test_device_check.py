@@ -3,7 +3,6 @@ its order, one JSON line each as soon as measured, the compiles through the pers
 and the later parts skipped, saying so, when the time budget cannot cover them."""
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -13,19 +12,13 @@ import time
 
 import pytest
 
+from helpers import load_benchmark
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _device_check():
-  spec = importlib.util.spec_from_file_location(
-      "device_check", os.path.join(ROOT, "benchmarks", "device_check.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_a_part_the_time_left_cannot_cover_is_skipped_with_its_reason(tmp_path, capsys):
-  check = _device_check().Check(argparse.Namespace(budget_s=100.0, out=str(tmp_path)))
+  check = load_benchmark("device_check").Check(argparse.Namespace(budget_s=100.0, out=str(tmp_path)))
   assert check.affordable("first", 1, 10)  # before part 1 nothing is known: everything is tried
   check.compile_s, check.step_s = 30.0, 0.5
   assert check.affordable("cheap", 2, 10)  # 2 x 30 s + 10 steps x 0.5 s x 3 < 100 s

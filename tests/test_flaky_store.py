@@ -39,14 +39,10 @@ def flaky():
   proc, url = launch(free_port(), BUCKET)
   proxy = FaultProxy(url, seed=0)
   env = client_env(proxy.url)
-  saved = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
-  yield proxy
-  for k, v in saved.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
+  with pytest.MonkeyPatch.context() as patch:  # this process's environment, then restored
+    for name, value in env.items():
+      patch.setenv(name, value)
+    yield proxy
   proxy.close()
   proc.terminate()
   proc.wait(timeout=30)

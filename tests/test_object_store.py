@@ -44,14 +44,10 @@ def emulator():
   env = client_env(url)
   for name in ("EPATH_USE_TF", "NO_GCE_CHECK", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
     env[name] = os.environ[name]
-  saved = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
-  yield env
-  for k, v in saved.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
+  with pytest.MonkeyPatch.context() as patch:  # this process's environment, then restored
+    for name, value in env.items():
+      patch.setenv(name, value)
+    yield env
   proc.terminate()
   proc.wait(timeout=30)
 

@@ -3,7 +3,6 @@
 The benchmark's ratio only means something if both sides compute the same function: the same
 weights and batch must give the same losses step after step (forward, backward and SGD update).
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,16 +14,13 @@ import pytest
 
 from instance_loss_jax.config import set_stage
 from instance_loss_jax.training import abstract_variables, variables_of
-from helpers import NO_TORCH, host_train_state, random_batch, tiny_config, xla_flags
+from helpers import NO_TORCH, host_train_state, load_benchmark, random_batch, tiny_config, xla_flags
 
 # The reference module imports PyTorch as it loads.
 torch = pytest.importorskip("torch", reason=NO_TORCH)
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
-_PATH = os.path.join(_TESTS, os.pardir, "benchmarks", "torch_reference.py")
-_spec = importlib.util.spec_from_file_location("torch_reference", _PATH)
-torch_reference = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(torch_reference)
+torch_reference = load_benchmark("torch_reference")
 
 
 def losses_for_stage(stage: int) -> dict[str, list[float]]:

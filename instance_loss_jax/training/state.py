@@ -94,7 +94,8 @@ def _flat_variables(tree) -> dict[str, Any]:
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng, steps_per_epoch: float,
-                       mesh=None, given: dict[str, Any] | None = None) -> TrainState:
+                       mesh=None, given: dict[str, Any] | None = None,
+                       given_all: bool = False) -> TrainState:
   """A fresh train state (random init from `rng`, SGD's state at step 0) created directly in its
   layout on `mesh` (default: every device; no device ever holds a whole sharded W_share).
 
@@ -113,6 +114,9 @@ def create_train_state(config: ml_collections.ConfigDict, rng, steps_per_epoch: 
   flat_template = _flat_variables(checkpoint.state_tree(template))
   flat_given = _flat_variables(sharding.pad_classes(given or {}, num_padded))
   unknown = sorted(set(flat_given) - set(flat_target))
+  missing = sorted(set(flat_target) - set(flat_given)) if given_all else []
+  if missing:
+    raise ValueError(f"variables missing: {', '.join(missing)}")
   shapes = sorted(f"{k}: {np.shape(x)} given, {flat_template[k].shape} in the model"
                   for k, x in flat_given.items()
                   if k in flat_template and np.shape(x) != flat_template[k].shape)
@@ -146,10 +150,8 @@ def state_from_variables(config: ml_collections.ConfigDict, variables: dict[str,
   fresh optimiser state, laid out on `mesh`: `create_train_state` with every leaf given, so
   nothing is drawn (Stage II from Stage I's checkpoint; an imported model). The optimiser state
   depends on the parameters' shapes only (SGD's momentum starts at zero)."""
-  missing = sorted(set(_flat_variables(abstract_variables(config))) - set(_flat_variables(variables)))
-  if missing:
-    raise ValueError(f"variables missing: {', '.join(missing)}")
-  return create_train_state(config, jax.random.key(0), steps_per_epoch, mesh, given=variables)
+  return create_train_state(config, jax.random.key(0), steps_per_epoch, mesh, given=variables,
+                            given_all=True)
 
 
 def place_state(state: TrainState, config: ml_collections.ConfigDict, mesh=None) -> TrainState:
