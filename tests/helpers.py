@@ -59,27 +59,34 @@ class Processes:
   `logdir`, not pipes: a pipe read only after another process has ended fills up, and the
   process writing to it stops, holding up the others in their next collective."""
 
-  def __init__(self, argv_of, count: int, logdir):
+  def __init__(self, argv_of, count: int, logdir, env=None):
     port = str(free_port())
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each sets its own
+    # Each sets its own XLA_FLAGS, unless `env` (added to this process's, less XLA_FLAGS) does.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | (env or {})
     self._logs = [(os.path.join(logdir, f"process{i}.out"), os.path.join(logdir,
                                                                          f"process{i}.err"))
                   for i in range(count)]
-    self._procs = []
+    self.procs = []
     for i, (out, err) in enumerate(self._logs):
       with open(out, "w") as stdout, open(err, "w") as stderr:
-        self._procs.append(subprocess.Popen(argv_of(i, port), env=env, stdout=stdout,
-                                            stderr=stderr))
+        self.procs.append(subprocess.Popen(argv_of(i, port), env=env, stdout=stdout,
+                                           stderr=stderr))
 
-  def wait(self, timeout: float = 600) -> list[tuple[str, str]]:
-    """(stdout, stderr) of each, once all have ended; a process that failed fails the test."""
-    for p in self._procs:
+  def stderr(self, i: int) -> str:
+    """What process `i` has written to stderr so far."""
+    with open(self._logs[i][1], errors="replace") as f:
+      return f.read()
+
+  def wait(self, timeout: float = 600, expect: int = 0) -> list[tuple[str, str]]:
+    """(stdout, stderr) of each, once all have ended; a process whose exit status is not
+    `expect` fails the test."""
+    for p in self.procs:
       p.wait(timeout=timeout)
     outputs = []
-    for p, (out, err) in zip(self._procs, self._logs):
+    for p, (out, err) in zip(self.procs, self._logs):
       with open(out) as f_out, open(err) as f_err:
         outputs.append((f_out.read(), f_err.read()))
-      assert p.returncode == 0, outputs[-1][1][-3000:]
+      assert p.returncode == expect, (p.returncode, outputs[-1][1][-3000:])
     return outputs
 
 

@@ -460,9 +460,9 @@ def checkpoint_steps(workdir):
   return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
 
 
-def assert_same_final_variables(straight, resumed):
-  a = checkpoint.restore_variables(checkpoint.manager(straight, read_only=True), RESUME_STEPS)
-  b = checkpoint.restore_variables(checkpoint.manager(resumed, read_only=True), RESUME_STEPS)
+def assert_same_final_variables(straight, resumed, step=RESUME_STEPS):
+  a = checkpoint.restore_variables(checkpoint.manager(straight, read_only=True), step)
+  b = checkpoint.restore_variables(checkpoint.manager(resumed, read_only=True), step)
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
