@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import load_benchmark
+from helpers import load_benchmark, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +35,8 @@ def test_device_check_dry_run(tmp_path):
   cache = tmp_path / "cache"
   env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu", OUT=str(tmp_path),
              CACHE=str(cache), BUDGET_S="600", WHEELS=str(tmp_path / "no_wheels"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS="")  # one CPU device
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             XLA_FLAGS=xla_flags(1))  # one CPU device; the tests' faster-compiling emitters
   proc = subprocess.run(["bash", "benchmarks/device_check.sh", "--dry_run"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

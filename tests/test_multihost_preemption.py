@@ -22,7 +22,7 @@ from test_training import (  # noqa: F401  (data_dir: a fixture)
     data_dir, flags_for, small_overrides)
 
 pytestmark = pytest.mark.slow
-STEPS = 24  # 6 epochs of 4 steps, a checkpoint every 4
+STEPS = 16  # 4 epochs of 4 steps, a checkpoint every 4
 
 
 def launch_pair(workdir, overrides, logdir):
@@ -47,7 +47,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_exact(d
   # frozen (the signal then lands in a job that is still running, however slow the machine),
   # SIGTERM to process 1, both let go.
   stopped = str(tmp_path / "stopped")
-  target = int(np.random.default_rng().integers(5, 13))
+  target = int(np.random.default_rng().integers(5, 10))
   pair = launch_pair(stopped, overrides, tmp_path / "logs-stopped")
   deadline, note = time.time() + 300, "the job ended before the target step"
   while time.time() < deadline and all(p.poll() is None for p in pair.procs):

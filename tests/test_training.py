@@ -441,9 +441,9 @@ def _wait_until_stopped(pid, timeout=30.0):
 
 
 _STEP_LOGGED = re.compile(r"\] step (\d+)/")
-# 40 epochs of 4 steps, a checkpoint every 20, a log line every 2 steps: room for a SIGTERM and a
+# 20 epochs of 4 steps, a checkpoint every 20, a log line every 2 steps: room for a SIGTERM and a
 # SIGKILL between two checkpoints, each at a point the test picks (run_binary's freeze).
-RESUME_STEPS = 160
+RESUME_STEPS = 80
 
 
 @pytest.fixture(scope="module")
@@ -475,7 +475,7 @@ def test_sigterm_then_sigkill_then_the_resumed_run_ends_as_an_uninterrupted_one(
   # saves the step it is at (not only every checkpoint_every = 20) and exits with 143.
   straight, overrides = uninterrupted
   resumed = str(tmp_path / "resumed")
-  target = int(np.random.default_rng().integers(21, 100))
+  target = int(np.random.default_rng().integers(21, 50))
   code, err, note = run_binary(resumed, overrides, signal.SIGTERM,
                                lambda logged, saved: saved and logged and logged[-1] >= target)
   assert code == 143, (note, err[-2000:])
