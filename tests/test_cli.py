@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -135,3 +136,40 @@ def test_binaries_import_tensorflow_only_when_a_run_starts():
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"), check=True).stdout
   assert out.strip() == "[]", out
+
+
+_LINGERING = '''
+import threading, time
+from instance_loss_jax import errors
+from instance_loss_jax.cli import runner
+
+class Waiting(threading.Thread):
+  """As Orbax's commit threads after a failed save: not a daemon, waiting on what never comes,
+  and a join that raises on its timeout."""
+  def join(self, timeout=None):
+    raise TimeoutError("did not complete")
+
+def main(argv):
+  Waiting(target=time.sleep, args=(120,)).start()
+  raise errors.{error}
+
+runner.run(main)
+'''
+
+
+@pytest.mark.parametrize("error,code,line", [
+    ('StorageError("saving step 8 to DIR failed: the store is down")', 1,
+     "error: saving step 8 to DIR failed: the store is down"),
+    ('Preempted(8, "SIGTERM")', 143, "preempted: stopped at step 8 (SIGTERM); its checkpoint")])
+def test_a_binary_stops_soon_after_its_last_line_whatever_threads_a_library_left(error, code,
+                                                                                 line):
+  # A thread left waiting (Orbax's, for 300 s after a save that failed) must not hold the exit:
+  # the job ends within the runner's grace after the line that says why.
+  started = time.monotonic()
+  proc = subprocess.run([sys.executable, "-c", _LINGERING.format(error=error)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=100)
+  took = time.monotonic() - started
+  assert proc.returncode == code, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(line), proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert took < 60, took  # grace 5 s; the thread alone would hold it 120 s

@@ -5,6 +5,8 @@ import logging
 import os
 import re
 import sys
+import threading
+import time
 import warnings
 
 import jax
@@ -19,6 +21,9 @@ from instance_loss_jax.config import as_flags, validate_config
 
 _COORDINATOR = "coordinator_address"
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job its signal ended
+# How long a binary that stops on an error or a preemption waits for the threads a library left
+# behind before it exits without them.
+LEFTOVER_THREADS_GRACE_S = 5.0
 
 
 def define_flags():
@@ -187,6 +192,28 @@ def require_unless_print_config(*names: str) -> None:
         message=f"--{name} is required")
 
 
+def exit_promptly(code: int, grace_s: float = LEFTOVER_THREADS_GRACE_S) -> None:
+  """Exits with `code` within `grace_s` seconds, even if a library left a thread waiting.
+
+  After a save that failed (a store down), Orbax's commit threads wait up to its 300 s
+  coordination timeout for signals from the part that failed; Python joins such threads before
+  it exits, so the job would end minutes after its one error line. The threads still running
+  after the grace are abandoned (os._exit): what the run wrote is on disk or on the store
+  already, and a save that did not finish is a temporary directory the next run removes."""
+  deadline = time.monotonic() + grace_s
+  others = [t for t in threading.enumerate()
+            if t is not threading.current_thread() and not t.daemon]
+  for thread in others:
+    # Thread's own join: Orbax's threads override it with one that raises on a timeout.
+    threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
+  if any(t.is_alive() for t in others):
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
+
+
 def _adopt_as_main_module_flags(module_name: str) -> None:
   """Makes `--help` list the binary's flags and the shared ones defined here (multi-host,
   --distributed) whether it runs with `python -m` or as a console script (absl shows the key
@@ -232,10 +259,10 @@ def run(main, define_flags=None):
     except errors.Preempted as e:
       # Not an error, not a success: a job script must not go on to the next stage.
       print(f"preempted: {e}", file=sys.stderr)
-      sys.exit(PREEMPTED_EXIT_CODE)
+      exit_promptly(PREEMPTED_EXIT_CODE)
     except errors.USER_ERRORS as e:
       print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
+      exit_promptly(1)
 
   def parse(argv):
     try:
