@@ -57,10 +57,11 @@ LONGEST_FIRST = (
     # Three minutes, most of it the storage clients' back-off (sleeping): started first, it
     # leaves its core to the others (launch/test.sh runs one worker more than the cores).
     "test_flaky_store.py::test_a_run_on_a_failing_store_ends_as_on_local_disk_through_a_sigterm",
-    "uninterrupted",  # SIGTERM, SIGKILL and the resume: four launches of the training binary
+    "uninterrupted",  # straight, SIGKILL, the resume: three launches (and a refused one)
     "stage1",
     # Three launches of a two-process job: straight, SIGTERM to one process, the resume.
-    "test_multihost_preemption.py::test_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_exact",
+    "test_multihost_preemption.py::"
+    "test_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_exact",
     "storage_faults",  # a full disk (in process and the binary), damaged checkpoints
     "trained_run",
     "test_device_check.py::test_device_check_dry_run",  # six tiny compiles, two launches

@@ -151,25 +151,22 @@ class Waiting(threading.Thread):
 
 def main(argv):
   Waiting(target=time.sleep, args=(120,)).start()
-  raise errors.{error}
+  raise errors.StorageError("saving step 8 to DIR failed: the store is down")
 
 runner.run(main)
 '''
 
 
-@pytest.mark.parametrize("error,code,line", [
-    ('StorageError("saving step 8 to DIR failed: the store is down")', 1,
-     "error: saving step 8 to DIR failed: the store is down"),
-    ('Preempted(8, "SIGTERM")', 143, "preempted: stopped at step 8 (SIGTERM); its checkpoint")])
-def test_a_binary_stops_soon_after_its_last_line_whatever_threads_a_library_left(error, code,
-                                                                                 line):
+def test_a_binary_stops_soon_after_its_error_line_whatever_threads_a_library_left():
   # A thread left waiting (Orbax's, for 300 s after a save that failed) must not hold the exit:
-  # the job ends within the runner's grace after the line that says why.
+  # the job ends within the runner's grace after the line that says why. (A preemption exits as
+  # usual: its save has finished, and a multi-host job's processes shut down together.)
   started = time.monotonic()
-  proc = subprocess.run([sys.executable, "-c", _LINGERING.format(error=error)], cwd=ROOT,
-                        capture_output=True, text=True, timeout=100)
+  proc = subprocess.run([sys.executable, "-c", _LINGERING], cwd=ROOT, capture_output=True,
+                        text=True, timeout=100)
   took = time.monotonic() - started
-  assert proc.returncode == code, proc.stderr[-2000:]
-  assert proc.stderr.strip().splitlines()[-1].startswith(line), proc.stderr
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: saving step 8 to DIR failed: the store is down"), proc.stderr
   assert "Traceback" not in proc.stderr
   assert took < 60, took  # grace 5 s; the thread alone would hold it 120 s

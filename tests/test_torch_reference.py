@@ -41,15 +41,17 @@ def losses_for_stage(stage: int) -> dict[str, list[float]]:
   return {k: [float(x) for x in v] for k, v in losses.items()}
 
 
-def _in_own_process(stage: int) -> dict[str, list[float]]:
-  """`losses_for_stage` in a fresh Python. On Python 3.12's stack (PyPI's torch 2.13 with
-  triton, jaxlib 0.12), PyTorch's first optimiser step imports triton, which crashed the pytest
-  worker (a segmentation fault) once TensorFlow and other tests' JAX programs were loaded in
-  it; in a process of its own it runs, whatever ran before (issue #38)."""
+@pytest.fixture(scope="module")
+def losses_in_own_process() -> dict[str, dict[str, list[float]]]:
+  """`losses_for_stage` of both stages in one fresh Python. On Python 3.12's stack (PyPI's
+  torch 2.13 with triton, jaxlib 0.12), PyTorch's first optimiser step imports triton, which
+  crashed the pytest worker (a segmentation fault) once TensorFlow and other tests' JAX
+  programs were loaded in it; in a process of its own it runs, whatever ran before (issue
+  #38)."""
   code = ("import json, sys; sys.path[:0] = [sys.argv[1]]; import test_torch_reference as t; "
-          "print(json.dumps(t.losses_for_stage(int(sys.argv[2]))))")
+          "print(json.dumps({s: t.losses_for_stage(s) for s in (1, 2)}))")
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
-  done = subprocess.run([sys.executable, "-c", code, _TESTS, str(stage)], env=env,
+  done = subprocess.run([sys.executable, "-c", code, _TESTS], env=env,
                         capture_output=True, text=True, timeout=900, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   return json.loads(done.stdout.strip().splitlines()[-1])
@@ -66,9 +68,10 @@ STEP_RTOL = (1e-5, 3e-5, 2e-4)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.xdist_group("torch_reference")  # one process computes both stages
 @pytest.mark.slow
-def test_same_losses_as_pytorch(stage):
-  losses = _in_own_process(stage)
+def test_same_losses_as_pytorch(losses_in_own_process, stage):
+  losses = losses_in_own_process[str(stage)]
   exact = np.asarray(losses["torch.float64"])
   for name in ("ours", "torch.float32"):
     gap = np.abs(np.asarray(losses[name]) - exact) / np.abs(exact)

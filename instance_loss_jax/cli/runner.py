@@ -21,8 +21,8 @@ from instance_loss_jax.config import as_flags, validate_config
 
 _COORDINATOR = "coordinator_address"
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job its signal ended
-# How long a binary that stops on an error or a preemption waits for the threads a library left
-# behind before it exits without them.
+# How long a binary that stops on an error waits for the threads a library left behind before
+# it exits without them.
 LEFTOVER_THREADS_GRACE_S = 5.0
 
 
@@ -206,7 +206,10 @@ def exit_promptly(code: int, grace_s: float = LEFTOVER_THREADS_GRACE_S) -> None:
   for thread in others:
     # Thread's own join: Orbax's threads override it with one that raises on a timeout.
     threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
-  if any(t.is_alive() for t in others):
+  left = [t.name for t in others if t.is_alive()]
+  if left:
+    logging.getLogger(__name__).debug("exiting without %d library threads still waiting (%s)",
+                                      len(left), ", ".join(left))
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -259,7 +262,9 @@ def run(main, define_flags=None):
     except errors.Preempted as e:
       # Not an error, not a success: a job script must not go on to the next stage.
       print(f"preempted: {e}", file=sys.stderr)
-      exit_promptly(PREEMPTED_EXIT_CODE)
+      # An ordinary exit: the save has finished, and on a multi-host job every process takes
+      # part in jax.distributed's shutdown (one that skipped it would abort the others).
+      sys.exit(PREEMPTED_EXIT_CODE)
     except errors.USER_ERRORS as e:
       print(f"error: {e}", file=sys.stderr)
       exit_promptly(1)
