@@ -8,12 +8,14 @@ fails with the field's name instead of a shape error deep inside XLA.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import ml_collections
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
+from instance_loss_jax import paths
 from instance_loss_jax.errors import ConfigError
 
 STAGES = (1, 2)
@@ -339,16 +341,27 @@ def with_input_convention(c: ml_collections.ConfigDict,
   return c
 
 
+# The fields that name files or directories (local, or an object store's URIs).
+PATH_FIELDS = ("data.json", "data.image_root", "data.tfds_data_dir", "data.word2vec",
+               "init_from", "backbone_init", "tensorboard_dir")
+
+
 def run_config(c: ml_collections.ConfigDict, vocab_size: int, num_classes: int,
                convention: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
   """The config as the model is built, resolved in this one place for the trainer and the
-  evaluation: vocabulary size and class count from the data, and the input convention (channel
-  order, mean, std) the image branch's weights were trained with, when known. The trainer
-  records it as the run's config.json (`checkpoint.write_config`)."""
+  evaluation: vocabulary size and class count from the data, the input convention (channel
+  order, mean, std) the image branch's weights were trained with, when known, and each local
+  path made absolute (the run's config.json, which the trainer records with
+  `checkpoint.write_config`, then reads the same files from any folder)."""
   c = c.copy_and_resolve_references()
   with c.unlocked():
     c.model.text.vocab_size = vocab_size
     c.num_classes = num_classes
+    for key in PATH_FIELDS:
+      *parents, leaf = key.split(".")
+      node = functools.reduce(getattr, parents, c)
+      if node[leaf]:
+        node[leaf] = paths.absolute(node[leaf])
   return with_input_convention(c, convention) if convention else c
 
 

@@ -3,7 +3,9 @@
 import pytest
 
 from helpers import tiny_config
-from instance_loss_jax.config import ConfigError, base_config, unknown_keys, validate_config
+from instance_loss_jax import config as config_lib
+from instance_loss_jax.config import (ConfigError, base_config, run_config, unknown_keys,
+                                      validate_config)
 
 
 def test_base_and_tiny_configs_are_valid():
@@ -86,3 +88,24 @@ def test_the_compile_cache_flag_names_one_directory():
   assert compile_cache_dir("auto", run, {}) == run  # training: beside its checkpoints
   assert compile_cache_dir("auto", None, {"XDG_CACHE_HOME": "/c"}) == (
       "/c/instance_loss_jax/compile_cache")  # the readers: the user's
+
+
+def test_the_run_config_names_local_paths_absolutely(tmp_path, monkeypatch):
+  # A run trained with --config.data.json=data/dataset.json records the path from its folder:
+  # the evaluation, export or Stage II started from another folder reads the same files.
+  monkeypatch.chdir(tmp_path)
+  c = base_config()
+  c.data.json, c.data.image_root, c.init_from = "data/dataset.json", "images", "../stage1"
+  c.data.word2vec = "gs://bucket/word2vec.bin"
+  run = run_config(c, vocab_size=10, num_classes=5)
+  assert run.data.json == str(tmp_path / "data" / "dataset.json")
+  assert run.data.image_root == str(tmp_path / "images")
+  assert run.init_from == str(tmp_path.parent / "stage1")
+  assert run.data.word2vec == "gs://bucket/word2vec.bin"  # an object store's URI as it is
+  assert run.tensorboard_dir == "" and run.backbone_init == ""  # unset stays unset
+  assert c.data.json == "data/dataset.json"  # the caller's config is left as it was
+  for key in config_lib.PATH_FIELDS:  # each names a field of the schema
+    node = base_config()
+    for part in key.split("."):
+      node = node[part]
+    assert isinstance(node, str), key

@@ -15,8 +15,8 @@ PACKAGE = "instance_loss_jax"
 # the same layer (data.pipeline -> data.records). Unlisted modules fail the test: a new module
 # says where it belongs.
 LAYERS = [
-    ["errors"],
-    ["config", "paths"],
+    ["errors", "paths"],
+    ["config"],  # its run_config names local paths absolutely (paths)
     ["sharding", "models", "data"],
     ["workdir", "backbone", "matconvnet"],  # workdir: checkpoints, faults, the one writer
     ["training", "inference"],
