@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -80,8 +81,16 @@ class Processes:
   def wait(self, timeout: float = 600, expect: int = 0) -> list[tuple[str, str]]:
     """(stdout, stderr) of each, once all have ended; a process whose exit status is not
     `expect` fails the test."""
-    for p in self.procs:
-      p.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    try:
+      for p in self.procs:
+        p.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      for p in self.procs:  # one stuck in a collective its peer will never join: no leftovers
+        p.kill()
+        p.wait()
+      raise AssertionError(f"the job did not end within {timeout} s; stderr of each:\n" +
+                           "\n".join(self.stderr(i)[-2000:] for i in range(len(self.procs))))
     outputs = []
     for p, (out, err) in zip(self.procs, self._logs):
       with open(out) as f_out, open(err) as f_err:
