@@ -19,6 +19,8 @@ from instance_loss_jax import paths
 from instance_loss_jax.errors import ConfigError
 
 STAGES = (1, 2)
+# config.storage_retry_s's default, also the writer claim's when it is used without a config.
+STORAGE_RETRY_S = 900.0
 # Bottleneck blocks per ResNet stage by depth (depth = 3 * sum + 2); 14 and 26 are small variants
 # for tests.
 STAGE_SIZES = {
@@ -205,7 +207,7 @@ def base_config() -> ml_collections.ConfigDict:
   # keep retrying an object store that fails (429, 5xx, a reset) before the run stops with one
   # line, its written checkpoints intact; the waits grow from 1 s to 32 s. (TensorStore's own
   # default: 32 retries, about 15 minutes.) Other clients keep their own: docs/training.md.
-  c.storage_retry_s = 900.0
+  c.storage_retry_s = STORAGE_RETRY_S
   c.log_every = 50
 
   c.eval = ml_collections.ConfigDict()

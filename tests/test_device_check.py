@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_a_part_the_time_left_cannot_cover_is_skipped_with_its_reason(tmp_path, capsys):
-  check = load_benchmark("device_check").Check(argparse.Namespace(budget_s=100.0, out=str(tmp_path)))
+  check = load_benchmark("device_check").Check(argparse.Namespace(budget_s=100.0,
+                                                                  out=str(tmp_path)))
   assert check.affordable("first", 1, 10)  # before part 1 nothing is known: everything is tried
   check.compile_s, check.step_s = 30.0, 0.5
   assert check.affordable("cheap", 2, 10)  # 2 x 30 s + 10 steps x 0.5 s x 3 < 100 s

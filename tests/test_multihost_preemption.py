@@ -18,8 +18,8 @@ import pytest
 
 from helpers import Processes, xla_flags
 from test_training import (  # noqa: F401  (data_dir: a fixture)
-    ROOT, _STEP_LOGGED, _wait_until_stopped, assert_same_final_variables, checkpoint_steps,
-    data_dir, flags_for, small_overrides)
+    ROOT, _STEP_LOGGED, assert_same_final_variables, checkpoint_steps, data_dir, flags_for,
+    signal_while_frozen, small_overrides)
 
 pytestmark = pytest.mark.slow
 STEPS = 16  # 4 epochs of 4 steps, a checkpoint every 4
@@ -43,9 +43,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_exact(d
   straight = str(tmp_path / "straight")
   launch_pair(straight, overrides, tmp_path / "logs-straight").wait()
 
-  # Once process 0 has logged the target step, with a checkpoint written: both processes
-  # frozen (the signal then lands in a job that is still running, however slow the machine),
-  # SIGTERM to process 1, both let go.
+  # Once process 0 has logged the target step, with a checkpoint written: SIGTERM to process 1
+  # while both are frozen.
   stopped = str(tmp_path / "stopped")
   target = int(np.random.default_rng().integers(5, 10))
   pair = launch_pair(stopped, overrides, tmp_path / "logs-stopped")
@@ -55,14 +54,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_exact(d
     saved = checkpoint_steps(stopped) if os.path.isdir(os.path.join(stopped, "checkpoints")) \
         else []
     if logged and logged[-1] >= target and saved:
-      for p in pair.procs:
-        p.send_signal(signal.SIGSTOP)
-        _wait_until_stopped(p.pid)
-      if all(p.poll() is None for p in pair.procs):
-        pair.procs[1].send_signal(signal.SIGTERM)
+      if signal_while_frozen(pair.procs, pair.procs[1], signal.SIGTERM):
         note = f"SIGTERM to process 1 after step {logged[-1]} was logged, checkpoints {saved}"
-      for p in pair.procs:
-        p.send_signal(signal.SIGCONT)
       break
     time.sleep(0.01)
   errs = [err for _, err in pair.wait(expect=143)]

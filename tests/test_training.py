@@ -397,16 +397,10 @@ def run_binary(workdir, overrides, stop_signal=None, when=None, while_stopped=No
       saved = checkpoint_steps(workdir) if os.path.isdir(os.path.join(workdir, "checkpoints")) \
           else []
       if when(logged, saved):
-        proc.send_signal(signal.SIGSTOP)
-        _wait_until_stopped(proc.pid)
-        if proc.poll() is None:
-          if while_stopped is not None:
-            while_stopped(proc)
-          proc.send_signal(stop_signal)
+        if signal_while_frozen([proc], proc, stop_signal, while_stopped):
           note = (f"{stop_signal.name} after logged steps {logged[-3:]}, checkpoints {saved}")
         else:
           note = f"the run ended before the stop (logged {logged[-3:]}, checkpoints {saved})"
-        proc.send_signal(signal.SIGCONT)
         break
       time.sleep(0.01)
   proc.wait(timeout=600)
@@ -416,6 +410,23 @@ def run_binary(workdir, overrides, stop_signal=None, when=None, while_stopped=No
     return proc.returncode, err, note
   assert proc.returncode == 0, err[-3000:]
   return err
+
+
+def signal_while_frozen(procs, target, stop_signal, while_stopped=None) -> bool:
+  """Freezes every process of a job (SIGSTOP); if none has ended, calls `while_stopped(target)`
+  and sends `stop_signal` to `target`; then lets them all go on (SIGCONT). Returns whether the
+  signal was sent: the signal lands in a job that is still running, however slow the machine."""
+  for proc in procs:
+    proc.send_signal(signal.SIGSTOP)
+    _wait_until_stopped(proc.pid)
+  running = all(proc.poll() is None for proc in procs)
+  if running:
+    if while_stopped is not None:
+      while_stopped(target)
+    target.send_signal(stop_signal)
+  for proc in procs:
+    proc.send_signal(signal.SIGCONT)
+  return running
 
 
 def _wait_until_stopped(pid, timeout=30.0):

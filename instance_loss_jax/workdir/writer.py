@@ -34,6 +34,7 @@ import jax
 import tensorstore as ts
 
 from instance_loss_jax import paths
+from instance_loss_jax.config import STORAGE_RETRY_S
 from instance_loss_jax.errors import TrainingError
 from instance_loss_jax.workdir import checkpoint, faults
 
@@ -118,7 +119,7 @@ class WriterClaim:
   (or use it as a context manager)."""
 
   def __init__(self, workdir: str, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S,
-               retry_s: float = 900.0):
+               retry_s: float = STORAGE_RETRY_S):
     self.workdir, self.heartbeat_s, self.stale_s = workdir, heartbeat_s, stale_s
     self.retry_s = retry_s  # config.storage_retry_s: for the claim and its heartbeats
     self.path = paths.path(workdir) / CLAIM_FILE
